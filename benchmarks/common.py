@@ -1,0 +1,140 @@
+"""What every benchmark shares: the environment record, timers, memory probes, the two measured
+ceilings (copy bandwidth, matmul rate) and the results writer.
+
+On CUDA, times are medians of ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flushed);
+on CPU a synchronised wall-clock median, and every record says ``"cpu": true`` so CPU numbers
+are never mixed with GPU ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if on_gpu() else f"cpu ({platform.processor() or platform.machine()})"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Device, library versions and git commit: stored with every result."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS_DIR.parent, check=False
+        ).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "device": device_name(),
+        "cpu": not on_gpu(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "versions": {
+            name: _version(name)
+            for name in ("torch", "triton", "transformers", "trl", "liger-kernel", "bitsandbytes", "fastppo")
+        },
+    }
+
+
+@dataclasses.dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def bench(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 5) -> Timing:
+    """Median time of ``fn()``; CUDA events via do_bench on GPU, synchronised wall clock on CPU."""
+    if on_gpu():
+        from triton.testing import do_bench
+
+        p50, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return Timing(p50, p20, p80)
+    fn()  # warm-up
+    times = []
+    for _ in range(cpu_reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return Timing(statistics.median(times), q[0], q[-1])
+
+
+def peak_memory_bytes(fn: Callable[[], object]) -> int | None:
+    """Peak CUDA memory allocated by ``fn()`` above what was allocated before it (None on CPU)."""
+    if not on_gpu():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def copy_bandwidth_bytes_per_s(size_bytes: int = 2 * 2**30) -> float:
+    """Measured device-to-device copy rate, counting bytes read plus written (the bandwidth ceiling)."""
+    n = size_bytes // 4 if on_gpu() else 2**24
+    device = "cuda" if on_gpu() else "cpu"
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (t.median_ms * 1e-3)
+
+
+def matmul_flops_per_s(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Measured dense matmul rate on random data (the FLOP ceiling)."""
+    if not on_gpu():
+        n, dtype = 512, torch.float32
+    device = "cuda" if on_gpu() else "cpu"
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = bench(lambda: a @ b)
+    return 2 * n**3 / (t.median_ms * 1e-3)
+
+
+def write_results(name: str, env: dict, rows: list[dict], extra: dict | None = None) -> Path:
+    """Write ``benchmarks/results/<name>-<device>-<date>.json`` and return its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    tag = "cpu" if env["cpu"] else env["device"].replace(" ", "-").replace("/", "-")
+    stamp = env["date"][:19].replace(":", "")
+    path = RESULTS_DIR / f"{name}-{tag}-{stamp}.json"
+    path.write_text(json.dumps({"benchmark": name, "environment": env, **(extra or {}), "rows": rows}, indent=2))
+    return path
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """A GitHub markdown table of ``columns`` from ``rows`` (floats to 3 significant digits)."""
+
+    def fmt(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)

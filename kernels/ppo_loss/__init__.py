@@ -1,0 +1,90 @@
+"""Clipped-ratio policy loss + KL estimate fused with log-softmax + gather, from logits."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import Backend, resolve_backend
+from .._checks import check_float
+from .checks import check_policy_inputs
+from .reference import PolicyLossStats, kl_estimate, policy_loss_reference, policy_objective
+from .settings import PolicyLossSettings, loss_token_weights
+
+__all__ = [
+    "PolicyLossSettings",
+    "PolicyLossStats",
+    "fused_policy_loss",
+    "kl_estimate",
+    "loss_token_weights",
+    "policy_objective",
+]
+
+
+def fused_policy_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    loss_type: str = "grpo",
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | None = None,
+    temperature: float = 1.0,
+    delta: float | None = None,
+    compute_entropy: bool = False,
+    overwrite_logits: bool = False,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, PolicyLossStats]:
+    """PPO/GRPO clipped-ratio loss (+ beta * KL to the reference) straight from logits.
+
+    Args:
+        logits: ``[B, T, V]`` policy logits at the completion positions (fp32/bf16/fp16).
+        labels: ``[B, T]`` sampled token ids. old_logprobs / ref_logprobs / mask: ``[B, T]``.
+        advantages: ``[B]`` (one per sequence) or ``[B, T]``.
+        overwrite_logits: on the Triton path the gradient is written into ``logits`` itself
+            (the caller must not need them afterwards); saves one ``[B, T, V]`` buffer.
+        Other keywords: see ``PolicyLossSettings``.
+
+    Returns:
+        ``(loss, stats)``: scalar loss, and ``PolicyLossStats`` (detached per-batch means and the
+        per-token log-probs).
+
+    Example:
+        >>> loss, stats = fused_policy_loss(logits, ids, old_logp, adv, mask, beta=0.04, ref_logprobs=ref)
+        >>> loss.backward()
+    """
+    settings = PolicyLossSettings(
+        clip_low=clip_low,
+        clip_high=clip_high,
+        delta=delta,
+        beta=beta,
+        kl_estimator=kl_estimator,
+        loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level,
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+        temperature=temperature,
+    )
+    check_float("logits", logits)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    check_policy_inputs(
+        tuple(logits.shape[:2]), labels, old_logprobs, advantages, mask, ref_logprobs, beta,
+        f"logits are {tuple(logits.shape)}",
+    )
+    if resolve_backend(backend, logits) == "triton":
+        from .triton import policy_loss_triton
+
+        return policy_loss_triton(
+            logits, labels, old_logprobs, advantages, mask, settings, ref_logprobs, compute_entropy, overwrite_logits
+        )
+    return policy_loss_reference(
+        logits, labels, old_logprobs, advantages, mask, settings, ref_logprobs, compute_entropy
+    )
