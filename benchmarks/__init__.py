@@ -1,1 +1,2 @@
-"""Benchmark scripts; run as ``python -m benchmarks.<name>`` from the repository root or through ``fastppo bench``."""
+"""Benchmarks, installed as ``fastppo.benchmarks``: run ``fastppo bench`` or, from a checkout,
+``python -m benchmarks.<script>``. Modules import each other relatively so both names work."""

@@ -14,6 +14,8 @@ def test_every_package_folder_is_listed_in_pyproject():
     found = {name.rstrip(".") for name in found}
     found |= {"fastppo.kernels" + "".join("." + part for part in p.parent.relative_to(ROOT / "kernels").parts)
               for p in (ROOT / "kernels").rglob("__init__.py")}
+    found |= {"fastppo.benchmarks" + "".join("." + part for part in p.parent.relative_to(ROOT / "benchmarks").parts)
+              for p in (ROOT / "benchmarks").rglob("__init__.py")}
     assert found == listed
 
 
