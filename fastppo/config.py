@@ -1,0 +1,237 @@
+"""Strict configuration machinery shared by GRPOConfig and PPOConfig.
+
+The configs subclass ``transformers.TrainingArguments`` (so every field a TRL user writes exists), but
+fastppo implements only part of them. Three rules keep a user from training with a setting that does
+nothing: an unknown keyword is a ``ValueError`` that lists close matches; a known field outside the
+config's supported set, set to anything but its default, is a ``ValueError`` that names it as
+unsupported; a bad number is a ``ValueError`` naming the value and the expected range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+# Fields that only take effect together with a switch fastppo rejects (vLLM, the Hub, SAPO/VESPO losses,
+# adaptive entropy, trackio) or that name a run for a reporter: inert here exactly as in TRL when that
+# switch is off, so any value is accepted.
+INERT_PREFIXES = ("vllm_", "hub_", "sapo_", "vespo_", "entropy_coef_", "trackio_")
+INERT_FIELDS = frozenset(
+    # do_*: flags for user scripts (Trainer ignores them too); run_name/project: names for reporting
+    # integrations (report_to is "none"); local_rank/ddp_timeout: set by launchers; log_*: verbosity;
+    # the rest only matter with DeepSpeed, images, adaptive entropy or continuous batching.
+    """
+    do_train do_eval do_predict run_name project local_rank ddp_timeout log_level log_level_replica
+    log_on_each_node logging_nan_inf_filter skip_memory_metrics ds3_gather_for_generation log_multimodal
+    entropy_target transformers_continuous_batching_config
+    """.split()
+)
+
+# Optimizers the trainers build (trainer/base.py). The memory issue adds the 8-bit ones here.
+SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+
+# TrainingArguments fields the trainers honour (trainer/base.py), shared with PPOConfig.
+SUPPORTED_TRAINING_ARGUMENTS = frozenset(
+    """
+    output_dir per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps
+    learning_rate weight_decay adam_beta1 adam_beta2 adam_epsilon max_grad_norm num_train_epochs
+    max_steps lr_scheduler_type lr_scheduler_kwargs warmup_steps optim logging_strategy logging_steps
+    logging_first_step save_strategy save_steps save_total_limit save_only_model eval_strategy
+    eval_steps eval_on_start seed data_seed full_determinism bf16 fp16 tf32 use_cpu
+    gradient_checkpointing gradient_checkpointing_kwargs activation_checkpointing
+    activation_checkpointing_kwargs report_to disable_tqdm
+    """.split()
+)
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its one-line help (shown by HfArgumentParser)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs
+        )
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def unsupported(default: Any, what: str) -> Any:
+    """A field kept for TRL compatibility that fastppo does not implement: only its default is accepted."""
+    return option(default, f"Not supported by fastppo ({what}); only the default {default!r} is accepted.")
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def strict_config(cls: type[T]) -> type[T]:
+    """``@dataclass`` whose ``__init__`` turns an unknown keyword into a ValueError with suggestions.
+
+    (A plain dataclass raises ``TypeError: unexpected keyword``, which names one key and suggests nothing.)
+    """
+    cls = dataclasses.dataclass(cls)
+    generated = cls.__init__
+
+    @functools.wraps(generated)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_known_keys(cls.__name__, kwargs, [f.name for f in dataclasses.fields(cls) if f.init])
+        generated(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def check_known_keys(owner: str, given: Iterable[str], known: Iterable[str]) -> None:
+    """ValueError naming every key of ``given`` that is not in ``known``, each with its close matches."""
+    known = list(known)
+    unknown = [key for key in given if key not in known]
+    if not unknown:
+        return
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        parts.append(f"{key!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+    raise ValueError(f"{owner} got unknown option(s): {'; '.join(parts)}")
+
+
+def check_unsupported(config: Any, supported: frozenset[str]) -> None:
+    """ValueError listing every field outside ``supported`` (and not inert) that differs from its default.
+
+    Must run before ``TrainingArguments.__post_init__``, which rewrites some values (enums, lists).
+    """
+    offenders = []
+    for f in dataclasses.fields(config):
+        if f.name in supported or f.name in INERT_FIELDS or f.name.startswith(INERT_PREFIXES):
+            continue
+        default = field_default(f)
+        value = getattr(config, f.name)
+        if default is dataclasses.MISSING or _same(value, default):
+            continue
+        offenders.append(f"{f.name}={value!r} (default {default!r})")
+    if offenders:
+        raise ValueError(
+            f"{type(config).__name__}: option(s) not supported by fastppo: {', '.join(offenders)}. "
+            "Leave them at their defaults (fastppo never ignores a setting silently)."
+        )
+
+
+# Spellings of "off" that argument parsers and YAML produce for the same default (e.g. HfArgumentParser
+# turns debug="" into None and include_num_input_tokens_seen="no" into False).
+_OFF = (None, False, "", "no", "none", (), [], {})
+
+
+def _same(value: Any, default: Any) -> bool:
+    if isinstance(value, float) and isinstance(default, float) and math.isnan(value) and math.isnan(default):
+        return True
+    if any(value is off or (type(value) is type(off) and value == off) for off in _OFF) and any(
+        default is off or (type(default) is type(off) and default == off) for off in _OFF
+    ):
+        return True
+    try:
+        return bool(value == default)
+    except Exception:  # e.g. tensors or objects without a boolean equality
+        return value is default
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"{name} must be an integer >= {minimum}, got {value!r}",
+    )
+
+
+def check_number(
+    name: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> None:
+    """``value`` must be a finite number in the interval; the message spells the interval out."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    require(ok, f"{name} must be a finite number in {interval}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any], note: str = "") -> None:
+    choices = tuple(choices)
+    require(value in choices, f"{name} must be one of {choices}, got {value!r}{note}")
+
+
+def check_report_to(value: Any) -> None:
+    """Only "none" is supported: metrics go to the JSONL file in output_dir (and callbacks)."""
+    values = [value] if isinstance(value, str) or value is None else list(value)
+    require(
+        all(v in (None, "none") for v in values),
+        f"report_to={value!r} is not supported by fastppo: metrics are written to <output_dir>/metrics.jsonl "
+        "and passed to callbacks' on_log; use report_to='none' and a TrainerCallback to forward them.",
+    )
+
+
+def resolve_device_defaults(config: Any) -> None:
+    """Pick defaults that depend on the machine, before ``TrainingArguments`` validates them.
+
+    ``bf16``/``fp16``: mixed precision needs a CUDA GPU here; ``None`` means bf16 on a bf16-capable
+    GPU (TRL's default) and fp32 elsewhere. An explicit ``True`` without such a GPU falls back to fp32
+    with a warning (transformers would otherwise refuse to build the config on CPU).
+    ``gradient_checkpointing``: ``None`` means on with CUDA (TRL's default), off on CPU where memory
+    is not the limit and recomputation only costs time.
+    """
+    cuda = torch.cuda.is_available() and not config.use_cpu
+    cuda_bf16 = cuda and torch.cuda.is_bf16_supported()
+    if config.bf16 is None:
+        config.bf16 = cuda_bf16 and not config.fp16
+    elif config.bf16 and not cuda_bf16:
+        warnings.warn(
+            "bf16=True needs a CUDA GPU with bf16 support; training in float32 on this device", stacklevel=3
+        )
+        config.bf16 = False
+    if config.fp16 and not cuda:
+        warnings.warn("fp16=True needs a CUDA GPU; training in float32 on this device", stacklevel=3)
+        config.fp16 = False
+    if config.gradient_checkpointing is None:
+        config.gradient_checkpointing = cuda
+    if hasattr(config, "activation_checkpointing"):
+        # transformers >= 5.2x renamed gradient_checkpointing* (TRL's names) to activation_checkpointing*
+        # and warns on the old names; move TRL's spelling over so a TRL user's config stays quiet.
+        for old, new in (
+            ("gradient_checkpointing", "activation_checkpointing"),
+            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+        ):
+            if getattr(config, new) is None:
+                setattr(config, new, getattr(config, old))
+            setattr(config, old, None)
+
+
+def check_training_arguments(config: Any) -> None:
+    """The TrainingArguments values trainer/base.py can honour (after TrainingArguments' own checks)."""
+    check_choice("optim", getattr(config.optim, "value", config.optim), SUPPORTED_OPTIMIZERS)
+    for name in ("logging_strategy", "save_strategy", "eval_strategy"):
+        value = getattr(config, name)
+        check_choice(name, getattr(value, "value", value), ("no", "steps"))
+    scheduler = getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)
+    require(
+        scheduler not in ("reduce_lr_on_plateau", "greedy"),
+        f"lr_scheduler_type={scheduler!r} needs an eval metric loop fastppo does not run; use e.g. 'linear'",
+    )
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        check_int(name, getattr(config, name), 1)
+    check_number("learning_rate", config.learning_rate, 0.0, float("inf"), high_open=True)
+    require(
+        config.max_steps > 0 or config.num_train_epochs > 0,
+        f"set max_steps > 0 or num_train_epochs > 0 (got {config.max_steps}, {config.num_train_epochs})",
+    )

@@ -1,0 +1,340 @@
+"""GRPOConfig: TRL 1.16's GRPOConfig names and defaults, plus fastppo's own switches.
+
+A drop-in for ``trl.GRPOConfig``: every TRL and ``transformers.TrainingArguments`` field exists under
+the same name. What fastppo implements is listed in ``SUPPORTED``; any other field set to a non-default
+value is rejected (see ``fastppo.config``). Deliberate differences from TRL 1.16, all documented:
+
+- ``bf16=None`` / ``gradient_checkpointing=None`` resolve per machine: on with CUDA (TRL's defaults),
+  off on CPU (where transformers would refuse bf16 and checkpointing only costs time).
+- ``use_bias_correction_kl`` defaults to ``False``: fastppo's loss kernel adds ``beta * k3`` without
+  multiplying it by the importance ratio (identical values on-policy, a different KL gradient).
+- ``max_prompt_length`` (dropped by TRL) is kept: prompts are truncated from the left to that length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .config import (
+    SUPPORTED_TRAINING_ARGUMENTS,
+    check_choice,
+    check_int,
+    check_number,
+    check_report_to,
+    check_training_arguments,
+    check_unsupported,
+    option,
+    require,
+    resolve_device_defaults,
+    strict_config,
+    unsupported,
+)
+from .kernels.linear_ppo_loss.chunked import DEFAULT_CHUNK_BYTES
+from .kernels.ppo_loss.settings import IMPORTANCE_LEVELS, LOSS_TYPES, PolicyLossSettings
+
+SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+TRL_ONLY_LOSSES = ("cispo", "sapo", "luspo", "vespo")
+
+# GRPO fields implemented by GRPOTrainer.
+SUPPORTED_GRPO = frozenset(
+    """
+    model_init_kwargs trust_remote_code disable_dropout remove_unused_columns num_generations
+    num_generations_eval
+    max_completion_length max_prompt_length shuffle_dataset pad_to_multiple_of generation_batch_size
+    steps_per_generation temperature top_p top_k min_p generation_kwargs chat_template_kwargs
+    repetition_penalty cache_implementation beta num_iterations epsilon delta epsilon_high
+    importance_sampling_level reward_weights multi_objective_aggregation scale_rewards loss_type
+    mask_truncated_completions sync_ref_model ref_model_mixup_alpha ref_model_sync_steps log_completions
+    num_completions_to_print use_fused_kernels kernel_chunk_bytes eval_do_sample
+    """.split()
+)
+
+
+@strict_config
+class GRPOConfig(TrainingArguments):
+    """Configuration of ``fastppo.GRPOTrainer`` (TRL 1.16 names and defaults; see the module docstring)."""
+
+    _VALID_DICT_FIELDS = [
+        *TrainingArguments._VALID_DICT_FIELDS,
+        "model_init_kwargs",
+        "generation_kwargs",
+        "chat_template_kwargs",
+        "transformers_continuous_batching_config",
+    ]
+
+    # TrainingArguments fields whose defaults TRL overrides
+    learning_rate: float = option(1e-6, "Initial learning rate of AdamW (TRL's default).")
+    logging_steps: float = option(10, "Log every X optimizer steps (a float < 1 is a fraction of max_steps).")
+    gradient_checkpointing: bool | None = option(
+        None, "Recompute activations in backward; None: on with CUDA."
+    )
+    bf16: bool | None = option(
+        None, "bf16 mixed precision; None: on with a bf16-capable CUDA GPU, else fp32."
+    )
+    lr_scheduler_kwargs: dict | str | None = option(None, "Extra arguments of the learning-rate scheduler.")
+    use_liger_kernel: bool = unsupported(False, "fastppo runs its own fused kernels")
+    torch_empty_cache_steps: int | None = unsupported(None, "cache emptying")
+    report_to: None | str | list[str] = option(
+        "none", "Only 'none': metrics go to <output_dir>/metrics.jsonl and callbacks."
+    )
+    remove_unused_columns: bool | None = option(
+        False, "Pass only 'prompt' to reward functions (else all columns)."
+    )
+
+    # Model and reference model
+    model_init_kwargs: dict[str, Any] | str | None = option(
+        None, "from_pretrained kwargs when model is a path."
+    )
+    trust_remote_code: bool = option(
+        False, "Allow models/tokenizers with custom code (policy and reward models)."
+    )
+    router_aux_loss_coef: float | None = unsupported(None, "MoE auxiliary loss")
+    disable_dropout: bool = option(False, "Set every dropout probability of the policy (and reference) to 0.")
+    cast_lm_head_to_fp32: bool = unsupported(False, "fp32 lm_head")
+
+    # Data and generation
+    num_generations: int | None = option(
+        8, "Completions sampled per prompt (the group of group-relative advantages)."
+    )
+    num_generations_eval: int | None = option(
+        None, "Completions per prompt in evaluate(); None: num_generations."
+    )
+    max_completion_length: int | None = option(512, "Maximum number of generated tokens per completion.")
+    max_prompt_length: int | None = option(
+        None, "fastppo: prompts longer than this are cut from the left; None: keep."
+    )
+    ds3_gather_for_generation: bool = option(True, "DeepSpeed ZeRO-3 only (inert without DeepSpeed).")
+    shuffle_dataset: bool | None = option(True, "Shuffle the training prompts each epoch.")
+    pad_to_multiple_of: int | str | None = option(
+        "auto", "Only None/'auto' (no extra padding) are supported."
+    )
+    generation_batch_size: int | None = option(
+        None, "Completions per rollout; None: per_device_train_batch_size * steps_per_generation."
+    )
+    steps_per_generation: int | None = option(
+        None, "Micro-batches per rollout; None: gradient_accumulation_steps."
+    )
+    temperature: float = option(
+        1.0, "Sampling temperature; log-probs for the ratio and KL are of softmax(logits / T)."
+    )
+    top_p: float = option(1.0, "Nucleus sampling mass in (0, 1]; 1.0 keeps all tokens.")
+    top_k: int = option(0, "Top-k sampling; 0 disables it.")
+    min_p: float | None = option(None, "Minimum token probability relative to the most likely token.")
+    generation_kwargs: dict | str | None = option(
+        None, "Extra GenerationConfig arguments (override the above)."
+    )
+    chat_template_kwargs: dict | str | None = option(
+        None, "Extra apply_chat_template arguments for chat prompts."
+    )
+    repetition_penalty: float = option(1.0, "Repetition penalty of generation (1.0: none).")
+    cache_implementation: str | None = option(
+        None, "KV-cache implementation of generate, e.g. 'static' (off by default)."
+    )
+    use_vllm: bool = unsupported(False, "vLLM generation; a faster Sampler plugs into fastppo.rollout")
+    vllm_mode: str = option("colocate", "vLLM only (inert).")
+    vllm_model_impl: str = option("vllm", "vLLM only (inert).")
+    vllm_enable_sleep_mode: bool = option(False, "vLLM only (inert).")
+    vllm_structured_outputs_regex: str | None = option(None, "vLLM only (inert).")
+    vllm_server_base_url: str | None = option(None, "vLLM only (inert).")
+    vllm_server_host: str = option("0.0.0.0", "vLLM only (inert).")
+    vllm_server_port: int = option(8000, "vLLM only (inert).")
+    vllm_server_timeout: float = option(240.0, "vLLM only (inert).")
+    vllm_group_port: int = option(51216, "vLLM only (inert).")
+    vllm_gpu_memory_utilization: float = option(0.3, "vLLM only (inert).")
+    vllm_max_model_length: int | None = option(None, "vLLM only (inert).")
+    vllm_tensor_parallel_size: int = option(1, "vLLM only (inert).")
+
+    # Loss
+    beta: float = option(0.0, "KL coefficient; 0 builds no reference model and logs no kl.")
+    num_iterations: int = option(1, "Optimisation passes over each rollout (mu in the GRPO paper).")
+    epsilon: float = option(0.2, "Clipping epsilon: the ratio is clipped below at 1 - epsilon.")
+    delta: float | None = option(
+        None, "Two-sided clipping: the unclipped ratio is capped at delta (INTELLECT-2)."
+    )
+    epsilon_high: float | None = option(None, "Upper clipping epsilon (DAPO: 0.28); None: epsilon.")
+    sapo_temperature_neg: float = option(1.05, "SAPO only (inert).")
+    sapo_temperature_pos: float = option(1.0, "SAPO only (inert).")
+    vespo_k_pos: float = option(2.0, "VESPO only (inert).")
+    vespo_lambda_pos: float = option(3.0, "VESPO only (inert).")
+    vespo_k_neg: float = option(3.0, "VESPO only (inert).")
+    vespo_lambda_neg: float = option(2.0, "VESPO only (inert).")
+    importance_sampling_level: str = option("token", "'token' ratios, or one 'sequence' ratio (GSPO).")
+    reward_weights: list[float] | None = option(None, "Weight of each reward function; None: all 1.0.")
+    multi_objective_aggregation: str = option(
+        "sum_then_normalize", "'sum_then_normalize' or 'normalize_then_sum' (GDPO)."
+    )
+    scale_rewards: str = option(
+        "group", "Divide advantages by the reward std of the 'group', the 'batch', or 'none'."
+    )
+    loss_type: str = option("dapo", "Per-token loss reduction: 'grpo', 'bnpo', 'dr_grpo' or 'dapo'.")
+    mask_truncated_completions: bool = option(
+        False, "Exclude completions that hit max_completion_length from the loss."
+    )
+    sync_ref_model: bool = option(
+        False, "Mix the policy into the reference every ref_model_sync_steps steps."
+    )
+    ref_model_mixup_alpha: float = option(0.6, "TR-DPO alpha: ref = alpha * policy + (1 - alpha) * ref.")
+    ref_model_sync_steps: int = option(512, "TR-DPO tau: optimizer steps between reference syncs.")
+    top_entropy_quantile: float = unsupported(1.0, "high-entropy token masking")
+    entropy_coef: float = unsupported(0.0, "entropy bonus")
+    use_adaptive_entropy: bool = unsupported(False, "adaptive entropy control")
+    entropy_coef_min: float = option(0.0, "Adaptive entropy only (inert).")
+    entropy_coef_max: float = option(1.0, "Adaptive entropy only (inert).")
+    entropy_coef_delta: float = option(0.005, "Adaptive entropy only (inert).")
+    entropy_target: float = option(0.2, "Adaptive entropy only (inert).")
+    max_tool_calling_iterations: int | None = unsupported(None, "tool calling")
+    vllm_importance_sampling_correction: bool = option(True, "vLLM only (inert).")
+    vllm_importance_sampling_mode: str = option("sequence_mask", "vLLM only (inert).")
+    vllm_importance_sampling_clip_max: float | None = option(3.0, "vLLM only (inert).")
+    vllm_importance_sampling_clip_min: float | None = option(None, "vLLM only (inert).")
+    off_policy_mask_threshold: float | None = unsupported(None, "off-policy sequence masking")
+    use_bias_correction_kl: bool = unsupported(
+        False, "KL multiplied by the importance ratio; TRL defaults to True"
+    )
+
+    # Logging
+    log_completions: bool = option(False, "Print a table of sampled prompts/completions/rewards at each log.")
+    log_multimodal: bool = option(True, "Multimodal only (inert: fastppo is text-only).")
+    num_completions_to_print: int | None = option(None, "Rows of that table; None: all.")
+    log_unique_prompts: bool = unsupported(False, "completion-table filtering")
+    log_completions_hub_repo: str | None = unsupported(None, "uploading completions to the Hub")
+    use_transformers_continuous_batching: bool = unsupported(False, "continuous batching")
+    transformers_continuous_batching_config: dict | str | None = option(
+        None, "Continuous batching only (inert)."
+    )
+    use_transformers_paged: bool = unsupported(False, "deprecated paged generation")
+    vllm_importance_sampling_cap: float | None = option(None, "vLLM only (inert).")
+
+    # fastppo's own switches
+    use_fused_kernels: bool = option(
+        True,
+        "fastppo: hidden states -> chunked fused loss (no [tokens, vocab] logits); "
+        "False runs the plain PyTorch path (for A/B checks).",
+    )
+    kernel_chunk_bytes: int = option(
+        DEFAULT_CHUNK_BYTES, "fastppo: memory budget of one chunk of logits in the fused path."
+    )
+    eval_do_sample: bool = option(
+        True, "fastppo: evaluate() samples like training; False: one greedy completion per prompt."
+    )
+
+    def __post_init__(self) -> None:
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        check_unsupported(self, SUPPORTED_TRAINING_ARGUMENTS | SUPPORTED_GRPO)
+        check_report_to(self.report_to)
+        resolve_device_defaults(self)
+        super().__post_init__()
+        check_training_arguments(self)
+        require(
+            self.pad_to_multiple_of in (None, "auto"),
+            f"pad_to_multiple_of={self.pad_to_multiple_of!r} is not supported (only None or 'auto')",
+        )
+        self._derive_batch_sizes()
+        self._check_grpo()
+
+    # --- checks, one place each -------------------------------------------------------------------
+
+    def _derive_batch_sizes(self) -> None:
+        """TRL's rule: one of generation_batch_size / steps_per_generation derives the other."""
+        global_batch = self.per_device_train_batch_size * self.world_size
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError("generation_batch_size and steps_per_generation can not both be set")
+        if self.generation_batch_size is None:
+            if self.steps_per_generation is None:
+                self.steps_per_generation = self.gradient_accumulation_steps
+            check_int("steps_per_generation", self.steps_per_generation, 1)
+            self.generation_batch_size = global_batch * self.steps_per_generation
+        else:
+            check_int("generation_batch_size", self.generation_batch_size, 1)
+            require(
+                self.generation_batch_size % global_batch == 0,
+                f"generation_batch_size ({self.generation_batch_size}) must be divisible by the global batch "
+                f"size per_device_train_batch_size * num_processes = {global_batch}",
+            )
+            self.steps_per_generation = self.generation_batch_size // global_batch
+
+    def _check_grpo(self) -> None:
+        check_int("num_generations", self.num_generations, 2)  # group-relative advantages need a group
+        require(
+            self.generation_batch_size % self.num_generations == 0,
+            f"generation_batch_size ({self.generation_batch_size} = per_device_train_batch_size "
+            f"{self.per_device_train_batch_size} x steps_per_generation {self.steps_per_generation}) must be "
+            f"divisible by num_generations ({self.num_generations}) so every prompt keeps its whole group",
+        )
+        if self.num_generations_eval is not None:
+            check_int("num_generations_eval", self.num_generations_eval, 1)
+        check_int("max_completion_length", self.max_completion_length, 1)
+        if self.max_prompt_length is not None:
+            check_int("max_prompt_length", self.max_prompt_length, 1)
+        check_number("temperature", self.temperature, 0.0, float("inf"), low_open=True, high_open=True)
+        check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        check_int("top_k", self.top_k, 0)
+        if self.min_p is not None:
+            check_number("min_p", self.min_p, 0.0, 1.0)
+        check_number(
+            "repetition_penalty", self.repetition_penalty, 0.0, float("inf"), low_open=True, high_open=True
+        )
+        check_number("beta", self.beta, 0.0, float("inf"), high_open=True)
+        check_int("num_iterations", self.num_iterations, 1)
+        check_number("epsilon", self.epsilon, 0.0, 1.0, low_open=True, high_open=True)
+        if self.epsilon_high is not None:
+            check_number("epsilon_high", self.epsilon_high, 0.0, float("inf"), low_open=True, high_open=True)
+        if self.delta is not None:
+            check_number("delta", self.delta, 1.0, float("inf"), low_open=True, high_open=True)
+        check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_LEVELS)
+        note = (
+            " (TRL's other loss types are not implemented by fastppo's kernels)"
+            if self.loss_type in TRL_ONLY_LOSSES
+            else ""
+        )
+        check_choice("loss_type", self.loss_type, LOSS_TYPES, note)
+        check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        check_choice("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
+        if self.reward_weights is not None:
+            require(
+                isinstance(self.reward_weights, (list, tuple)) and len(self.reward_weights) > 0,
+                f"reward_weights must be a non-empty list of numbers, got {self.reward_weights!r}",
+            )
+            for i, weight in enumerate(self.reward_weights):
+                check_number(
+                    f"reward_weights[{i}]", weight, float("-inf"), float("inf"), low_open=True, high_open=True
+                )
+        check_number("ref_model_mixup_alpha", self.ref_model_mixup_alpha, 0.0, 1.0)
+        check_int("ref_model_sync_steps", self.ref_model_sync_steps, 1)
+        require(
+            not (self.sync_ref_model and self.beta == 0.0),
+            "sync_ref_model=True needs beta > 0: with beta == 0 no reference model is built",
+        )
+        check_int("kernel_chunk_bytes", self.kernel_chunk_bytes, 1)
+        if self.num_completions_to_print is not None:
+            check_int("num_completions_to_print", self.num_completions_to_print, 1)
+
+    # --- derived values used by the trainer -------------------------------------------------------
+
+    @property
+    def records_old_logprobs(self) -> bool:
+        """Whether the rollout must record old log-probs (TRL's rule).
+
+        Only when one rollout feeds more than one optimizer step (num_iterations > 1, or more
+        micro-batches per rollout than per step); otherwise every update of that rollout happens
+        before any weight changes, the old policy *is* the current one, and the detached current
+        log-probs serve (ratio exactly 1, one forward saved).
+        """
+        return self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations) != 0
+
+    def loss_settings(self) -> PolicyLossSettings:
+        """The kernel's loss settings; dapo's num_items_in_batch is filled in per rollout."""
+        return PolicyLossSettings(
+            clip_low=self.epsilon,
+            clip_high=self.epsilon_high,
+            delta=self.delta,
+            beta=self.beta,
+            kl_estimator="k3",
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length,
+            temperature=self.temperature,
+        )

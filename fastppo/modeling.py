@@ -1,0 +1,119 @@
+"""Loading and preparing the policy and its tokenizer (shared by the GRPO and PPO trainers).
+
+A missing model path is reported before anything is loaded or generated.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def check_model_source(name: str, trust_remote_code: bool = False) -> None:
+    """ValueError unless ``name`` is a local model folder or a Hub id whose config can be fetched."""
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ValueError(
+                f"model folder {name!r} has no config.json (save the model with save_pretrained)"
+            )
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not a Hub id ("org/name")
+        raise ValueError(f"model path {name!r} does not exist")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # offline, typo, private repo: all end here with the cause attached
+        raise ValueError(
+            f"model {name!r} is neither a local folder nor a reachable Hugging Face Hub model id ({exc})"
+        ) from exc
+
+
+def load_causal_lm(
+    model: str | nn.Module, init_kwargs: dict[str, Any] | None, trust_remote_code: bool
+) -> nn.Module:
+    """The policy: a given module as is, or ``AutoModelForCausalLM.from_pretrained`` (fp32 by default,
+    as TRL: mixed precision comes from autocast, master weights stay fp32)."""
+    if not isinstance(model, str):
+        if init_kwargs:
+            raise ValueError("model_init_kwargs were given but the model is already instantiated; drop one")
+        return model
+    check_model_source(model, trust_remote_code)
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": trust_remote_code, **(init_kwargs or {})}
+    dtype = kwargs.get("dtype", "float32")
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"model_init_kwargs dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}"
+            )
+        dtype = getattr(torch, dtype)
+    kwargs["dtype"] = dtype
+    return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+
+
+def load_tokenizer(model: nn.Module, processing_class: Any, trust_remote_code: bool) -> Any:
+    """The tokenizer (given, or the model's own), with a pad token (EOS when it has none, as TRL)."""
+    tokenizer = processing_class
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        name = getattr(model.config, "_name_or_path", None)
+        if not name:
+            raise ValueError(
+                "processing_class is needed: the model was not loaded from a path, so its tokenizer "
+                "cannot be found"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if hasattr(tokenizer, "tokenizer") and not hasattr(tokenizer, "pad_token"):  # a multimodal processor
+        raise ValueError("fastppo trains text-only policies; pass a tokenizer as processing_class")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token; set one of them")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS plus the model's declared ones (end-of-turn)."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.insert(0, tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation_config names an EOS token")
+    return ids
+
+
+def prepare_policy(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    peft_config: Any,
+    gradient_checkpointing: bool,
+    gradient_checkpointing_kwargs: dict | None,
+    disable_dropout: bool,
+) -> nn.Module:
+    """Pad ids mirrored on the model, optional LoRA (PEFT), activation checkpointing, dropout off."""
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False}
+        )
+        if peft_config is not None:  # frozen embeddings: let checkpointed blocks see an input that needs grad
+            model.enable_input_require_grads()
+    if disable_dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    return model

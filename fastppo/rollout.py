@@ -1,0 +1,224 @@
+"""The rollout engine shared by GRPO and PPO: prompts in, sampled completions (ids, masks, text) out.
+
+Generation sits behind the small ``Sampler`` protocol so a faster engine (vLLM, a paged/continuous
+batching sampler) can replace ``model.generate`` without touching the trainers. Prompts are plain
+text or chat messages (rendered with the tokenizer's chat template), left-padded for generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are drawn. ``temperature`` must also be the one the log-probs are taken at."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    do_sample: bool = True  # False: greedy (evaluation)
+    cache_implementation: str | None = None  # e.g. "static" (with torch.compile on GPU); None: dynamic cache
+    extra: tuple[tuple[str, Any], ...] = ()  # user generation_kwargs, applied last (they override the above)
+
+
+class Sampler(Protocol):
+    """Draws ``n`` completions for each prompt row; completions of one prompt come out consecutively."""
+
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,  # [P, Lp] left-padded
+        prompt_mask: torch.Tensor,  # [P, Lp]
+        n: int,
+        settings: SamplingSettings,
+    ) -> torch.Tensor:  # [P * n, Lc] completion ids, right-padded with the pad id after the first EOS
+        ...
+
+
+class GenerateSampler:
+    """``model.generate`` with the KV cache, in eval mode (no dropout, no checkpointing) and no grad."""
+
+    def __init__(self, model: nn.Module, pad_token_id: int, eos_token_ids: Sequence[int]):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.eos_token_ids = list(eos_token_ids)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, prompt_mask, n, settings):
+        from transformers import GenerationConfig
+
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": settings.max_new_tokens,
+            "do_sample": settings.do_sample,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": self.eos_token_ids,
+            "use_cache": True,
+            "num_return_sequences": n,
+            "repetition_penalty": settings.repetition_penalty,
+            "cache_implementation": settings.cache_implementation,
+        }
+        if settings.do_sample:
+            # top_k=0 must be passed as 0: None would fall back to transformers' default of 50
+            kwargs.update(
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                top_k=settings.top_k,
+                min_p=settings.min_p,
+            )
+        else:  # greedy: unset the sampling knobs so transformers does not warn about them
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs.update(dict(settings.extra))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            sequences = self.model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=GenerationConfig(**kwargs)
+            )
+        finally:
+            self.model.train(was_training)
+        return sequences[:, prompt_ids.shape[1] :]
+
+
+def is_conversational(prompt: Any) -> bool:
+    """A chat prompt is a list of {"role": ..., "content": ...} messages."""
+    return (
+        isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
+    )
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, L], mask [B, L])`` with each sequence right-aligned (left padding for generation)."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq) :] = 1
+    return ids, mask
+
+
+def encode_prompts(
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    max_prompt_length: int | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Tokenise prompts (rendering chat messages with the chat template) and left-pad them.
+
+    Prompts longer than ``max_prompt_length`` keep their last tokens (the end of a prompt is what the
+    completion continues). Returns ``(ids [P, Lp], mask [P, Lp], number of prompts truncated)``.
+    """
+    if is_conversational(prompts[0]):
+        texts = [
+            tokenizer.apply_chat_template(
+                p, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+            )
+            for p in prompts
+        ]
+        add_special = False  # the template already holds BOS and friends
+    else:
+        texts = list(prompts)
+        add_special = True
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"prompt {i} is {type(text).__name__}; expected text or a list of chat messages")
+    encoded = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+    truncated = 0
+    if max_prompt_length is not None:
+        truncated = sum(len(ids) > max_prompt_length for ids in encoded)
+        encoded = [ids[-max_prompt_length:] for ids in encoded]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(
+                f"prompt {i} ({prompts[i]!r}) encodes to no tokens; the policy needs a prompt to continue"
+            )
+    ids, mask = left_pad(encoded, tokenizer.pad_token_id)
+    return ids, mask, truncated
+
+
+def completion_mask(
+    completion_ids: torch.Tensor, eos_token_ids: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask [B, T], is_truncated [B])``: 1 up to and including the first EOS; truncated = no EOS."""
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_token_ids), device=completion_ids.device))
+    has_eos = is_eos.any(dim=1)
+    length = completion_ids.shape[1]
+    first_eos = torch.where(
+        has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, length, dtype=torch.long)
+    )
+    positions = torch.arange(length, device=completion_ids.device)[None, :]
+    mask = (positions <= first_eos[:, None]).long()
+    return mask, ~has_eos
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Sampled completions of one generation batch. B = prompts * n; a prompt's n completions are
+    consecutive (one group)."""
+
+    prompt_ids: torch.Tensor  # [B, Lp] left-padded
+    prompt_mask: torch.Tensor  # [B, Lp]
+    completion_ids: torch.Tensor  # [B, Lc] right-padded with the pad id
+    completion_mask: torch.Tensor  # [B, Lc] 1 up to and including the first EOS
+    is_truncated: torch.Tensor  # [B] bool: hit max_new_tokens without an EOS
+    prompts: list  # [B] the prompts as given (text or messages)
+    completions: list  # [B] decoded text, or [{"role": "assistant", "content": text}] for chat prompts
+    completion_id_lists: list[list[int]]  # [B] completion ids without padding
+    columns: dict[str, list]  # other dataset columns, [B] each
+    num_truncated_prompts: int  # prompts cut to max_prompt_length
+
+    @property
+    def lengths(self) -> torch.Tensor:  # [B] completion lengths in tokens
+        return self.completion_mask.sum(dim=1)
+
+
+def sample_rollout(
+    sampler: Sampler,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    n: int,
+    settings: SamplingSettings,
+    eos_token_ids: Sequence[int],
+    device: torch.device,
+    *,
+    max_prompt_length: int | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    keep_columns: bool = True,
+) -> Rollout:
+    """Sample ``n`` completions for each dataset row (which must hold a "prompt")."""
+    prompts = [row["prompt"] for row in rows]
+    prompt_ids, prompt_mask, truncated = encode_prompts(
+        tokenizer, prompts, max_prompt_length, chat_template_kwargs
+    )
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    completion_ids = sampler.generate(prompt_ids, prompt_mask, n, settings)
+    mask, is_truncated = completion_mask(completion_ids, eos_token_ids)
+    id_lists = [ids[: int(m.sum())].tolist() for ids, m in zip(completion_ids, mask, strict=True)]  # CPU sync
+    texts = tokenizer.batch_decode(id_lists, skip_special_tokens=True)
+    repeated = [row for row in rows for _ in range(n)]
+    chat = is_conversational(prompts[0])
+    columns = {}
+    if keep_columns:
+        keys = [k for k in rows[0] if k not in ("prompt", "completion", "completion_ids")]
+        columns = {k: [row[k] for row in repeated] for k in keys}
+    return Rollout(
+        prompt_ids=prompt_ids.repeat_interleave(n, dim=0),
+        prompt_mask=prompt_mask.repeat_interleave(n, dim=0),
+        completion_ids=completion_ids,
+        completion_mask=mask,
+        is_truncated=is_truncated,
+        prompts=[row["prompt"] for row in repeated],
+        completions=[[{"role": "assistant", "content": t}] for t in texts] if chat else texts,
+        completion_id_lists=id_lists,
+        columns=columns,
+        num_truncated_prompts=truncated,
+    )
