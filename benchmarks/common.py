@@ -117,12 +117,37 @@ def matmul_flops_per_s(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> fl
     return 2 * n**3 / (t.median_ms * 1e-3)
 
 
+def results_dir(out: str | Path | None = None) -> Path:
+    """Where results go: ``out`` (a ``--out`` flag) if given, else ``benchmarks/results/`` of the
+    checkout when running from one, else ``./benchmark-results`` (an installed package's folder is
+    no place for results)."""
+    if out is not None:
+        return Path(out)
+    if (RESULTS_DIR.parents[1] / "pyproject.toml").is_file():
+        return RESULTS_DIR
+    return Path.cwd() / "benchmark-results"
+
+
+def device_tag(env: dict | None = None) -> str:
+    """The device part of file names (of ``env``, else of this machine): ``cpu`` for every CPU run,
+    else the GPU's name."""
+    env = env or {"cpu": not on_gpu(), "device": device_name()}
+    return "cpu" if env.get("cpu", True) else env["device"].replace(" ", "-").replace("/", "-")
+
+
 def write_results(name: str, env: dict, rows: list[dict], extra: dict | None = None) -> Path:
-    """Write ``benchmarks/results/<name>-<device>-<date>.json`` and return its path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    tag = "cpu" if env["cpu"] else env["device"].replace(" ", "-").replace("/", "-")
+    """Write ``<results_dir()>/<name>-<device>-<date>.json`` and return its path."""
+    return write_results_in(results_dir(), name, env, rows, extra)
+
+
+def write_results_in(
+    directory: str | Path, name: str, env: dict, rows: list[dict], extra: dict | None = None
+) -> Path:
+    """Write ``<directory>/<name>-<device>-<date>.json`` (device ``cpu`` for CPU runs) and return its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     stamp = env["date"][:19].replace(":", "")
-    path = RESULTS_DIR / f"{name}-{tag}-{stamp}.json"
+    path = directory / f"{name}-{device_tag(env)}-{stamp}.json"
     path.write_text(json.dumps({"benchmark": name, "environment": env, **(extra or {}), "rows": rows}, indent=2))
     return path
 

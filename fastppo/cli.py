@@ -213,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # bitsandbytes' CPU backend warns at import that an optional 4-bit CPU kernel is missing; fastppo
     # never runs 4-bit matmuls on CPU, so the line would only confuse a first run.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the benchmark suite parses its own options
+        from .benchmarks.suite import main as bench
+
+        return bench(argv[1:])
     options = build_parser().parse_args(argv)
     try:
         return options.run(options)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import Backend
+from .._backend import Backend, resolve_backend
 from .._checks import check_float, check_labels, check_positive, check_same_shape
 from ..ppo_loss.checks import check_policy_inputs
 from ..ppo_loss.reference import PolicyLossStats, policy_objective
-from ..ppo_loss.settings import PolicyLossSettings
+from ..ppo_loss.settings import PolicyLossSettings, loss_token_weights
 from ..token_logprobs import launchers
-from .chunked import DEFAULT_CHUNK_BYTES, backprop_chunks, rows_per_chunk, scan_logprobs
+from .chunked import DEFAULT_CHUNK_BYTES, backprop_chunks, fused_token_chunks, rows_per_chunk, scan_logprobs
 
 
 def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -99,21 +99,35 @@ class _LinearPolicyLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, config):
         settings, compute_entropy, impl, rows, stats_out = config
         batch, length = labels.shape
-        flat_labels = torch.where(mask.bool(), labels, -100).reshape(-1)
-        logp, lse, entropy = scan_logprobs(
-            hidden, weight, bias, flat_labels, settings.temperature, -100, compute_entropy, impl, rows
-        )
-        with torch.enable_grad():
-            logp_leaf = logp.reshape(batch, length).requires_grad_()
+        needs = ctx.needs_input_grad[:3]
+        if impl.__name__.endswith(".triton") and settings.importance_sampling_level == "token":
+            adv = advantages[:, None].expand(batch, length) if advantages.dim() == 1 else advantages
+            logp, entropy, grads = fused_token_chunks(
+                hidden, weight, bias, torch.where(mask.bool(), labels, 0).reshape(-1).long(),
+                old_logprobs.float().reshape(-1), adv.float().reshape(-1),
+                None if ref_logprobs is None else ref_logprobs.float().reshape(-1),
+                loss_token_weights(mask, settings).reshape(-1).contiguous(), settings, compute_entropy, rows, needs,
+            )
             loss, stats = policy_objective(
-                logp_leaf, old_logprobs, advantages, mask, settings, ref_logprobs,
+                logp.reshape(batch, length), old_logprobs, advantages, mask, settings, ref_logprobs,
                 None if entropy is None else entropy.reshape(batch, length),
             )
-            (grad_logp,) = torch.autograd.grad(loss, logp_leaf)
-        grads = backprop_chunks(
-            hidden, weight, bias, flat_labels, lse, grad_logp.reshape(-1), settings.temperature, -100, impl, rows,
-            needs=ctx.needs_input_grad[:3],
-        )
+        else:
+            flat_labels = torch.where(mask.bool(), labels, -100).reshape(-1)
+            logp, lse, entropy = scan_logprobs(
+                hidden, weight, bias, flat_labels, settings.temperature, -100, compute_entropy, impl, rows
+            )
+            with torch.enable_grad():
+                logp_leaf = logp.reshape(batch, length).requires_grad_()
+                loss, stats = policy_objective(
+                    logp_leaf, old_logprobs, advantages, mask, settings, ref_logprobs,
+                    None if entropy is None else entropy.reshape(batch, length),
+                )
+                (grad_logp,) = torch.autograd.grad(loss, logp_leaf)
+            grads = backprop_chunks(
+                hidden, weight, bias, flat_labels, lse, grad_logp.reshape(-1), settings.temperature, -100, impl,
+                rows, needs=needs,
+            )
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.present = tuple(g is not None for g in grads)
         stats_out.append(stats)

@@ -5,6 +5,10 @@ Pass 1 (``scan_logprobs``) turns each chunk's logits into log-probs and log-sum-
 launcher's in-place ``out=``) and folds them into the hidden-state, weight and bias gradients.
 Peak extra memory is one chunk of logits, never ``[N, V]``. The launchers (``impl``) are the
 Triton or reference ``token_logprobs_fwd`` / ``token_logprobs_bwd`` pair.
+
+``fused_token_chunks`` is the Triton single pass for token-level ratios: each chunk's logits go
+through the fused loss kernel (log-probs and dlogits in one launch), so a step costs three
+matmuls per chunk (logits, grad_hidden, grad_weight) instead of four.
 """
 
 from __future__ import annotations
@@ -48,6 +52,31 @@ def scan_logprobs(
     return logp, lse, entropy
 
 
+class ChunkGrads:
+    """Accumulates the hidden / weight / bias gradients from one chunk's dlogits at a time."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 needs: tuple[bool, bool, bool]):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.grad_hidden = torch.empty_like(hidden) if needs[0] else None  # [N, H]
+        # Accumulated in the weight's dtype with fp32 accumulation inside each addmm (as Liger does).
+        self.grad_weight = torch.zeros_like(weight) if needs[1] else None  # [V, H]
+        self.grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needs[2] else None
+
+    def add(self, rows: slice, dlogits: torch.Tensor) -> None:
+        """dlogits: [c, V] for token rows ``rows``: grad_hidden = dlogits @ W, grad_W += dlogits^T @ hidden."""
+        if self.grad_hidden is not None:
+            torch.matmul(dlogits, self.weight, out=self.grad_hidden[rows])
+        if self.grad_weight is not None:
+            self.grad_weight.addmm_(dlogits.t(), self.hidden[rows])
+        if self.grad_bias is not None:
+            self.grad_bias += dlogits.float().sum(0)
+
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        grad_bias = None if self.grad_bias is None else self.grad_bias.to(self.bias.dtype)
+        return self.grad_hidden, self.grad_weight, grad_bias
+
+
 def backprop_chunks(
     hidden: torch.Tensor,  # [N, H]
     weight: torch.Tensor,  # [V, H]
@@ -64,10 +93,7 @@ def backprop_chunks(
     grad_entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum(grad_logp * logp + grad_entropy * entropy)`` w.r.t. hidden, weight, bias."""
-    grad_hidden = torch.empty_like(hidden) if needs[0] else None
-    # Accumulated in the weight's dtype with fp32 matmul accumulation inside each addmm (as Liger does).
-    grad_weight = torch.zeros_like(weight) if needs[1] else None
-    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needs[2] else None
+    grads = ChunkGrads(hidden, weight, bias, needs)
     with torch.no_grad():
         for start in range(0, hidden.shape[0], rows):
             sl = slice(start, start + rows)
@@ -83,12 +109,39 @@ def backprop_chunks(
                 grad_entropy=None if grad_entropy is None else grad_entropy[sl],
                 out=logits,  # in place: the chunk's logits are not needed again
             )
-            if grad_hidden is not None:
-                torch.matmul(dlogits, weight, out=grad_hidden[sl])  # [c, H]
-            if grad_weight is not None:
-                grad_weight.addmm_(dlogits.t(), hidden[sl])  # [V, H]
-            if grad_bias is not None:
-                grad_bias += dlogits.float().sum(0)
-    if grad_bias is not None:
-        grad_bias = grad_bias.to(bias.dtype)
-    return grad_hidden, grad_weight, grad_bias
+            grads.add(sl, dlogits)
+    return grads.result()
+
+
+def fused_token_chunks(
+    hidden: torch.Tensor,  # [N, H]
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,  # [N] valid ids everywhere (masked tokens carry weight 0)
+    old_logprobs: torch.Tensor,  # [N] fp32
+    advantages: torch.Tensor,  # [N] fp32
+    ref_logprobs: torch.Tensor | None,  # [N] fp32
+    weights: torch.Tensor,  # [N] fp32 loss-type weights, 0 where masked
+    settings,  # PolicyLossSettings
+    want_entropy: bool,
+    rows: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+    """One pass: (logp [N], entropy [N] | None, (grad_hidden, grad_weight, grad_bias))."""
+    from ..ppo_loss.triton import fused_token_chunk
+
+    grads = ChunkGrads(hidden, weight, bias, needs)
+    logps, entropies = [], []
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], rows):
+            sl = slice(start, start + rows)
+            logits = F.linear(hidden[sl], weight, bias)  # [c, V], overwritten with dlogits
+            logp, entropy = fused_token_chunk(
+                logits, labels[sl], old_logprobs[sl], advantages[sl],
+                None if ref_logprobs is None else ref_logprobs[sl], weights[sl], settings, want_entropy, out=logits,
+            )
+            grads.add(sl, logits)
+            logps.append(logp)
+            entropies.append(entropy)
+    return torch.cat(logps), torch.cat(entropies) if want_entropy else None, grads.result()
+

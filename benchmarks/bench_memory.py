@@ -1,0 +1,271 @@
+"""The largest batch (or completion length) that trains: fastppo against TRL's GRPOTrainer.
+
+On GPU each probe runs one full GRPO step (generation, scoring, training) of the step benchmark's
+workload; an out-of-memory error marks it as not fitting. Along the searched axis (the batch, in
+completions per step and whole groups, at fixed lengths; or the completion length at a fixed
+batch) the value doubles from ``start`` until a probe fails, then bisects between the last fit
+and the first failure. Probes and seconds are capped per trainer, so a result may be a bracket:
+``max_ok`` fits, ``min_failed`` did not (None: never failed up to ``cap``). The row also gives
+the tokens per step at ``max_ok``: batch * (prompt_len + completion_len).
+
+On CPU nothing can run out of memory that means anything, so no probe runs: the rows hold the
+byte *accounting* of ``fastppo.memory.accounting`` (parameters, gradients, optimizer state,
+reference) for the real model shapes, marked ``"kind": "accounting"`` and never a measurement.
+
+Run: ``python -m fastppo.benchmarks.bench_memory [--quick] [--model M] [--axis batch] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import report
+from .bench_step import MODEL_NAMES, TRAINERS, StepSettings, Workload, measure, prepare_workload
+from .common import environment, on_gpu, results_dir, write_results_in
+
+DEFAULT_TRAINERS = ("fastppo", "trl")
+
+
+AXES = ("batch", "completion_len")
+LENGTH_STEP = 128  # completion lengths are searched in multiples of this
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySettings:
+    """The search: one axis doubled then bisected, the rest fixed, capped in probes and seconds."""
+
+    model: str = "qwen2.5-1.5b"
+    axis: str = "batch"  # "batch" (completions per step) or "completion_len" (tokens per completion)
+    num_generations: int = 8  # batches are multiples of this (whole groups)
+    batch: int = 8  # fixed when axis == "completion_len"
+    prompt_len: int = 128
+    completion_len: int = 128  # fixed when axis == "batch"
+    start: int = 64  # first probe on the axis; doubled while it fits
+    cap: int = 2048  # never probe above this
+    max_probes: int = 7  # per trainer
+    budget_s: float = 150.0  # per trainer; the search stops after the probe that crosses it
+    seed: int = 0
+
+    @property
+    def step(self) -> int:
+        return self.num_generations if self.axis == "batch" else LENGTH_STEP
+
+    def check(self) -> None:
+        if self.axis not in AXES:
+            raise ValueError(f"axis must be one of {AXES}, got {self.axis!r}")
+
+
+def quick_search(model: str) -> MemorySettings:
+    """Short sequences and few probes: a smoke run of the search itself."""
+    return MemorySettings(model=model, prompt_len=64, completion_len=64, start=8, max_probes=4, budget_s=60.0)
+
+
+@dataclasses.dataclass
+class Search:
+    """Outcome of a largest-fit search; ``probes`` lists (batch, fitted, seconds)."""
+
+    max_ok: int | None = None
+    min_failed: int | None = None
+    probes: list[tuple[int, bool, float]] = dataclasses.field(default_factory=list)
+
+
+def largest_fitting(
+    fits: Callable[[int], bool], step: int, start: int, cap: int, max_probes: int, budget_s: float
+) -> Search:
+    """Largest multiple of ``step`` in ``[step, cap]`` for which ``fits`` holds, assuming it holds below
+    some threshold and fails above. Doubles from ``start`` until a probe fails (or ``cap``), then
+    bisects between the last fit (or 0) and the first failure. Stops early when out of probes or
+    time, leaving the bracket ``[max_ok, min_failed)``."""
+    if start % step or cap % step or not step <= start <= cap:
+        raise ValueError(
+            f"need step | start, step | cap and step <= start <= cap; got {step}, {start}, {cap}"
+        )
+    search = Search()
+    deadline = time.monotonic() + budget_s
+
+    def probe(batch: int) -> bool:
+        began = time.monotonic()
+        ok = fits(batch)
+        search.probes.append((batch, ok, time.monotonic() - began))
+        if ok:
+            search.max_ok = batch
+        else:
+            search.min_failed = batch
+        return ok
+
+    def budget_left() -> bool:
+        return len(search.probes) < max_probes and time.monotonic() < deadline
+
+    batch = start
+    while budget_left() and probe(batch) and batch < cap:
+        batch = min(2 * batch, cap)
+    while search.min_failed is not None and budget_left():
+        low = search.max_ok or 0
+        mid = (low + search.min_failed) // 2 // step * step
+        if mid <= low:
+            break
+        probe(mid)
+    return search
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def search_trainer(
+    name: str,
+    settings: MemorySettings,
+    workload: Workload,
+    work_dir: Path,
+    on_probe: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Search one trainer's largest value on ``settings.axis``; its row."""
+    peaks: dict[int, int] = {}
+
+    def fits(value: int) -> bool:
+        probe = dataclasses.replace(
+            workload.settings, warmup_steps=0, timed_steps=1, **{settings.axis: value}
+        )
+        try:
+            row = measure(TRAINERS[name], dataclasses.replace(workload, settings=probe), work_dir)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:  # cuBLAS reports OOM as RuntimeError
+            if not _is_oom(error):
+                raise
+            return False
+        finally:
+            if on_probe is not None:
+                on_probe()
+            torch.cuda.empty_cache()
+        peaks[value] = row["peak_allocated_bytes"]
+        return True
+
+    search = largest_fitting(
+        fits, settings.step, settings.start, settings.cap, settings.max_probes, settings.budget_s
+    )
+    best = (
+        None
+        if search.max_ok is None
+        else dataclasses.replace(workload.settings, **{settings.axis: search.max_ok})
+    )
+    return {
+        "kind": "measurement",
+        "trainer": name,
+        "model": settings.model,
+        "axis": settings.axis,
+        "batch": None if settings.axis == "batch" else settings.batch,
+        "prompt_len": settings.prompt_len,
+        "completion_len": None if settings.axis == "completion_len" else settings.completion_len,
+        "max_ok": search.max_ok,
+        "min_failed": search.min_failed,
+        "max_tokens_per_step": None if best is None else best.tokens_per_step,
+        "peak_allocated_bytes_at_max": peaks.get(search.max_ok),
+        "probes": [{settings.axis: v, "fits": ok, "seconds": round(t, 2)} for v, ok, t in search.probes],
+    }
+
+
+def measure_largest(
+    settings: MemorySettings, trainers: list[str], out_dir: Path, on_probe: Callable[[], None] | None = None
+) -> tuple[list[dict], dict[str, str]]:
+    settings.check()
+    step = StepSettings(
+        model=settings.model,
+        num_generations=settings.num_generations,
+        batch=settings.batch if settings.axis == "completion_len" else settings.num_generations,
+        prompt_len=settings.prompt_len,
+        completion_len=settings.completion_len,
+        seed=settings.seed,
+    )
+    rows, skipped = [], {}
+    with tempfile.TemporaryDirectory(prefix="fastppo-mem-") as tmp:
+        workload = prepare_workload(step, Path(tmp) / "model")
+        for name in trainers:
+            reason = TRAINERS[name].unavailable()
+            if reason:
+                skipped[name] = reason
+                continue
+            rows.append(search_trainer(name, settings, workload, Path(tmp), on_probe))
+    base = next((r for r in rows if TRAINERS[r["trainer"]].baseline), None)
+    for row in rows:
+        if (
+            base is not None
+            and row is not base
+            and row["max_tokens_per_step"]
+            and base["max_tokens_per_step"]
+        ):
+            row[f"max_tokens_vs_{base['trainer']}"] = row["max_tokens_per_step"] / base["max_tokens_per_step"]
+    return rows, skipped
+
+
+def account(models: list[str]) -> list[dict]:
+    """CPU: the byte accounting of ``fastppo.memory.accounting`` for each real model shape.
+
+    Until that module exists the rows say so (and nothing is estimated here: one formula, in one place).
+    """
+    if importlib.util.find_spec("fastppo.memory.accounting") is None:
+        status = "pending: fastppo.memory.accounting is not in this build (issue 6)"
+        return [{"kind": "accounting", "model": model, "status": status} for model in models]
+    raise NotImplementedError("wire fastppo.memory.accounting into bench_memory.account()")
+
+
+def run(
+    settings: MemorySettings,
+    trainers: list[str] | None = None,
+    out: Path | None = None,
+    quick: bool = False,
+    on_probe: Callable[[], None] | None = None,
+) -> Path:
+    env = environment()
+    out_dir = results_dir(out)
+    names = list(trainers or DEFAULT_TRAINERS)
+    if on_gpu():
+        rows, skipped = measure_largest(settings, names, out_dir, on_probe)
+        extra = {
+            "settings": dataclasses.asdict(settings),
+            "skipped": skipped,
+            "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory,
+        }
+    else:
+        rows = account([settings.model] if quick else list(MODEL_NAMES))
+        extra = {"note": "CPU: byte accounting (formula), not a measurement; no probe ran"}
+    return write_results_in(out_dir, f"memory-{settings.axis}-{settings.model}", env, rows, extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small search (few probes, short sequences)")
+    parser.add_argument("--model", default="qwen2.5-1.5b", choices=MODEL_NAMES)
+    parser.add_argument(
+        "--axis", default="batch", choices=AXES, help="what grows: the batch or the completion"
+    )
+    parser.add_argument(
+        "--start", type=int, default=None, help="first probe on the axis (doubled while it fits)"
+    )
+    parser.add_argument("--cap", type=int, default=None, help="largest value probed")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
+    parser.add_argument("--trainers", default=None, help=f"comma list of {list(TRAINERS)}")
+    parser.add_argument("--budget-s", type=float, default=None, help="seconds of probing per trainer")
+    parser.add_argument("--max-probes", type=int, default=None, help="probes per trainer")
+    args = parser.parse_args(argv)
+    settings = quick_search(args.model) if args.quick else MemorySettings(model=args.model)
+    if args.axis == "completion_len":  # long completions: a few thousand tokens, in whole LENGTH_STEPs
+        settings = dataclasses.replace(settings, axis=args.axis, start=1024, cap=32768)
+    chosen = {"start": args.start, "cap": args.cap, "budget_s": args.budget_s, "max_probes": args.max_probes}
+    settings = dataclasses.replace(settings, **{k: v for k, v in chosen.items() if v is not None})
+    path = run(settings, args.trainers.split(",") if args.trainers else None, args.out, args.quick)
+    print(report.result_table(json.loads(path.read_text())))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,534 @@
+"""One full GRPO iteration, fastppo against TRL's GRPOTrainer, each phase timed apart.
+
+Both trainers get the same random-weight model (a real architecture config from ``models/``), the
+same tokenizer, prompts, reward, batch, lengths and seed, and run one after the other in this
+process, so the ratios come from one run on one machine. Generation has a fixed length: the
+tokenizer's end token lies outside the model's vocabulary, so no completion can stop early and
+every step trains exactly ``batch * (prompt_len + completion_len)`` tokens (checked afterwards
+against each trainer's own ``completions/mean_length`` metric).
+
+Phases (synchronised wall clock, median over the timed steps after warm-up):
+  generation  sampling the completions (``model.generate`` in both trainers)
+  scoring     old / reference log-probs of the rollout (no grad)
+  rollout     generation + scoring + rewards + advantages (everything before the loss)
+  training    the rest of the optimizer step: forward, loss, backward, optimizer, logging
+  step        the whole iteration
+Tokens/s counts prompt + completion tokens of the batch, per second of the training phase
+(``train_tokens_per_s``) and of the whole step (``step_tokens_per_s``). On GPU,
+``train_flop_fraction`` is 6 * (nn.Linear weights, lm_head included) * tokens over the training
+time and the GEMM rate measured in the same run (attention scores and checkpoint recompute are
+not counted as useful work). Memory: peak allocated / reserved CUDA bytes over the whole
+``train()`` (weights, reference, optimizer state included); ``resident_bytes`` is what was
+allocated before the first step.
+
+PPO (issue 5) joins by adding ``TrainerSpec`` entries with ``algo="ppo"`` to ``TRAINERS``: the
+workload, the clock, the memory probes and the row format are shared.
+
+Run: ``python -m fastppo.benchmarks.bench_step [--quick] [--model qwen2.5-1.5b] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib.util
+import json
+import re
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import report
+from .common import device_tag, environment, matmul_flops_per_s, on_gpu, results_dir, write_results_in
+from .profiling import PhaseClock, StepProfiler
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+MODEL_NAMES = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "llama-3.2-1b")
+
+# A model of the same architecture, shrunk so a CPU run takes seconds (shapes only; never a figure).
+QUICK_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 512,
+    "max_position_embeddings": 512,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What one step benchmark trains; identical for every trainer in the run."""
+
+    model: str = "qwen2.5-1.5b"  # a name in MODEL_NAMES (config JSON in models/)
+    quick: bool = False  # shrink the model and the batch (CPU tests; the results say so)
+    batch: int = 16  # completions per optimizer step (per_device_train_batch_size)
+    num_generations: int = 8  # completions per prompt (the group)
+    prompt_len: int = 128  # tokens per prompt (all prompts equal: no padding)
+    completion_len: int = 256  # tokens per completion (fixed: the end token cannot be sampled)
+    beta: float = 0.04  # > 0, so a reference model is built and scored in both trainers
+    loss_type: str = "dapo"  # TRL 1.16's default
+    gradient_checkpointing: bool = True  # TRL's default on GPU
+    warmup_steps: int = 1  # steps run but not timed (compilation, allocator warm-up)
+    timed_steps: int = 3  # median over these
+    seed: int = 0
+
+    @classmethod
+    def quick_settings(cls, model: str = "qwen2.5-0.5b", **overrides: Any) -> StepSettings:
+        base = dict(
+            model=model,
+            quick=True,
+            batch=8,
+            num_generations=4,
+            prompt_len=8,
+            completion_len=16,
+            gradient_checkpointing=False,
+            timed_steps=2,
+        )
+        return cls(**{**base, **overrides})
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * (self.prompt_len + self.completion_len)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if on_gpu() and torch.cuda.is_bf16_supported() else torch.float32
+
+    def check(self) -> None:
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"model must be one of {MODEL_NAMES}, got {self.model!r}")
+        if self.batch % self.num_generations:
+            raise ValueError(
+                f"batch ({self.batch}) must be a multiple of num_generations ({self.num_generations})"
+            )
+        for name in ("prompt_len", "completion_len", "timed_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# --- the workload: model, tokenizer, prompts, reward --------------------------------------------------------
+
+
+def _plain(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())  # "Qwen2.5-0.5B", "qwen2_5_0_5b" -> "qwen2505b"
+
+
+def model_config(name: str, quick: bool = False):
+    """The architecture config of ``name`` from ``models/<name>.json`` (matched ignoring case and
+    punctuation), with fresh random weights in mind: ids and shapes only."""
+    from transformers import AutoConfig
+
+    matches = [p for p in MODELS_DIR.glob("*.json") if _plain(p.stem) == _plain(name)]
+    if not matches:
+        found = sorted(p.stem for p in MODELS_DIR.glob("*.json"))
+        raise ValueError(f"no model config {name!r} in {MODELS_DIR} (found {found})")
+    raw = json.loads(matches[0].read_text())
+    if "model_type" not in raw:
+        raise ValueError(f"{matches[0]} is not a transformers config (no 'model_type')")
+    model_type = raw.pop("model_type")
+    if quick:
+        raw.update(QUICK_SHAPE)
+        raw.pop("layer_types", None)  # per-layer lists sized for the real depth
+    # The benchmark tokenizer has no BOS, and its end (and pad) token is id V, outside the
+    # vocabulary: generation cannot stop early. The checkpoint's own special ids would point into
+    # a real tokenizer's vocabulary (and outside a shrunk one).
+    raw.update(bos_token_id=None, pad_token_id=None, eos_token_id=raw["vocab_size"])
+    return AutoConfig.for_model(model_type, **raw)
+
+
+def build_tokenizer(vocab_size: int):
+    """A word-level tokenizer over the names ``t0 .. t{V-1}`` plus an end token ``t{V}``.
+
+    Built in code (nothing is downloaded). The end token (also the pad token) has the id V, which the
+    model's ``[V]`` logits can never sample: every completion runs to ``max_completion_length``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size + 1)}, unk_token="t0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    end = f"t{vocab_size}"
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=end, pad_token=end, unk_token="t0")
+
+
+def prompts_dataset(settings: StepSettings, vocab_size: int, rows: int = 512):
+    """``rows`` distinct prompts of exactly ``prompt_len`` tokens (no padding anywhere)."""
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    ids = torch.randint(0, vocab_size, (rows, settings.prompt_len), generator=gen)
+    return Dataset.from_dict({"prompt": [" ".join(f"t{i}" for i in row) for row in ids.tolist()]})
+
+
+def token_sum_reward(completions: list, completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
+    """A cheap deterministic reward with spread inside each group (what it rewards is irrelevant here)."""
+    return [float(sum(ids) % 13) for ids in completion_ids]
+
+
+@dataclasses.dataclass
+class Workload:
+    """Everything both trainers share; the random weights live in ``model_dir`` (loaded fresh per trainer)."""
+
+    settings: StepSettings
+    model_dir: Path
+    tokenizer: Any
+    dataset: Any
+    linear_params: int  # weights of all nn.Linear layers, lm_head included: 2 FLOPs each per token forward
+
+
+def prepare_workload(settings: StepSettings, directory: Path) -> Workload:
+    """Random-init the model (seeded, on the GPU when there is one), save it with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    settings.check()
+    config = model_config(settings.model, settings.quick)
+    tokenizer = build_tokenizer(config.vocab_size)
+    torch.manual_seed(settings.seed)
+    with torch.device("cuda" if on_gpu() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=settings.dtype)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    del model
+    _release()
+    return Workload(settings, directory, tokenizer, prompts_dataset(settings, config.vocab_size), linear)
+
+
+def load_policy(workload: Workload):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(workload.model_dir, dtype=workload.settings.dtype)
+
+
+# --- the trainers compared ----------------------------------------------------------------------------------
+
+
+def grpo_arguments(settings: StepSettings, output_dir: Path, steps: int) -> dict[str, Any]:
+    """GRPOConfig keywords both trainers receive (TRL names; fastppo's config takes the same)."""
+    return dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=settings.batch,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.completion_len,
+        beta=settings.beta,
+        loss_type=settings.loss_type,
+        max_steps=steps,
+        logging_steps=1,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        bf16=settings.dtype == torch.bfloat16,
+        seed=settings.seed,
+        disable_tqdm=True,
+        report_to="none",
+        save_strategy="no",
+        log_level="error",
+    )
+
+
+def _build_fastppo(model, workload: Workload, args: dict[str, Any]):
+    from fastppo.grpo_config import GRPOConfig
+    from fastppo.trainer.grpo import GRPOTrainer
+
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=token_sum_reward,
+        args=GRPOConfig(**args),
+        train_dataset=workload.dataset,
+        processing_class=workload.tokenizer,
+    )
+
+
+def _build_trl(model, workload: Workload, args: dict[str, Any], liger: bool = False):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    # use_bias_correction_kl: TRL 1.16 defaults to True, fastppo implements only False; the math
+    # must match for a fair comparison (the cost difference is one multiply per token).
+    config = GRPOConfig(**args, use_bias_correction_kl=False, use_liger_kernel=liger)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=token_sum_reward,
+        args=config,
+        train_dataset=workload.dataset,
+        processing_class=workload.tokenizer,
+    )
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    return trainer
+
+
+# The phases of each trainer, by its own methods. rollout = everything before the loss (TRL's
+# _generate_and_score_completions; fastppo's steps 1-3); generation = the sampling call on token
+# ids (tokenising and decoding stay in rollout, for both); scoring = log-prob forwards in rollout.
+
+
+def _instrument_trl(trainer, clock: PhaseClock) -> None:
+    clock.wrap(trainer, "_generate_and_score_completions", "rollout")
+    clock.wrap(trainer, "_generate_single_turn", "generation")
+    clock.wrap(trainer, "_get_per_token_logps_and_entropies", "scoring", inside="rollout")
+
+
+def _instrument_fastppo(trainer, clock: PhaseClock) -> None:
+    import fastppo.trainer.grpo as grpo
+
+    for step in ("_rollout", "_score", "_advantages"):
+        clock.wrap(trainer, step, "rollout")
+    clock.wrap(trainer.sampler, "generate", "generation")
+    if trainer.reference is not None:
+        clock.wrap(trainer.reference, "logprobs", "scoring", inside="rollout")
+    clock.wrap(grpo, "score_logprobs", "scoring", inside="rollout")  # old log-probs (module-level; restored)
+
+
+def _missing(*modules: str, gpu: bool = False) -> Callable[[], str | None]:
+    def reason() -> str | None:
+        absent = [m for m in modules if importlib.util.find_spec(m) is None]
+        if absent:
+            return f"not installed: {', '.join(absent)}"
+        if gpu and not on_gpu():
+            return "needs a CUDA GPU"
+        return None
+
+    return reason
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerSpec:
+    """One trainer in the comparison: how to build it, how to split its step into phases."""
+
+    name: str
+    algo: str  # "grpo" (or "ppo", issue 5)
+    build: Callable[[Any, Workload, dict[str, Any]], Any]
+    instrument: Callable[[Any, PhaseClock], None]
+    unavailable: Callable[[], str | None]  # None when it can run here, else why not
+    baseline: bool = False  # the peer the ratios of this algo are taken against
+
+
+TRAINERS: dict[str, TrainerSpec] = {
+    spec.name: spec
+    for spec in (
+        TrainerSpec("fastppo", "grpo", _build_fastppo, _instrument_fastppo, _missing("fastppo.trainer.grpo")),
+        TrainerSpec("trl", "grpo", _build_trl, _instrument_trl, _missing("trl"), baseline=True),
+        # Liger's kernels are Triton-on-CUDA only; TRL 1.16 applies its layer kernels (not its loss).
+        # Last on purpose: Liger may patch transformers' modules for the rest of the process.
+        TrainerSpec(
+            "trl+liger",
+            "grpo",
+            lambda m, w, a: _build_trl(m, w, a, liger=True),
+            _instrument_trl,
+            _missing("trl", "liger_kernel", gpu=True),
+        ),
+    )
+}
+
+
+# --- measuring one trainer ----------------------------------------------------------------------------------
+
+
+def _release() -> None:
+    gc.collect()
+    if on_gpu():
+        torch.cuda.empty_cache()
+
+
+def _step_callback(
+    clock: PhaseClock, profiler: StepProfiler | None, profile_step: int, on_step: Callable[[], None] | None
+):
+    """Step boundaries at ``on_train_begin`` and each ``on_step_end``.
+
+    Not ``on_step_begin``: trainers fire it at different points (TRL before its rollout, fastppo at
+    the first backward, after it), while from one step's end to the next is the whole iteration in
+    both. Logging that follows ``on_step_end`` lands in the next step, in both trainers alike.
+    """
+    from transformers import TrainerCallback
+
+    def boundary() -> None:
+        if profiler is not None and len(clock.steps) == profile_step:
+            profiler.start()
+        clock.begin_step()
+
+    class StepBoundaries(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            boundary()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.end_step()
+            if profiler is not None and len(clock.steps) == profile_step + 1:
+                profiler.stop()
+            if on_step is not None:
+                on_step()
+            boundary()
+
+    return StepBoundaries()
+
+
+def measure(
+    spec: TrainerSpec,
+    workload: Workload,
+    work_dir: Path,
+    profile_dir: Path | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``warmup + timed`` steps (+ 1 profiled) with ``spec``'s trainer; return its row."""
+    settings = workload.settings
+    _release()
+    torch.manual_seed(settings.seed)
+    timed_end = settings.warmup_steps + settings.timed_steps
+    steps = timed_end + (profile_dir is not None)  # the profiled step comes after the timed ones
+    trainer = spec.build(
+        load_policy(workload), workload, grpo_arguments(settings, work_dir / spec.name, steps)
+    )
+    clock = PhaseClock()
+    spec.instrument(trainer, clock)
+    name = f"step-{spec.name}-{settings.model}-{device_tag()}"  # a CPU trace never replaces a GPU one
+    profiler = StepProfiler(profile_dir, name) if profile_dir else None
+    trainer.add_callback(_step_callback(clock, profiler, timed_end, on_step))
+    if on_gpu():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() if on_gpu() else None
+    try:
+        trainer.train()
+    finally:
+        clock.restore()
+    peak = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if on_gpu() else (None, None)
+    lengths = [
+        log["completions/mean_length"]
+        for log in trainer.state.log_history
+        if "completions/mean_length" in log
+    ]
+    optim = getattr(trainer.args.optim, "value", trainer.args.optim)
+    del trainer
+    _release()
+
+    clock.steps = clock.steps[:timed_end]  # a profiled step is never timed
+    t = clock.medians(skip=settings.warmup_steps)
+    rollout = t.get("rollout", 0.0)
+    training = t["step"] - rollout
+    tokens = settings.tokens_per_step
+    return {
+        "algo": spec.algo,
+        "trainer": spec.name,
+        "model": settings.model + (" (shrunk)" if settings.quick else ""),
+        "batch": settings.batch,
+        "num_generations": settings.num_generations,
+        "prompt_len": settings.prompt_len,
+        "completion_len": settings.completion_len,
+        "completion_len_measured": sum(lengths) / len(lengths) if lengths else None,
+        "tokens_per_step": tokens,
+        "dtype": str(settings.dtype).removeprefix("torch."),
+        "optim": optim,
+        "step_ms": t["step"] * 1e3,
+        "generation_ms": t.get("generation", 0.0) * 1e3,
+        "scoring_ms": t.get("scoring", 0.0) * 1e3,
+        "rollout_other_ms": (rollout - t.get("generation", 0.0) - t.get("scoring", 0.0)) * 1e3,
+        "training_ms": training * 1e3,
+        "train_tokens_per_s": tokens / training,
+        "step_tokens_per_s": tokens / t["step"],
+        "samples_per_s": settings.batch / t["step"],
+        "train_flops": 6
+        * workload.linear_params
+        * tokens,  # fwd + bwd of the linear layers, lm_head included
+        "resident_bytes": resident,
+        "peak_allocated_bytes": peak[0],
+        "peak_reserved_bytes": peak[1],
+        "steps_timed": len(clock.steps) - settings.warmup_steps,
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Ratios of each row to its algo's baseline row (same process, same settings)."""
+    for row in rows:
+        base = next((r for r in rows if r["algo"] == row["algo"] and TRAINERS[r["trainer"]].baseline), None)
+        if base is None or base is row:
+            continue
+        peer = base["trainer"]
+        row[f"train_speedup_vs_{peer}"] = base["training_ms"] / row["training_ms"]
+        row[f"step_speedup_vs_{peer}"] = base["step_ms"] / row["step_ms"]
+        if row["peak_allocated_bytes"] and base["peak_allocated_bytes"]:
+            row[f"peak_memory_vs_{peer}"] = row["peak_allocated_bytes"] / base["peak_allocated_bytes"]
+
+
+def run(
+    settings: StepSettings,
+    trainers: list[str] | None = None,
+    out: Path | None = None,
+    profile: bool = False,
+    on_step: Callable[[], None] | None = None,
+) -> Path:
+    """Measure each available trainer on one workload; write and return the results JSON."""
+    env = environment()
+    out_dir = results_dir(out)
+    names = trainers or [name for name, spec in TRAINERS.items() if spec.algo == "grpo"]
+    unknown = [n for n in names if n not in TRAINERS]
+    if unknown:
+        raise ValueError(f"unknown trainer(s) {unknown}; known: {list(TRAINERS)}")
+    if not settings.quick and not on_gpu():
+        warnings.warn("full-size step benchmark on CPU: this takes very long; use --quick", stacklevel=2)
+    rows, skipped = [], {}
+    with tempfile.TemporaryDirectory(prefix="fastppo-bench-") as tmp:
+        workload = prepare_workload(settings, Path(tmp) / "model")
+        for name in names:
+            reason = TRAINERS[name].unavailable()
+            if reason:
+                skipped[name] = reason
+                continue
+            rows.append(measure(TRAINERS[name], workload, Path(tmp), out_dir if profile else None, on_step))
+    # Fraction of the matmul floor: 6 * linear params * tokens over the measured bf16 GEMM rate.
+    # GPU only: a tiny CPU model against a CPU GEMM rate is no floor (it can exceed 100%).
+    rate = matmul_flops_per_s(dtype=settings.dtype) if on_gpu() else None
+    for row in rows:
+        row["train_flop_fraction"] = row["train_flops"] / (row["training_ms"] * 1e-3) / rate if rate else None
+    add_ratios(rows)
+    extra = {
+        "settings": dataclasses.asdict(settings),
+        "skipped": skipped,
+        "matmul_flops_per_s": rate,
+        "linear_params": workload.linear_params,
+    }
+    return write_results_in(out_dir, f"step-grpo-{settings.model}", env, rows, extra)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shrunk model and batch (CPU smoke run)")
+    parser.add_argument(
+        "--model", default=None, choices=MODEL_NAMES, help="architecture (default qwen2.5-1.5b)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
+    parser.add_argument("--profile", action="store_true", help="Chrome trace + top kernels of one extra step")
+    parser.add_argument("--trainers", default=None, help=f"comma list of {list(TRAINERS)}")
+    for name in ("batch", "num_generations", "prompt_len", "completion_len", "timed_steps"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> StepSettings:
+    sizes = {
+        k: getattr(args, k)
+        for k in ("batch", "num_generations", "prompt_len", "completion_len", "timed_steps")
+        if getattr(args, k, None) is not None
+    }
+    if args.quick:
+        return StepSettings.quick_settings(args.model or "qwen2.5-0.5b", **sizes)
+    return StepSettings(model=args.model or "qwen2.5-1.5b", **sizes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    trainers = args.trainers.split(",") if args.trainers else None
+    path = run(settings_from(args), trainers, args.out, args.profile)
+    print(report.result_table(json.loads(path.read_text())))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
