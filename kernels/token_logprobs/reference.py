@@ -46,12 +46,14 @@ def token_logprobs_fwd(
         rows = slice(start, start + step)
         z = logits[rows].to(cdtype) / temperature
         c_lse = torch.logsumexp(z, dim=-1)
+        # An inf logit (or an all -inf row) has no distribution: NaN, as the kernel gives, not -inf / 0.
+        c_lse = torch.where(torch.isfinite(c_lse), c_lse, torch.nan)
         lse[rows] = c_lse
         logp[rows] = z.gather(-1, safe_labels[rows, None]).squeeze(-1) - c_lse
         if return_entropy:
             p = torch.exp(z - c_lse[:, None])
-            # H = -sum p log p; where() keeps -inf logits (p == 0) from turning 0 * -inf into NaN.
-            entropy[rows] = -torch.where(p > 0, p * (z - c_lse[:, None]), 0.0).sum(-1)
+            # H = -sum p log p; where() keeps -inf logits (p == 0) from turning 0 * -inf into NaN (NaN stays NaN).
+            entropy[rows] = -torch.where(p == 0, 0.0, p * (z - c_lse[:, None])).sum(-1)
     logp = torch.where(keep, logp, 0.0)
     if return_entropy:
         entropy = torch.where(keep, entropy, 0.0)
@@ -86,6 +88,6 @@ def token_logprobs_bwd(
         d.scatter_add_(-1, safe_labels[rows, None], g_logp[rows, None])
         if g_ent is not None:
             # d H / d logits = -p * (log p + H) / T
-            d -= torch.where(p > 0, p * (logp_all + entropy[rows, None]), 0.0) * g_ent[rows, None]
+            d -= torch.where(p == 0, 0.0, p * (logp_all + entropy[rows, None])) * g_ent[rows, None]
         out[rows] = (d / temperature).to(out.dtype)
     return out
