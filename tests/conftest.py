@@ -1,17 +1,20 @@
 """Test set-up: Triton runs through its interpreter on CPU, and GPU-only tests skip without CUDA.
 
-TRITON_INTERPRET must be set before anything imports triton, so it is set here, first.
+TRITON_INTERPRET must be set before anything imports triton, so it is set here, first (importing
+torch does not import triton). On a CUDA machine the kernels compile for real.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download a model or dataset in tests
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
