@@ -133,3 +133,26 @@ def test_cuda_linear_loss_matches_float64(level):
     assert abs(loss.item() - loss64.item()) < 1e-2 * max(1.0, abs(loss64.item()))
     assert rel_err(h.grad, h64.grad) < 3e-2  # bf16 operands and bf16 gradient storage
     assert rel_err(w.grad, w64.grad) < 3e-2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_on_policy_old_logprobs_none_equals_recorded_current_logprobs(backend, level):
+    """old_logprobs=None must act exactly like old = detached current log-probs (ratio 1)."""
+    hidden = torch.randn(2, 4, 8)
+    weight = torch.randn(97, 8)
+    labels = torch.randint(0, 97, (2, 4))
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    advantages = torch.tensor([0.8, -1.1])
+    with torch.no_grad():
+        current = torch.log_softmax(hidden @ weight.T / 0.7, -1).gather(-1, labels[..., None])[..., 0]
+    results = []
+    for old in (None, current):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, stats = linear_ppo_loss(h, w, labels, old, advantages, mask, temperature=0.7,
+                                      importance_sampling_level=level, backend=backend)
+        loss.backward()
+        results.append((loss, stats.ratio_mean, h.grad, w.grad))
+    for got, want in zip(*results):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+    assert results[0][1].item() == 1.0

@@ -104,7 +104,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
             adv = advantages[:, None].expand(batch, length) if advantages.dim() == 1 else advantages
             logp, entropy, grads = fused_token_chunks(
                 hidden, weight, bias, torch.where(mask.bool(), labels, 0).reshape(-1).long(),
-                old_logprobs.float().reshape(-1), adv.float().reshape(-1),
+                None if old_logprobs is None else old_logprobs.float().reshape(-1), adv.float().reshape(-1),
                 None if ref_logprobs is None else ref_logprobs.float().reshape(-1),
                 loss_token_weights(mask, settings).reshape(-1).contiguous(), settings, compute_entropy, rows, needs,
             )
@@ -145,7 +145,7 @@ def linear_ppo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -168,7 +168,8 @@ def linear_ppo_loss(
     """``fused_policy_loss`` from ``hidden [B, T, H]`` and ``weight [V, H]`` (+ ``bias [V]``).
 
     Gradients flow to hidden, weight and bias (a tied embedding accumulates into the shared
-    parameter). Peak extra memory is one chunk of ``chunk_bytes``, independent of B * T.
+    parameter). ``old_logprobs=None``: on-policy (ratio exactly 1), which saves the caller a
+    separate scoring pass. Peak extra memory is one chunk of ``chunk_bytes``, independent of B * T.
 
     Example:
         >>> loss, stats = linear_ppo_loss(h, model.lm_head.weight, ids, old, adv, mask, loss_type="dapo")

@@ -118,7 +118,7 @@ def fused_token_chunks(
     weight: torch.Tensor,  # [V, H]
     bias: torch.Tensor | None,
     labels: torch.Tensor,  # [N] valid ids everywhere (masked tokens carry weight 0)
-    old_logprobs: torch.Tensor,  # [N] fp32
+    old_logprobs: torch.Tensor | None,  # [N] fp32; None: on-policy
     advantages: torch.Tensor,  # [N] fp32
     ref_logprobs: torch.Tensor | None,  # [N] fp32
     weights: torch.Tensor,  # [N] fp32 loss-type weights, 0 where masked
@@ -137,7 +137,7 @@ def fused_token_chunks(
             sl = slice(start, start + rows)
             logits = F.linear(hidden[sl], weight, bias)  # [c, V], overwritten with dlogits
             logp, entropy = fused_token_chunk(
-                logits, labels[sl], old_logprobs[sl], advantages[sl],
+                logits, labels[sl], None if old_logprobs is None else old_logprobs[sl], advantages[sl],
                 None if ref_logprobs is None else ref_logprobs[sl], weights[sl], settings, want_entropy, out=logits,
             )
             grads.add(sl, logits)

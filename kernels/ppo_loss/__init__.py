@@ -23,7 +23,7 @@ __all__ = [
 def fused_policy_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -46,7 +46,8 @@ def fused_policy_loss(
 
     Args:
         logits: ``[B, T, V]`` policy logits at the completion positions (fp32/bf16/fp16).
-        labels: ``[B, T]`` sampled token ids. old_logprobs / ref_logprobs / mask: ``[B, T]``.
+        labels: ``[B, T]`` sampled token ids. old_logprobs / ref_logprobs / mask: ``[B, T]``;
+            ``old_logprobs=None``: on-policy, old = the detached current log-probs (ratio exactly 1).
         advantages: ``[B]`` (one per sequence) or ``[B, T]``.
         overwrite_logits: on the Triton path the gradient is written into ``logits`` itself
             (the caller must not need them afterwards); saves one ``[B, T, V]`` buffer.

@@ -10,7 +10,7 @@ from .._checks import check_finite, check_same_shape
 def check_policy_inputs(
     batch_shape: tuple[int, int],
     labels: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
@@ -19,7 +19,8 @@ def check_policy_inputs(
 ) -> None:
     """Shapes against ``batch_shape`` = (B, T) taken from ``source``; NaN advantages/old log-probs."""
     for name, tensor in (("labels", labels), ("old_logprobs", old_logprobs), ("mask", mask)):
-        check_same_shape(name, tensor, batch_shape, source)
+        if tensor is not None:
+            check_same_shape(name, tensor, batch_shape, source)
     if advantages.shape not in (batch_shape[:1], batch_shape):
         raise ValueError(
             f"advantages has shape {tuple(advantages.shape)}, expected [B] = {batch_shape[:1]} or [B, T] = "
@@ -30,6 +31,7 @@ def check_policy_inputs(
     elif beta != 0.0:
         raise ValueError(f"beta={beta} > 0 needs ref_logprobs (the reference policy's per-token log-probs)")
     check_finite("advantages", advantages)
-    check_finite("old_logprobs", torch.where(mask.bool(), old_logprobs, 0.0))
+    if old_logprobs is not None:
+        check_finite("old_logprobs", torch.where(mask.bool(), old_logprobs, 0.0))
     if ref_logprobs is not None:
         check_finite("ref_logprobs", torch.where(mask.bool(), ref_logprobs, 0.0))

@@ -43,14 +43,20 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
 
 def policy_objective(
     logprobs: torch.Tensor,  # [B, T] current policy, differentiable
-    old_logprobs: torch.Tensor,  # [B, T] recorded at sampling time
+    old_logprobs: torch.Tensor | None,  # [B, T] recorded at sampling time; None: on-policy
     advantages: torch.Tensor,  # [B] or [B, T]
     mask: torch.Tensor,  # [B, T] 1 for completion tokens that count
     settings: PolicyLossSettings,
     ref_logprobs: torch.Tensor | None = None,  # [B, T] reference policy, needed when beta > 0
     entropy: torch.Tensor | None = None,  # [B, T] for the stats only
 ) -> tuple[torch.Tensor, PolicyLossStats]:
-    """Scalar loss and stats from per-token log-probs."""
+    """Scalar loss and stats from per-token log-probs.
+
+    ``old_logprobs=None`` means the batch is on-policy (the first update of a rollout): old is the
+    detached current log-prob, so the ratio is exactly 1 and only its gradient acts.
+    """
+    if old_logprobs is None:
+        old_logprobs = logprobs.detach()
     maskf = mask.to(logprobs.dtype)
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
     adv = adv.to(logprobs.dtype)

@@ -63,7 +63,7 @@ def _token_loss_dlogp(
 def _policy_loss_fwd_kernel(
     p_logits, stride_row, p_dlogits, stride_drow, p_labels, p_old, p_adv, p_ref, p_weight,
     p_logp, p_lse, p_entropy, V, inv_temp, clip_lo, clip_hi, delta, beta,
-    HAS_DELTA: tl.constexpr, KL: tl.constexpr, KL_CLAMP: tl.constexpr,
+    HAS_DELTA: tl.constexpr, KL: tl.constexpr, KL_CLAMP: tl.constexpr, ON_POLICY: tl.constexpr,
     WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     i_row = tl.program_id(0).to(tl.int64)
@@ -76,8 +76,12 @@ def _policy_loss_fwd_kernel(
     ref = 0.0
     if KL != 0:
         ref = tl.load(p_ref + i_row)
+    if ON_POLICY:  # old policy = current one: ratio exactly 1
+        old = logp
+    else:
+        old = tl.load(p_old + i_row)
     coef = _token_loss_dlogp(
-        logp, tl.load(p_old + i_row), tl.load(p_adv + i_row), ref, weight,
+        logp, old, tl.load(p_adv + i_row), ref, weight,
         clip_lo, clip_hi, delta, beta, HAS_DELTA, KL, KL_CLAMP,
     )
     coef = tl.where(keep, coef, 0.0)
@@ -92,7 +96,7 @@ def _policy_loss_fwd_kernel(
 def fused_token_chunk(
     logits: torch.Tensor,  # [n, V], overwritten with its gradient when out is logits
     labels: torch.Tensor,  # [n] int64, valid ids everywhere (masked rows carry weight 0)
-    old_logprobs: torch.Tensor,  # [n] fp32
+    old_logprobs: torch.Tensor | None,  # [n] fp32; None: on-policy
     advantages: torch.Tensor,  # [n] fp32
     ref_logprobs: torch.Tensor | None,  # [n] fp32
     weights: torch.Tensor,  # [n] fp32 from loss_token_weights (0 where masked)
@@ -110,11 +114,12 @@ def fused_token_chunk(
     if n_rows:
         _policy_loss_fwd_kernel[(n_rows,)](
             logits, logits.stride(0), out, out.stride(0), labels,
-            old_logprobs, advantages, ref_logprobs if kl_code else logp, weights,
+            logp if old_logprobs is None else old_logprobs, advantages, ref_logprobs if kl_code else logp, weights,
             logp, lse, entropy, vocab, 1.0 / settings.temperature,
             1.0 - settings.clip_low, 1.0 + settings.upper_clip,
             settings.delta if settings.delta is not None else 0.0, settings.beta,
             HAS_DELTA=settings.delta is not None, KL=kl_code, KL_CLAMP=KL_LOG_RATIO_CLAMP,
+            ON_POLICY=old_logprobs is None,
             WITH_ENTROPY=want_entropy, BLOCK_V=block, num_warps=warps,
         )
     return logp, entropy if want_entropy else None
@@ -145,7 +150,8 @@ def policy_loss_triton(
     if settings.importance_sampling_level == "token":
         weights = loss_token_weights(mask, settings)
         logp, entropy = fused_token_chunk(
-            rows, flat_labels, old_logprobs.float().reshape(-1), adv.float().reshape(-1),
+            rows, flat_labels, None if old_logprobs is None else old_logprobs.float().reshape(-1),
+            adv.float().reshape(-1),
             None if ref_logprobs is None else ref_logprobs.float().reshape(-1),
             weights.reshape(-1).contiguous(), settings, compute_entropy, out,
         )
