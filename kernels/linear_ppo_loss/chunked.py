@@ -46,6 +46,7 @@ def scan_logprobs(
             sl = slice(start, start + rows)
             logits = F.linear(hidden[sl], weight, bias)  # [c, V]
             parts.append(impl.token_logprobs_fwd(logits, labels[sl], temperature, ignore_index, return_entropy))
+            del logits  # free this chunk before the next one is allocated: one chunk alive at a time
     logp = torch.cat([p[0] for p in parts])
     lse = torch.cat([p[1] for p in parts])
     entropy = torch.cat([p[2] for p in parts]) if return_entropy else None
@@ -110,6 +111,7 @@ def backprop_chunks(
                 out=logits,  # in place: the chunk's logits are not needed again
             )
             grads.add(sl, dlogits)
+            del logits, dlogits  # one chunk alive at a time
     return grads.result()
 
 
@@ -143,5 +145,6 @@ def fused_token_chunks(
             grads.add(sl, logits)
             logps.append(logp)
             entropies.append(entropy)
+            del logits  # one chunk alive at a time
     return torch.cat(logps), torch.cat(entropies) if want_entropy else None, grads.result()
 

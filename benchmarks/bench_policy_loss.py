@@ -1,0 +1,83 @@
+"""fused_policy_loss (logits in) vs eager log_softmax -> gather -> TRL's loss, and torch.compile of
+it: forward+backward, bf16 logits, GRPO token-level ratios with a k3 KL term.
+
+Floor: two reads of the logits and one write of their gradient (3*N*V*2 bytes). Rows that fit on
+chip could do one read (2*N*V*2); the kernel does not use that regime yet, so 3 passes is the floor
+it is measured against.
+
+    python -P -m fastppo.benchmarks.bench_policy_loss [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from fastppo.kernels import fused_policy_loss
+from fastppo.kernels.ppo_loss import PolicyLossSettings
+
+from .common import on_gpu
+from .kernel_bench import Impl, ceilings, finish, measure, parse_args
+from .peers import eager_policy_loss
+
+SETTINGS = PolicyLossSettings(beta=0.04, loss_type="grpo", temperature=0.7, clip_high=0.28)
+SEQ_LEN = 512
+
+
+def setup_case(n_tokens: int, vocab: int, device: str) -> dict:
+    batch = max(1, n_tokens // SEQ_LEN)
+    length = n_tokens // batch
+    logits = (torch.randn(batch, length, vocab, device=device) * 3).to(torch.bfloat16).requires_grad_()
+    return {
+        "logits": logits,
+        "labels": torch.randint(0, vocab, (batch, length), device=device),
+        "old": torch.full((batch, length), -10.0, device=device) + 0.1 * torch.randn(batch, length, device=device),
+        "ref": torch.full((batch, length), -10.0, device=device),
+        "advantages": torch.randn(batch, device=device),
+        "mask": torch.ones(batch, length, device=device),
+    }
+
+
+def implementations(t: dict) -> list[Impl]:
+    def fused():
+        t["logits"].grad = None
+        loss, _ = fused_policy_loss(t["logits"], t["labels"], t["old"], t["advantages"], t["mask"],
+                                    ref_logprobs=t["ref"], beta=SETTINGS.beta, loss_type=SETTINGS.loss_type,
+                                    temperature=SETTINGS.temperature, clip_high=SETTINGS.clip_high)
+        loss.backward()
+
+    def eager(fn=eager_policy_loss):
+        def run():
+            t["logits"].grad = None
+            fn(t["logits"], t["labels"], t["old"], t["advantages"], t["mask"], SETTINGS, t["ref"]).backward()
+        return run
+
+    impls = [Impl("fastppo", fused), Impl("eager", eager())]
+    if on_gpu():
+        impls.append(Impl("torch.compile", eager(torch.compile(eager_policy_loss))))
+    return impls
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    quick = args.quick or not on_gpu()
+    device = "cuda" if on_gpu() else "cpu"
+    sizes = itertools.product((64,) if quick else (4096, 16384), (1000, 32000) if quick else (32000, 128256, 151936))
+    limits = ceilings()
+    rows = []
+    for n_tokens, vocab in sizes:
+        tensors = setup_case(n_tokens, vocab, device)
+        floor_ms = 3 * n_tokens * vocab * 2 / limits["copy_bytes_per_s"] * 1e3
+        case = {"n_tokens": n_tokens, "vocab": vocab, "mode": "fwd+bwd", "bytes_floor": 3 * n_tokens * vocab * 2}
+        rows += measure(case, implementations(tensors), floor_ms, "eager")
+        del tensors
+    columns = ["n_tokens", "vocab", "impl", "median_ms", "floor_fraction", "speedup_vs_eager", "peak_extra_bytes",
+               "note"]
+    finish("policy_loss", args, rows, columns,
+           {"ceilings": limits, "floor": "2 reads + 1 write of [N, V] bf16", "settings": str(SETTINGS)})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""The frame the three kernel benchmarks share: options, the run loop over cases and
+implementations, the floor fractions, the printed table and the JSON record."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from .common import (
+    bench,
+    copy_bandwidth_bytes_per_s,
+    environment,
+    markdown_table,
+    matmul_flops_per_s,
+    on_gpu,
+    peak_memory_bytes,
+    results_dir,
+    write_results_in,
+)
+
+
+@dataclasses.dataclass
+class Impl:
+    name: str
+    run: Callable[[], object]  # one timed call (forward, or forward + backward)
+    available: bool = True
+    note: str = ""
+
+
+def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (always on CPU)")
+    parser.add_argument("--out", help="results folder (default: benchmarks/results of the checkout)")
+    return parser.parse_args(argv)
+
+
+def ceilings() -> dict:
+    """The two measured ceilings every fraction is taken against."""
+    return {"copy_bytes_per_s": copy_bandwidth_bytes_per_s(), "matmul_flops_per_s": matmul_flops_per_s()}
+
+
+def measure(case: dict, impls: list[Impl], floor_ms: float, baseline: str) -> list[dict]:
+    """Median time, peak extra memory and floor fraction of each implementation; ratio to ``baseline``."""
+    rows = []
+    for impl in impls:
+        row = {**case, "impl": impl.name, "note": impl.note}
+        if impl.available:
+            try:
+                timing = bench(impl.run)
+                row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                           peak_extra_bytes=peak_memory_bytes(impl.run), floor_ms=floor_ms,
+                           floor_fraction=floor_ms / timing.median_ms)
+            except torch.OutOfMemoryError:
+                row["note"] = "out of memory"
+            finally:
+                if on_gpu():
+                    torch.cuda.empty_cache()
+        rows.append(row)
+    base = next((r.get("median_ms") for r in rows if r["impl"] == baseline), None)
+    for row in rows:
+        if base and row.get("median_ms"):
+            row[f"speedup_vs_{baseline}"] = base / row["median_ms"]
+    return rows
+
+
+def finish(name: str, args: argparse.Namespace, rows: list[dict], columns: list[str], extra: dict) -> None:
+    env = environment()
+    path = write_results_in(results_dir(args.out), name, env, rows, extra)
+    if env["cpu"]:
+        print("CPU run: tiny sizes, a smoke test of the script, not a performance figure.")
+    print(markdown_table(rows, columns))
+    print(f"results: {path}")
