@@ -19,7 +19,6 @@ import subprocess
 import sys
 
 import torch
-
 from fastppo.kernels import linear_ppo_loss
 from fastppo.kernels.ppo_loss import PolicyLossSettings
 
@@ -36,9 +35,12 @@ def setup_case(n_tokens: int, hidden_size: int, vocab: int, device: str, dtype: 
     length = n_tokens // batch
     return {
         "hidden": torch.randn(batch, length, hidden_size, device=device, dtype=dtype).requires_grad_(),
-        "weight": (torch.randn(vocab, hidden_size, device=device) * hidden_size**-0.5).to(dtype).requires_grad_(),
+        "weight": (torch.randn(vocab, hidden_size, device=device) * hidden_size**-0.5)
+        .to(dtype)
+        .requires_grad_(),
         "labels": torch.randint(0, vocab, (batch, length), device=device),
-        "old": torch.full((batch, length), -11.0, device=device) + 0.1 * torch.randn(batch, length, device=device),
+        "old": torch.full((batch, length), -11.0, device=device)
+        + 0.1 * torch.randn(batch, length, device=device),
         "ref": torch.full((batch, length), -11.0, device=device),
         "advantages": torch.randn(batch, device=device),
         "mask": torch.ones(batch, length, device=device),
@@ -46,15 +48,26 @@ def setup_case(n_tokens: int, hidden_size: int, vocab: int, device: str, dtype: 
 
 
 def run_ours(t: dict) -> None:
-    loss, _ = linear_ppo_loss(t["hidden"], t["weight"], t["labels"], t["old"], t["advantages"], t["mask"],
-                              ref_logprobs=t["ref"], beta=SETTINGS.beta, loss_type=SETTINGS.loss_type,
-                              temperature=SETTINGS.temperature, clip_high=SETTINGS.clip_high)
+    loss, _ = linear_ppo_loss(
+        t["hidden"],
+        t["weight"],
+        t["labels"],
+        t["old"],
+        t["advantages"],
+        t["mask"],
+        ref_logprobs=t["ref"],
+        beta=SETTINGS.beta,
+        loss_type=SETTINGS.loss_type,
+        temperature=SETTINGS.temperature,
+        clip_high=SETTINGS.clip_high,
+    )
     loss.backward()
 
 
 def run_eager(t: dict) -> None:
-    eager_linear_policy_loss(t["hidden"], t["weight"], t["labels"], t["old"], t["advantages"], t["mask"],
-                             SETTINGS, t["ref"]).backward()
+    eager_linear_policy_loss(
+        t["hidden"], t["weight"], t["labels"], t["old"], t["advantages"], t["mask"], SETTINGS, t["ref"]
+    ).backward()
 
 
 def implementations(t: dict) -> list[Impl]:
@@ -62,6 +75,7 @@ def implementations(t: dict) -> list[Impl]:
         def run():
             t["hidden"].grad = t["weight"].grad = None
             fn(t)
+
         return run
 
     h2 = t["hidden"].detach().reshape(-1, t["hidden"].shape[-1])
@@ -74,10 +88,22 @@ def implementations(t: dict) -> list[Impl]:
         torch.matmul(grad_logits.T, h2)
 
     liger = liger_linear_grpo_loss(SETTINGS)
-    impls = [Impl("fastppo", fresh(run_ours)), Impl("eager", fresh(run_eager)), Impl("bare_matmuls", bare_matmuls)]
+    impls = [
+        Impl("fastppo", fresh(run_ours)),
+        Impl("eager", fresh(run_eager)),
+        Impl("bare_matmuls", bare_matmuls),
+    ]
     if liger is not None:
-        impls.append(Impl("liger", fresh(lambda t: liger(t["hidden"], t["weight"], t["labels"], t["old"],
-                                                         t["advantages"], t["mask"], t["ref"]).backward())))
+        impls.append(
+            Impl(
+                "liger",
+                fresh(
+                    lambda t: liger(
+                        t["hidden"], t["weight"], t["labels"], t["old"], t["advantages"], t["mask"], t["ref"]
+                    ).backward()
+                ),
+            )
+        )
     else:
         impls.append(Impl("liger", None, False, "needs CUDA and liger-kernel"))
     return impls
@@ -98,7 +124,9 @@ def rss_growth(impl: str, n_tokens: int, hidden_size: int, vocab: int) -> int:
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)"
     )
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     return int(out.stdout.split()[-1]) * 1024  # ru_maxrss is KiB on Linux
 
 
@@ -106,10 +134,17 @@ def cpu_memory_bound(vocab: int = 32000, hidden_size: int = 64) -> list[dict]:
     rows = []
     for impl in ("ours", "eager"):
         for n_tokens in (1024, 4096):  # both above one chunk of rows, so the bound shows
-            rows.append({"check": "peak RSS growth, fwd+bwd", "impl": "fastppo" if impl == "ours" else "eager",
-                         "n_tokens": n_tokens, "vocab": vocab, "hidden": hidden_size,
-                         "rss_growth_bytes": rss_growth(impl, n_tokens, hidden_size, vocab),
-                         "logits_fp32_bytes": n_tokens * vocab * 4})
+            rows.append(
+                {
+                    "check": "peak RSS growth, fwd+bwd",
+                    "impl": "fastppo" if impl == "ours" else "eager",
+                    "n_tokens": n_tokens,
+                    "vocab": vocab,
+                    "hidden": hidden_size,
+                    "rss_growth_bytes": rss_growth(impl, n_tokens, hidden_size, vocab),
+                    "logits_fp32_bytes": n_tokens * vocab * 4,
+                }
+            )
     return rows
 
 
@@ -127,12 +162,25 @@ def main(argv: list[str] | None = None) -> int:
         case = {"n_tokens": n_tokens, "hidden": hidden_size, "vocab": vocab, "flop_floor": flops}
         rows += measure(case, implementations(tensors), floor_ms, "bare_matmuls")
         del tensors
-    extra = {"ceilings": limits, "floor": "6*N*H*V FLOPs at the measured matmul rate", "settings": str(SETTINGS)}
+    extra = {
+        "ceilings": limits,
+        "floor": "6*N*H*V FLOPs at the measured matmul rate",
+        "settings": str(SETTINGS),
+    }
     if not on_gpu():
         extra["memory_bound"] = cpu_memory_bound()
         print(json.dumps(extra["memory_bound"], indent=1))
-    columns = ["n_tokens", "hidden", "vocab", "impl", "median_ms", "floor_fraction", "speedup_vs_bare_matmuls",
-               "peak_extra_bytes", "note"]
+    columns = [
+        "n_tokens",
+        "hidden",
+        "vocab",
+        "impl",
+        "median_ms",
+        "floor_fraction",
+        "speedup_vs_bare_matmuls",
+        "peak_extra_bytes",
+        "note",
+    ]
     finish("linear_loss", args, rows, columns, extra)
     return 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-
 from fastppo.kernels import fused_policy_loss
 from fastppo.kernels.ppo_loss import PolicyLossSettings
 
@@ -32,7 +31,8 @@ def setup_case(n_tokens: int, vocab: int, device: str) -> dict:
     return {
         "logits": logits,
         "labels": torch.randint(0, vocab, (batch, length), device=device),
-        "old": torch.full((batch, length), -10.0, device=device) + 0.1 * torch.randn(batch, length, device=device),
+        "old": torch.full((batch, length), -10.0, device=device)
+        + 0.1 * torch.randn(batch, length, device=device),
         "ref": torch.full((batch, length), -10.0, device=device),
         "advantages": torch.randn(batch, device=device),
         "mask": torch.ones(batch, length, device=device),
@@ -42,15 +42,25 @@ def setup_case(n_tokens: int, vocab: int, device: str) -> dict:
 def implementations(t: dict) -> list[Impl]:
     def fused():
         t["logits"].grad = None
-        loss, _ = fused_policy_loss(t["logits"], t["labels"], t["old"], t["advantages"], t["mask"],
-                                    ref_logprobs=t["ref"], beta=SETTINGS.beta, loss_type=SETTINGS.loss_type,
-                                    temperature=SETTINGS.temperature, clip_high=SETTINGS.clip_high)
+        loss, _ = fused_policy_loss(
+            t["logits"],
+            t["labels"],
+            t["old"],
+            t["advantages"],
+            t["mask"],
+            ref_logprobs=t["ref"],
+            beta=SETTINGS.beta,
+            loss_type=SETTINGS.loss_type,
+            temperature=SETTINGS.temperature,
+            clip_high=SETTINGS.clip_high,
+        )
         loss.backward()
 
     def eager(fn=eager_policy_loss):
         def run():
             t["logits"].grad = None
             fn(t["logits"], t["labels"], t["old"], t["advantages"], t["mask"], SETTINGS, t["ref"]).backward()
+
         return run
 
     impls = [Impl("fastppo", fused), Impl("eager", eager())]
@@ -63,19 +73,39 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     quick = args.quick or not on_gpu()
     device = "cuda" if on_gpu() else "cpu"
-    sizes = itertools.product((64,) if quick else (4096, 16384), (1000, 32000) if quick else (32000, 128256, 151936))
+    sizes = itertools.product(
+        (64,) if quick else (4096, 16384), (1000, 32000) if quick else (32000, 128256, 151936)
+    )
     limits = ceilings()
     rows = []
     for n_tokens, vocab in sizes:
         tensors = setup_case(n_tokens, vocab, device)
         floor_ms = 3 * n_tokens * vocab * 2 / limits["copy_bytes_per_s"] * 1e3
-        case = {"n_tokens": n_tokens, "vocab": vocab, "mode": "fwd+bwd", "bytes_floor": 3 * n_tokens * vocab * 2}
+        case = {
+            "n_tokens": n_tokens,
+            "vocab": vocab,
+            "mode": "fwd+bwd",
+            "bytes_floor": 3 * n_tokens * vocab * 2,
+        }
         rows += measure(case, implementations(tensors), floor_ms, "eager")
         del tensors
-    columns = ["n_tokens", "vocab", "impl", "median_ms", "floor_fraction", "speedup_vs_eager", "peak_extra_bytes",
-               "note"]
-    finish("policy_loss", args, rows, columns,
-           {"ceilings": limits, "floor": "2 reads + 1 write of [N, V] bf16", "settings": str(SETTINGS)})
+    columns = [
+        "n_tokens",
+        "vocab",
+        "impl",
+        "median_ms",
+        "floor_fraction",
+        "speedup_vs_eager",
+        "peak_extra_bytes",
+        "note",
+    ]
+    finish(
+        "policy_loss",
+        args,
+        rows,
+        columns,
+        {"ceilings": limits, "floor": "2 reads + 1 write of [N, V] bf16", "settings": str(SETTINGS)},
+    )
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-
 from fastppo.kernels import token_logprobs
 
 from .common import on_gpu
@@ -36,14 +35,19 @@ def implementations(logits, labels, upstream, backward: bool) -> list[Impl]:
             if backward:
                 logits.grad = None
                 out.backward(upstream)
+
         return run if backward else lambda: fn(logits, labels, TEMPERATURE)
 
     trl = trl_selective_log_softmax()
     impls = [
         Impl("fastppo", timed(lambda x, y, t: token_logprobs(x, y, temperature=t))),
         Impl("eager", timed(eager_token_logprobs)),
-        Impl("trl", timed(lambda x, y, t: trl(x, y, temperature=t)) if trl else None, trl is not None,
-             "" if trl else "trl not installed"),
+        Impl(
+            "trl",
+            timed(lambda x, y, t: trl(x, y, temperature=t)) if trl else None,
+            trl is not None,
+            "" if trl else "trl not installed",
+        ),
     ]
     if on_gpu():  # inductor on CPU compiles for minutes and measures nothing we ship
         impls.append(Impl("torch.compile", timed(lambda x, y, t: compiled_token_logprobs()(x, y, t))))
@@ -54,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     quick = args.quick or not on_gpu()
     device = "cuda" if on_gpu() else "cpu"
-    sizes = itertools.product((64,) if quick else (4096, 16384), (1000, 32000) if quick else (32000, 128256, 151936))
+    sizes = itertools.product(
+        (64,) if quick else (4096, 16384), (1000, 32000) if quick else (32000, 128256, 151936)
+    )
     limits = ceilings()
     rows = []
     for n_tokens, vocab in sizes:
@@ -62,15 +68,36 @@ def main(argv: list[str] | None = None) -> int:
         for backward in (False, True):
             passes = 3 if backward else 1
             floor_ms = passes * n_tokens * vocab * 2 / limits["copy_bytes_per_s"] * 1e3
-            case = {"n_tokens": n_tokens, "vocab": vocab, "mode": "fwd+bwd" if backward else "fwd",
-                    "bytes_floor": passes * n_tokens * vocab * 2}
+            case = {
+                "n_tokens": n_tokens,
+                "vocab": vocab,
+                "mode": "fwd+bwd" if backward else "fwd",
+                "bytes_floor": passes * n_tokens * vocab * 2,
+            }
             rows += measure(case, implementations(logits, labels, upstream, backward), floor_ms, "eager")
         del logits, labels, upstream
-    columns = ["n_tokens", "vocab", "mode", "impl", "median_ms", "floor_fraction", "speedup_vs_eager",
-               "peak_extra_bytes", "note"]
-    finish("token_logprobs", args, rows, columns,
-           {"ceilings": limits, "floor": "fwd: N*V*2 bytes; fwd+bwd: 3*N*V*2 bytes (bf16)",
-            "targets": {"fwd+bwd floor_fraction": 0.85, "speedup_vs_eager at V=151936": 3.0}})
+    columns = [
+        "n_tokens",
+        "vocab",
+        "mode",
+        "impl",
+        "median_ms",
+        "floor_fraction",
+        "speedup_vs_eager",
+        "peak_extra_bytes",
+        "note",
+    ]
+    finish(
+        "token_logprobs",
+        args,
+        rows,
+        columns,
+        {
+            "ceilings": limits,
+            "floor": "fwd: N*V*2 bytes; fwd+bwd: 3*N*V*2 bytes (bf16)",
+            "targets": {"fwd+bwd floor_fraction": 0.85, "speedup_vs_eager at V=151936": 3.0},
+        },
+    )
     return 0
 
 

@@ -42,9 +42,16 @@ def _version(package: str) -> str | None:
 def environment() -> dict:
     """Device, library versions and git commit: stored with every result."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS_DIR.parent, check=False
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=RESULTS_DIR.parent,
+                check=False,
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         commit = None
     return {
@@ -66,7 +73,9 @@ class Timing:
     p80_ms: float
 
 
-def bench(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 5) -> Timing:
+def bench(
+    fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 5
+) -> Timing:
     """Median time of ``fn()``; CUDA events via do_bench on GPU, synchronised wall clock on CPU."""
     if on_gpu():
         from triton.testing import do_bench
@@ -148,7 +157,9 @@ def write_results_in(
     directory.mkdir(parents=True, exist_ok=True)
     stamp = env["date"][:19].replace(":", "")
     path = directory / f"{name}-{device_tag(env)}-{stamp}.json"
-    path.write_text(json.dumps({"benchmark": name, "environment": env, **(extra or {}), "rows": rows}, indent=2))
+    path.write_text(
+        json.dumps({"benchmark": name, "environment": env, **(extra or {}), "rows": rows}, indent=2)
+    )
     return path
 
 

@@ -50,9 +50,14 @@ def measure(case: dict, impls: list[Impl], floor_ms: float, baseline: str) -> li
         if impl.available:
             try:
                 timing = bench(impl.run)
-                row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                           peak_extra_bytes=peak_memory_bytes(impl.run), floor_ms=floor_ms,
-                           floor_fraction=floor_ms / timing.median_ms)
+                row.update(
+                    median_ms=timing.median_ms,
+                    p20_ms=timing.p20_ms,
+                    p80_ms=timing.p80_ms,
+                    peak_extra_bytes=peak_memory_bytes(impl.run),
+                    floor_ms=floor_ms,
+                    floor_fraction=floor_ms / timing.median_ms,
+                )
             except torch.OutOfMemoryError:
                 row["note"] = "out of memory"
             finally:

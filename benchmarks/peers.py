@@ -12,11 +12,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
 from fastppo.kernels.ppo_loss import PolicyLossSettings, policy_objective
 
 
-def eager_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def eager_token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """What TRL users wrote before fused kernels: log_softmax over fp32 logits, then gather."""
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, labels[..., None]).squeeze(-1)
 
@@ -39,7 +40,9 @@ def eager_policy_loss(logits, labels, old, advantages, mask, settings: PolicyLos
     return policy_objective(logp, old, advantages, mask, settings, ref)[0]
 
 
-def eager_linear_policy_loss(hidden, weight, labels, old, advantages, mask, settings: PolicyLossSettings, ref=None):
+def eager_linear_policy_loss(
+    hidden, weight, labels, old, advantages, mask, settings: PolicyLossSettings, ref=None
+):
     """hidden @ W^T -> log_softmax -> gather -> loss: holds [N, V] logits and their fp32 copy."""
     return eager_policy_loss(F.linear(hidden, weight), labels, old, advantages, mask, settings, ref)
 
@@ -64,7 +67,9 @@ def liger_linear_grpo_loss(settings: PolicyLossSettings) -> Callable | None:
     )
 
     def run(hidden, weight, labels, old, advantages, mask, ref=None):
-        out = loss_module(hidden, weight, labels, mask, advantages, ref_per_token_logps=ref, old_per_token_logps=old)
+        out = loss_module(
+            hidden, weight, labels, mask, advantages, ref_per_token_logps=ref, old_per_token_logps=old
+        )
         return out[0] if isinstance(out, tuple) else out
 
     return run

@@ -39,6 +39,7 @@ def resolve_backend(backend: Backend, tensor: torch.Tensor) -> Literal["triton",
         raise ValueError("backend='triton' was asked for but triton is not installed")
     if not tensor.is_cuda and not triton_interpreting():
         raise ValueError(
-            f"backend='triton' needs CUDA tensors (got device {tensor.device}) unless TRITON_INTERPRET=1 is set"
+            f"backend='triton' needs CUDA tensors (got device {tensor.device}) "
+            "unless TRITON_INTERPRET=1 is set"
         )
     return "triton"

@@ -21,7 +21,9 @@ def check_positive(name: str, value: float) -> None:
 
 def check_same_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], expected_from: str) -> None:
     if tuple(tensor.shape) != tuple(expected):
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected)} ({expected_from})")
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected)} ({expected_from})"
+        )
 
 
 def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -32,8 +34,8 @@ def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> No
     if bool(bad.any()):
         value = int(labels[bad][0])
         raise ValueError(
-            f"label {value} is outside the vocabulary [0, {vocab_size}) and is not ignore_index={ignore_index} "
-            f"(a tokenizer/model vocab mismatch?)"
+            f"label {value} is outside the vocabulary [0, {vocab_size}) and is not "
+            f"ignore_index={ignore_index} (a tokenizer/model vocab mismatch?)"
         )
 
 

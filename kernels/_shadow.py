@@ -26,4 +26,6 @@ def step_aside(name: str, namespace: dict) -> None:
         return
     for key in ("__file__", "__path__"):
         namespace.pop(key, None)
-    namespace["__doc__"] = "placeholder: the repository's kernels/ folder is importable only as fastppo.kernels"
+    namespace["__doc__"] = (
+        "placeholder: the repository's kernels/ folder is importable only as fastppo.kernels"
+    )

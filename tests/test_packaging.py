@@ -3,6 +3,7 @@
 import pathlib
 import subprocess
 import sys
+
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -10,12 +11,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_every_package_folder_is_listed_in_pyproject():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {"fastppo." + ".".join(p.parent.relative_to(ROOT / "fastppo").parts) for p in (ROOT / "fastppo").rglob("__init__.py")}
+    found = {
+        "fastppo." + ".".join(p.parent.relative_to(ROOT / "fastppo").parts)
+        for p in (ROOT / "fastppo").rglob("__init__.py")
+    }
     found = {name.rstrip(".") for name in found}
-    found |= {"fastppo.kernels" + "".join("." + part for part in p.parent.relative_to(ROOT / "kernels").parts)
-              for p in (ROOT / "kernels").rglob("__init__.py")}
-    found |= {"fastppo.benchmarks" + "".join("." + part for part in p.parent.relative_to(ROOT / "benchmarks").parts)
-              for p in (ROOT / "benchmarks").rglob("__init__.py")}
+    found |= {
+        "fastppo.kernels" + "".join("." + part for part in p.parent.relative_to(ROOT / "kernels").parts)
+        for p in (ROOT / "kernels").rglob("__init__.py")
+    }
+    found |= {
+        "fastppo.benchmarks" + "".join("." + part for part in p.parent.relative_to(ROOT / "benchmarks").parts)
+        for p in (ROOT / "benchmarks").rglob("__init__.py")
+    }
     assert found == listed
 
 
@@ -25,7 +33,9 @@ def test_kernels_is_only_importable_as_fastppo_kernels(tmp_path):
         "spec = importlib.util.find_spec('kernels'); "
         "print(k.__name__, None if spec is None else spec.origin)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
     name, origin = out.stdout.split()
     assert name == "fastppo.kernels"
     # Either no top-level `kernels` at all, or Hugging Face's: never our folder.
@@ -38,7 +48,8 @@ def test_repository_root_on_sys_path_does_not_shadow_hugging_face_kernels():
     code = (
         "import kernels, transformers.utils.import_utils as iu; "
         "from trl.trainer.utils import selective_log_softmax; "
-        "print(getattr(kernels, '__file__', None), hasattr(kernels, 'token_logprobs'), iu.is_kernels_available())"
+        "print(getattr(kernels, '__file__', None), hasattr(kernels, 'token_logprobs'), "
+        "iu.is_kernels_available())"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -13,13 +13,14 @@ import itertools
 
 import pytest
 import torch
-
 from fastppo.kernels import fused_policy_loss, linear_ppo_loss
 
 GRAD_TOL = 1e-5
 LOSS_TOL = 1e-6
 MATRIX = list(
-    itertools.product(["grpo", "bnpo", "dr_grpo", "dapo"], ["token", "sequence"], ["k1", "k2", "k3"], [0.0, 0.1])
+    itertools.product(
+        ["grpo", "bnpo", "dr_grpo", "dapo"], ["token", "sequence"], ["k1", "k2", "k3"], [0.0, 0.1]
+    )
 )
 
 
@@ -46,15 +47,30 @@ def test_logits_loss_matches_float64_reference(loss_type, level, estimator, beta
     ref = near_policy_logprobs(logp_true, 0.2)
     advantages = torch.tensor([1.3, -0.7, 0.4])
     settings = dict(
-        beta=beta, loss_type=loss_type, importance_sampling_level=level, kl_estimator=estimator,
-        delta=1.5 if estimator == "k2" else None, temperature=temperature, clip_high=0.28, compute_entropy=True,
+        beta=beta,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        kl_estimator=estimator,
+        delta=1.5 if estimator == "k2" else None,
+        temperature=temperature,
+        clip_high=0.28,
+        compute_entropy=True,
     )
     x = logits.clone().requires_grad_()
-    loss, stats = fused_policy_loss(x, labels, old, advantages, mask, ref_logprobs=ref if beta else None,
-                                    backend="triton", **settings)
+    loss, stats = fused_policy_loss(
+        x, labels, old, advantages, mask, ref_logprobs=ref if beta else None, backend="triton", **settings
+    )
     x64 = logits.double().requires_grad_()
-    loss64, stats64 = fused_policy_loss(x64, labels, old.double(), advantages.double(), mask,
-                                        ref_logprobs=ref.double() if beta else None, backend="torch", **settings)
+    loss64, stats64 = fused_policy_loss(
+        x64,
+        labels,
+        old.double(),
+        advantages.double(),
+        mask,
+        ref_logprobs=ref.double() if beta else None,
+        backend="torch",
+        **settings,
+    )
     upstream = torch.randn(())
     (loss * upstream).backward()
     (loss64 * upstream.double()).backward()
@@ -65,25 +81,33 @@ def test_logits_loss_matches_float64_reference(loss_type, level, estimator, beta
         assert abs(getattr(stats, name).item() - getattr(stats64, name).item()) < 1e-5, name
 
 
-@pytest.mark.parametrize("loss_type, level, beta", [("grpo", "token", 0.1), ("dapo", "sequence", 0.0),
-                                                    ("bnpo", "token", 0.0), ("dr_grpo", "sequence", 0.1)])
+@pytest.mark.parametrize(
+    "loss_type, level, beta",
+    [("grpo", "token", 0.1), ("dapo", "sequence", 0.0), ("bnpo", "token", 0.0), ("dr_grpo", "sequence", 0.1)],
+)
 def test_overwrite_logits_gives_the_same_gradient(loss_type, level, beta):
     logits = torch.randn(2, 5, 129)
     labels = torch.randint(0, 129, (2, 5))
     mask = torch.ones(2, 5)
     old = torch.full((2, 5), -4.8)
     ref = torch.full((2, 5), -4.9)
-    kwargs = dict(ref_logprobs=ref, beta=beta, loss_type=loss_type, importance_sampling_level=level, backend="triton")
+    kwargs = dict(
+        ref_logprobs=ref, beta=beta, loss_type=loss_type, importance_sampling_level=level, backend="triton"
+    )
     x = logits.clone().requires_grad_()
     fused_policy_loss(x, labels, old, torch.tensor([1.0, -1.0]), mask, **kwargs)[0].backward()
     buffer = logits.clone().requires_grad_()
-    loss, _ = fused_policy_loss(buffer, labels, old, torch.tensor([1.0, -1.0]), mask, overwrite_logits=True, **kwargs)
+    loss, _ = fused_policy_loss(
+        buffer, labels, old, torch.tensor([1.0, -1.0]), mask, overwrite_logits=True, **kwargs
+    )
     loss.backward()
     assert torch.equal(buffer.grad, x.grad)
 
 
-@pytest.mark.parametrize("loss_type, level, beta", [("grpo", "token", 0.1), ("dapo", "token", 0.0),
-                                                    ("bnpo", "sequence", 0.1), ("dr_grpo", "sequence", 0.0)])
+@pytest.mark.parametrize(
+    "loss_type, level, beta",
+    [("grpo", "token", 0.1), ("dapo", "token", 0.0), ("bnpo", "sequence", 0.1), ("dr_grpo", "sequence", 0.0)],
+)
 def test_linear_loss_triton_matches_float64_reference(loss_type, level, beta):
     batch, length, hidden_size, vocab = 2, 5, 16, 257
     hidden = torch.randn(batch, length, hidden_size)
@@ -100,16 +124,27 @@ def test_linear_loss_triton_matches_float64_reference(loss_type, level, beta):
     for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
         leaves = [t.to(dtype).clone().requires_grad_() for t in (hidden, weight, bias)]
         loss, stats = linear_ppo_loss(
-            leaves[0], leaves[1], labels, old.to(dtype), advantages.to(dtype), mask, bias=leaves[2],
-            ref_logprobs=ref.to(dtype) if beta else None, beta=beta, loss_type=loss_type,
-            importance_sampling_level=level, temperature=0.7, compute_entropy=True, chunk_bytes=3000,
+            leaves[0],
+            leaves[1],
+            labels,
+            old.to(dtype),
+            advantages.to(dtype),
+            mask,
+            bias=leaves[2],
+            ref_logprobs=ref.to(dtype) if beta else None,
+            beta=beta,
+            loss_type=loss_type,
+            importance_sampling_level=level,
+            temperature=0.7,
+            compute_entropy=True,
+            chunk_bytes=3000,
             backend=backend,
         )
         loss.backward()
         results.append((loss.item(), [leaf.grad for leaf in leaves], stats.entropy_mean.item()))
     (loss32, grads32, ent32), (loss64, grads64, ent64) = results
     assert abs(loss32 - loss64) < LOSS_TOL and abs(ent32 - ent64) < 1e-5
-    for got, want in zip(grads32, grads64):
+    for got, want in zip(grads32, grads64, strict=True):
         assert rel_err(got, want) < GRAD_TOL
 
 
@@ -127,8 +162,16 @@ def test_cuda_linear_loss_matches_float64(level):
     loss, _ = linear_ppo_loss(h, w, labels, old, advantages, mask, importance_sampling_level=level)
     loss.backward()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    loss64, _ = linear_ppo_loss(h64, w64, labels, old.double(), advantages.double(), mask,
-                                importance_sampling_level=level, backend="torch")
+    loss64, _ = linear_ppo_loss(
+        h64,
+        w64,
+        labels,
+        old.double(),
+        advantages.double(),
+        mask,
+        importance_sampling_level=level,
+        backend="torch",
+    )
     loss64.backward()
     assert abs(loss.item() - loss64.item()) < 1e-2 * max(1.0, abs(loss64.item()))
     assert rel_err(h.grad, h64.grad) < 3e-2  # bf16 operands and bf16 gradient storage
@@ -149,10 +192,19 @@ def test_on_policy_old_logprobs_none_equals_recorded_current_logprobs(backend, l
     results = []
     for old in (None, current):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss, stats = linear_ppo_loss(h, w, labels, old, advantages, mask, temperature=0.7,
-                                      importance_sampling_level=level, backend=backend)
+        loss, stats = linear_ppo_loss(
+            h,
+            w,
+            labels,
+            old,
+            advantages,
+            mask,
+            temperature=0.7,
+            importance_sampling_level=level,
+            backend=backend,
+        )
         loss.backward()
         results.append((loss, stats.ratio_mean, h.grad, w.grad))
-    for got, want in zip(*results):
+    for got, want in zip(*results, strict=True):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
     assert results[0][1].item() == 1.0

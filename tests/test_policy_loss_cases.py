@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from fastppo.kernels import fused_policy_loss, linear_ppo_loss
 from fastppo.kernels.ppo_loss import PolicyLossSettings, policy_objective
 
@@ -39,8 +38,16 @@ def test_hand_worked_clipping(backend, ratio, advantage, expected):
     logp = torch.tensor([[-1.0]])
     logits, labels = logits_for(logp)
     old = logp - math.log(ratio)
-    loss, stats = fused_policy_loss(logits, labels, old, torch.tensor([advantage]), torch.ones(1, 1),
-                                    clip_low=0.2, clip_high=0.28, backend=backend)
+    loss, stats = fused_policy_loss(
+        logits,
+        labels,
+        old,
+        torch.tensor([advantage]),
+        torch.ones(1, 1),
+        clip_low=0.2,
+        clip_high=0.28,
+        backend=backend,
+    )
     assert loss.item() == pytest.approx(expected, abs=1e-5)
     clipped_high = ratio > 1.28 and advantage > 0
     clipped_low = ratio < 0.8 and advantage < 0
@@ -56,8 +63,9 @@ def test_clip_fractions_by_counting(backend):
     mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]])
     logp = torch.full((2, 4), -2.0)
     logits, labels = logits_for(logp)
-    _, stats = fused_policy_loss(logits, labels, logp - ratios.log(), advantages, mask, clip_low=0.2,
-                                 clip_high=0.28, backend=backend)
+    _, stats = fused_policy_loss(
+        logits, labels, logp - ratios.log(), advantages, mask, clip_low=0.2, clip_high=0.28, backend=backend
+    )
     high = [(1.5, 1.0), (1.3, 1.0)]  # ratio > 1.28 with A > 0, unmasked
     low = [(0.5, -1.0), (0.7, -1.0)]  # ratio < 0.8 with A < 0 (0.6 is masked out)
     assert stats.clip_high.item() == pytest.approx(len(high) / 7)
@@ -100,13 +108,34 @@ def test_parity_with_trl_loss_formula(loss_type, level):
     ref = logp.detach() + 0.2 * torch.randn(batch, length, dtype=torch.float64)
     advantages = torch.randn(batch, dtype=torch.float64)
     mask = (torch.rand(batch, length) > 0.3).double()
-    settings = PolicyLossSettings(clip_low=0.2, clip_high=0.28, beta=0.04, loss_type=loss_type,
-                                  importance_sampling_level=level, max_completion_length=10, num_items_in_batch=17.0)
+    settings = PolicyLossSettings(
+        clip_low=0.2,
+        clip_high=0.28,
+        beta=0.04,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        max_completion_length=10,
+        num_items_in_batch=17.0,
+    )
     ours, _ = policy_objective(logp, old, advantages, mask, settings, ref)
-    theirs = trl_loss(logp, old, advantages, mask, ref, eps_low=0.2, eps_high=0.28, beta=0.04, loss_type=loss_type,
-                      level=level, max_len=10, items=17.0)
+    theirs = trl_loss(
+        logp,
+        old,
+        advantages,
+        mask,
+        ref,
+        eps_low=0.2,
+        eps_high=0.28,
+        beta=0.04,
+        loss_type=loss_type,
+        level=level,
+        max_len=10,
+        items=17.0,
+    )
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
-    assert torch.allclose(torch.autograd.grad(ours, logp)[0], torch.autograd.grad(theirs, logp)[0], rtol=1e-12)
+    assert torch.allclose(
+        torch.autograd.grad(ours, logp)[0], torch.autograd.grad(theirs, logp)[0], rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -116,9 +145,17 @@ def test_kl_with_huge_log_ratio_stays_finite(backend, estimator):
     labels = torch.randint(0, 50, (2, 3))
     ref = torch.tensor([[-120.0, 0.0, -3.0], [100.0, -3.0, -80.0]])  # log-ratios around +-100
     x = logits.clone().requires_grad_()
-    loss, stats = fused_policy_loss(x, labels, torch.full((2, 3), -4.0), torch.tensor([1.0, -1.0]),
-                                    torch.ones(2, 3), ref_logprobs=ref, beta=0.1, kl_estimator=estimator,
-                                    backend=backend)
+    loss, stats = fused_policy_loss(
+        x,
+        labels,
+        torch.full((2, 3), -4.0),
+        torch.tensor([1.0, -1.0]),
+        torch.ones(2, 3),
+        ref_logprobs=ref,
+        beta=0.1,
+        kl_estimator=estimator,
+        backend=backend,
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(stats.kl_mean) and torch.isfinite(x.grad).all()
 
@@ -129,15 +166,17 @@ def test_tied_embedding_gradient_accumulates_into_the_shared_parameter(backend):
     ids = torch.randint(0, 61, (2, 5))
     hidden = embedding(ids) * 1.5  # the embedding is used twice: as input and as lm_head
     old = torch.full((2, 5), -4.0)
-    loss, _ = linear_ppo_loss(hidden, embedding.weight, ids, old, torch.tensor([1.0, -0.5]), torch.ones(2, 5),
-                              backend=backend)
+    loss, _ = linear_ppo_loss(
+        hidden, embedding.weight, ids, old, torch.tensor([1.0, -0.5]), torch.ones(2, 5), backend=backend
+    )
     loss.backward()
     tied = embedding.weight.grad.clone()
     # Same loss with an untied copy of the head: the shared grad is the sum of both uses.
     embedding.weight.grad = None
     head = embedding.weight.detach().clone().requires_grad_()
-    loss2, _ = linear_ppo_loss(embedding(ids) * 1.5, head, ids, old, torch.tensor([1.0, -0.5]), torch.ones(2, 5),
-                               backend=backend)
+    loss2, _ = linear_ppo_loss(
+        embedding(ids) * 1.5, head, ids, old, torch.tensor([1.0, -0.5]), torch.ones(2, 5), backend=backend
+    )
     loss2.backward()
     assert torch.allclose(tied, embedding.weight.grad + head.grad, atol=1e-6)
 
@@ -146,18 +185,28 @@ def test_chunk_size_does_not_change_the_result():
     hidden = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(101, 12, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 101, (3, 7))
-    args = (weight, labels, torch.full((3, 7), -4.6, dtype=torch.float64), torch.randn(3, dtype=torch.float64),
-            torch.ones(3, 7))
+    args = (
+        weight,
+        labels,
+        torch.full((3, 7), -4.6, dtype=torch.float64),
+        torch.randn(3, dtype=torch.float64),
+        torch.ones(3, 7),
+    )
     one_chunk, _ = linear_ppo_loss(hidden, *args, chunk_bytes=2**30)
     grads = torch.autograd.grad(one_chunk, (hidden, weight))
     many, _ = linear_ppo_loss(hidden, *args, chunk_bytes=101 * 20 * 3)  # a few rows per chunk
     assert torch.allclose(one_chunk, many, rtol=1e-12)
-    for a, b in zip(grads, torch.autograd.grad(many, (hidden, weight))):
+    for a, b in zip(grads, torch.autograd.grad(many, (hidden, weight)), strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-GOOD = dict(logits=torch.randn(2, 3, 11), labels=torch.zeros(2, 3, dtype=torch.long),
-            old_logprobs=torch.zeros(2, 3), advantages=torch.zeros(2), mask=torch.ones(2, 3))
+GOOD = dict(
+    logits=torch.randn(2, 3, 11),
+    labels=torch.zeros(2, 3, dtype=torch.long),
+    old_logprobs=torch.zeros(2, 3),
+    advantages=torch.zeros(2),
+    mask=torch.ones(2, 3),
+)
 
 
 @pytest.mark.parametrize(
@@ -187,5 +236,11 @@ def test_bad_input_names_the_value(change, message):
 
 def test_linear_bad_input_names_the_value():
     with pytest.raises(ValueError, match=r"weight must be \[V, H\] with H = hidden.shape\[-1\] = 8"):
-        linear_ppo_loss(torch.randn(2, 3, 8), torch.randn(11, 9), torch.zeros(2, 3, dtype=torch.long),
-                        torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3))
+        linear_ppo_loss(
+            torch.randn(2, 3, 8),
+            torch.randn(11, 9),
+            torch.zeros(2, 3, dtype=torch.long),
+            torch.zeros(2, 3),
+            torch.zeros(2),
+            torch.ones(2, 3),
+        )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fastppo.kernels import token_logprobs
 from fastppo.kernels.token_logprobs import launchers
 
@@ -29,7 +28,9 @@ CASES = [  # (rows, vocab, dtype, temperature)
 
 def case_id(case) -> str:
     n, v, dtype, t = case
-    return f"N{n}-V{v}-{str(dtype).split('.')[-1].replace('bfloat16', 'bf16').replace('float32', 'fp32')}-T{t}"
+    return (
+        f"N{n}-V{v}-{str(dtype).split('.')[-1].replace('bfloat16', 'bf16').replace('float32', 'fp32')}-T{t}"
+    )
 
 
 def ground_truth(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int = -100):
@@ -43,7 +44,9 @@ def ground_truth(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     assert not torch.isnan(actual).any(), "NaN in result"
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp(min=1e-30)).item()
+    return (
+        (actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp(min=1e-30)
+    ).item()
 
 
 def random_case(n: int, v: int, dtype: torch.dtype, lead: tuple[int, ...] | None = None):
@@ -135,8 +138,9 @@ def test_backward_in_place_equals_out_of_place(backend):
     g, g_ent = torch.randn(7), torch.randn(7)
     expected = impl.token_logprobs_bwd(logits, labels, lse, g, 0.7, -100, entropy=entropy, grad_entropy=g_ent)
     in_place = logits.clone()
-    returned = impl.token_logprobs_bwd(in_place, labels, lse, g, 0.7, -100, entropy=entropy, grad_entropy=g_ent,
-                                       out=in_place)
+    returned = impl.token_logprobs_bwd(
+        in_place, labels, lse, g, 0.7, -100, entropy=entropy, grad_entropy=g_ent, out=in_place
+    )
     assert returned.data_ptr() == in_place.data_ptr()
     assert torch.equal(in_place, expected)
 

@@ -42,7 +42,16 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         temperature, ignore_index, return_entropy, impl, rows = ctx.settings
         grads = backprop_chunks(
-            hidden, weight, bias, labels, lse, grad_logp, temperature, ignore_index, impl, rows,
+            hidden,
+            weight,
+            bias,
+            labels,
+            lse,
+            grad_logp,
+            temperature,
+            ignore_index,
+            impl,
+            rows,
             needs=ctx.needs_input_grad[:3],
             entropy=entropy if return_entropy else None,
             grad_entropy=grad_entropy if return_entropy else None,
@@ -85,7 +94,15 @@ def linear_token_logprobs(
     impl = launchers(backend, hidden)
     rows = rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, chunk_bytes)
     out = _LinearTokenLogprobs.apply(
-        hidden_2d, weight, bias, labels.reshape(-1).long(), temperature, ignore_index, return_entropy, impl, rows
+        hidden_2d,
+        weight,
+        bias,
+        labels.reshape(-1).long(),
+        temperature,
+        ignore_index,
+        return_entropy,
+        impl,
+        rows,
     )
     if return_entropy:
         return out[0].reshape(lead), out[1].reshape(lead)
@@ -97,19 +114,32 @@ class _LinearPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, config):
-        settings, compute_entropy, impl, rows, stats_out = config
+        settings, compute_entropy, impl, single_pass, rows, stats_out = config
         batch, length = labels.shape
         needs = ctx.needs_input_grad[:3]
-        if impl.__name__.endswith(".triton") and settings.importance_sampling_level == "token":
+        if single_pass:
             adv = advantages[:, None].expand(batch, length) if advantages.dim() == 1 else advantages
             logp, entropy, grads = fused_token_chunks(
-                hidden, weight, bias, torch.where(mask.bool(), labels, 0).reshape(-1).long(),
-                None if old_logprobs is None else old_logprobs.float().reshape(-1), adv.float().reshape(-1),
+                hidden,
+                weight,
+                bias,
+                torch.where(mask.bool(), labels, 0).reshape(-1).long(),
+                None if old_logprobs is None else old_logprobs.float().reshape(-1),
+                adv.float().reshape(-1),
                 None if ref_logprobs is None else ref_logprobs.float().reshape(-1),
-                loss_token_weights(mask, settings).reshape(-1).contiguous(), settings, compute_entropy, rows, needs,
+                loss_token_weights(mask, settings).reshape(-1).contiguous(),
+                settings,
+                compute_entropy,
+                rows,
+                needs,
             )
             loss, stats = policy_objective(
-                logp.reshape(batch, length), old_logprobs, advantages, mask, settings, ref_logprobs,
+                logp.reshape(batch, length),
+                old_logprobs,
+                advantages,
+                mask,
+                settings,
+                ref_logprobs,
                 None if entropy is None else entropy.reshape(batch, length),
             )
         else:
@@ -120,13 +150,27 @@ class _LinearPolicyLoss(torch.autograd.Function):
             with torch.enable_grad():
                 logp_leaf = logp.reshape(batch, length).requires_grad_()
                 loss, stats = policy_objective(
-                    logp_leaf, old_logprobs, advantages, mask, settings, ref_logprobs,
+                    logp_leaf,
+                    old_logprobs,
+                    advantages,
+                    mask,
+                    settings,
+                    ref_logprobs,
                     None if entropy is None else entropy.reshape(batch, length),
                 )
                 (grad_logp,) = torch.autograd.grad(loss, logp_leaf)
             grads = backprop_chunks(
-                hidden, weight, bias, flat_labels, lse, grad_logp.reshape(-1), settings.temperature, -100, impl,
-                rows, needs=needs,
+                hidden,
+                weight,
+                bias,
+                flat_labels,
+                lse,
+                grad_logp.reshape(-1),
+                settings.temperature,
+                -100,
+                impl,
+                rows,
+                needs=needs,
             )
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.present = tuple(g is not None for g in grads)
@@ -190,16 +234,32 @@ def linear_ppo_loss(
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
     check_policy_inputs(
-        tuple(hidden.shape[:2]), labels, old_logprobs, advantages, mask, ref_logprobs, beta,
+        tuple(hidden.shape[:2]),
+        labels,
+        old_logprobs,
+        advantages,
+        mask,
+        ref_logprobs,
+        beta,
         f"hidden is {tuple(hidden.shape)}",
     )
     check_labels(torch.where(mask.bool(), labels, -100), weight.shape[0], -100)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     impl = launchers(backend, hidden)
+    # Triton + token-level ratios: the fused kernel gives log-probs and dlogits in one launch per chunk.
+    token_level = settings.importance_sampling_level == "token"
+    single_pass = token_level and resolve_backend(backend, hidden) == "triton"
     rows = rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, chunk_bytes)
     stats_out: list[PolicyLossStats] = []
     loss = _LinearPolicyLoss.apply(
-        hidden_2d, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
-        (settings, compute_entropy, impl, rows, stats_out),
+        hidden_2d,
+        weight,
+        bias,
+        labels,
+        old_logprobs,
+        advantages,
+        mask,
+        ref_logprobs,
+        (settings, compute_entropy, impl, single_pass, rows, stats_out),
     )
     return loss, stats_out[0]

@@ -45,7 +45,9 @@ def scan_logprobs(
         for start in range(0, hidden.shape[0], rows):
             sl = slice(start, start + rows)
             logits = F.linear(hidden[sl], weight, bias)  # [c, V]
-            parts.append(impl.token_logprobs_fwd(logits, labels[sl], temperature, ignore_index, return_entropy))
+            parts.append(
+                impl.token_logprobs_fwd(logits, labels[sl], temperature, ignore_index, return_entropy)
+            )
             del logits  # free this chunk before the next one is allocated: one chunk alive at a time
     logp = torch.cat([p[0] for p in parts])
     lse = torch.cat([p[1] for p in parts])
@@ -56,16 +58,23 @@ def scan_logprobs(
 class ChunkGrads:
     """Accumulates the hidden / weight / bias gradients from one chunk's dlogits at a time."""
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 needs: tuple[bool, bool, bool]):
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        needs: tuple[bool, bool, bool],
+    ):
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.grad_hidden = torch.empty_like(hidden) if needs[0] else None  # [N, H]
         # Accumulated in the weight's dtype with fp32 accumulation inside each addmm (as Liger does).
         self.grad_weight = torch.zeros_like(weight) if needs[1] else None  # [V, H]
-        self.grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needs[2] else None
+        self.grad_bias = (
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needs[2] else None
+        )
 
     def add(self, rows: slice, dlogits: torch.Tensor) -> None:
-        """dlogits: [c, V] for token rows ``rows``: grad_hidden = dlogits @ W, grad_W += dlogits^T @ hidden."""
+        """dlogits [c, V] of token ``rows``: grad_hidden = dlogits @ W, grad_W += dlogits^T @ hidden."""
         if self.grad_hidden is not None:
             torch.matmul(dlogits, self.weight, out=self.grad_hidden[rows])
         if self.grad_weight is not None:
@@ -139,12 +148,18 @@ def fused_token_chunks(
             sl = slice(start, start + rows)
             logits = F.linear(hidden[sl], weight, bias)  # [c, V], overwritten with dlogits
             logp, entropy = fused_token_chunk(
-                logits, labels[sl], None if old_logprobs is None else old_logprobs[sl], advantages[sl],
-                None if ref_logprobs is None else ref_logprobs[sl], weights[sl], settings, want_entropy, out=logits,
+                logits,
+                labels[sl],
+                None if old_logprobs is None else old_logprobs[sl],
+                advantages[sl],
+                None if ref_logprobs is None else ref_logprobs[sl],
+                weights[sl],
+                settings,
+                want_entropy,
+                out=logits,
             )
             grads.add(sl, logits)
             logps.append(logp)
             entropies.append(entropy)
             del logits  # one chunk alive at a time
     return torch.cat(logps), torch.cat(entropies) if want_entropy else None, grads.result()
-

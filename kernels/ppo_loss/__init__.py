@@ -77,14 +77,28 @@ def fused_policy_loss(
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
     check_policy_inputs(
-        tuple(logits.shape[:2]), labels, old_logprobs, advantages, mask, ref_logprobs, beta,
+        tuple(logits.shape[:2]),
+        labels,
+        old_logprobs,
+        advantages,
+        mask,
+        ref_logprobs,
+        beta,
         f"logits are {tuple(logits.shape)}",
     )
     if resolve_backend(backend, logits) == "triton":
         from .triton import policy_loss_triton
 
         return policy_loss_triton(
-            logits, labels, old_logprobs, advantages, mask, settings, ref_logprobs, compute_entropy, overwrite_logits
+            logits,
+            labels,
+            old_logprobs,
+            advantages,
+            mask,
+            settings,
+            ref_logprobs,
+            compute_entropy,
+            overwrite_logits,
         )
     return policy_loss_reference(
         logits, labels, old_logprobs, advantages, mask, settings, ref_logprobs, compute_entropy

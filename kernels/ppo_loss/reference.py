@@ -130,7 +130,7 @@ def policy_loss_reference(
         return_entropy=compute_entropy,
         backend="torch",
     )
-    logprobs, entropy = (out if compute_entropy else (out, None))
+    logprobs, entropy = out if compute_entropy else (out, None)
     logprobs = logprobs.reshape(batch, length)
     entropy = None if entropy is None else entropy.reshape(batch, length)
     return policy_objective(logprobs, old_logprobs, advantages, mask, settings, ref_logprobs, entropy)

@@ -51,7 +51,9 @@ class PolicyLossSettings:
         if self.clip_low >= 1:
             raise ValueError(f"clip_low must be < 1 so that 1 - clip_low > 0, got {self.clip_low!r}")
         if self.delta is not None and not (math.isfinite(self.delta) and self.delta > 1):
-            raise ValueError(f"delta must be a finite number > 1 (typically > 1 + clip_high), got {self.delta!r}")
+            raise ValueError(
+                f"delta must be a finite number > 1 (typically > 1 + clip_high), got {self.delta!r}"
+            )
         if not (math.isfinite(self.beta) and self.beta >= 0):
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
         if self.kl_estimator not in KL_ESTIMATORS:

@@ -15,7 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..token_logprobs.triton import _row_lse, _write_row_grad, block_config, token_logprobs_bwd, token_logprobs_fwd
+from ..token_logprobs.triton import (
+    _row_lse,
+    _write_row_grad,
+    block_config,
+    token_logprobs_bwd,
+    token_logprobs_fwd,
+)
 from .reference import PolicyLossStats, policy_objective
 from .settings import KL_LOG_RATIO_CLAMP, PolicyLossSettings, loss_token_weights
 
@@ -24,8 +30,18 @@ _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 
 @triton.jit
 def _token_loss_dlogp(
-    logp, old, adv, ref, weight, clip_lo, clip_hi, delta, beta,
-    HAS_DELTA: tl.constexpr, KL: tl.constexpr, KL_CLAMP: tl.constexpr,
+    logp,
+    old,
+    adv,
+    ref,
+    weight,
+    clip_lo,
+    clip_hi,
+    delta,
+    beta,
+    HAS_DELTA: tl.constexpr,
+    KL: tl.constexpr,
+    KL_CLAMP: tl.constexpr,
 ):
     """dLoss/dlogp of ``weight * (-min(r' A, clip(r) A) + beta * kl)`` for one token, r = exp(logp - old).
 
@@ -61,10 +77,30 @@ def _token_loss_dlogp(
 
 @triton.jit
 def _policy_loss_fwd_kernel(
-    p_logits, stride_row, p_dlogits, stride_drow, p_labels, p_old, p_adv, p_ref, p_weight,
-    p_logp, p_lse, p_entropy, V, inv_temp, clip_lo, clip_hi, delta, beta,
-    HAS_DELTA: tl.constexpr, KL: tl.constexpr, KL_CLAMP: tl.constexpr, ON_POLICY: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    p_logits,
+    stride_row,
+    p_dlogits,
+    stride_drow,
+    p_labels,
+    p_old,
+    p_adv,
+    p_ref,
+    p_weight,
+    p_logp,
+    p_lse,
+    p_entropy,
+    V,
+    inv_temp,
+    clip_lo,
+    clip_hi,
+    delta,
+    beta,
+    HAS_DELTA: tl.constexpr,
+    KL: tl.constexpr,
+    KL_CLAMP: tl.constexpr,
+    ON_POLICY: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     i_row = tl.program_id(0).to(tl.int64)
     p_row = p_logits + i_row * stride_row
@@ -81,8 +117,18 @@ def _policy_loss_fwd_kernel(
     else:
         old = tl.load(p_old + i_row)
     coef = _token_loss_dlogp(
-        logp, old, tl.load(p_adv + i_row), ref, weight,
-        clip_lo, clip_hi, delta, beta, HAS_DELTA, KL, KL_CLAMP,
+        logp,
+        old,
+        tl.load(p_adv + i_row),
+        ref,
+        weight,
+        clip_lo,
+        clip_hi,
+        delta,
+        beta,
+        HAS_DELTA,
+        KL,
+        KL_CLAMP,
     )
     coef = tl.where(keep, coef, 0.0)
     tl.store(p_lse + i_row, lse)
@@ -90,7 +136,9 @@ def _policy_loss_fwd_kernel(
     if WITH_ENTROPY:
         tl.store(p_entropy + i_row, tl.where(keep, entropy, 0.0))
     # Second pass over the row: it is still hot in L2 for moderate V.
-    _write_row_grad(p_row, p_dlogits + i_row * stride_drow, V, inv_temp, label, lse, coef, 0.0, 0.0, False, BLOCK_V)
+    _write_row_grad(
+        p_row, p_dlogits + i_row * stride_drow, V, inv_temp, label, lse, coef, 0.0, 0.0, False, BLOCK_V
+    )
 
 
 def fused_token_chunk(
@@ -113,14 +161,31 @@ def fused_token_chunk(
     block, warps = block_config(vocab)
     if n_rows:
         _policy_loss_fwd_kernel[(n_rows,)](
-            logits, logits.stride(0), out, out.stride(0), labels,
-            logp if old_logprobs is None else old_logprobs, advantages, ref_logprobs if kl_code else logp, weights,
-            logp, lse, entropy, vocab, 1.0 / settings.temperature,
-            1.0 - settings.clip_low, 1.0 + settings.upper_clip,
-            settings.delta if settings.delta is not None else 0.0, settings.beta,
-            HAS_DELTA=settings.delta is not None, KL=kl_code, KL_CLAMP=KL_LOG_RATIO_CLAMP,
+            logits,
+            logits.stride(0),
+            out,
+            out.stride(0),
+            labels,
+            logp if old_logprobs is None else old_logprobs,
+            advantages,
+            ref_logprobs if kl_code else logp,
+            weights,
+            logp,
+            lse,
+            entropy,
+            vocab,
+            1.0 / settings.temperature,
+            1.0 - settings.clip_low,
+            1.0 + settings.upper_clip,
+            settings.delta if settings.delta is not None else 0.0,
+            settings.beta,
+            HAS_DELTA=settings.delta is not None,
+            KL=kl_code,
+            KL_CLAMP=KL_LOG_RATIO_CLAMP,
             ON_POLICY=old_logprobs is None,
-            WITH_ENTROPY=want_entropy, BLOCK_V=block, num_warps=warps,
+            WITH_ENTROPY=want_entropy,
+            BLOCK_V=block,
+            num_warps=warps,
         )
     return logp, entropy if want_entropy else None
 
@@ -150,10 +215,15 @@ def policy_loss_triton(
     if settings.importance_sampling_level == "token":
         weights = loss_token_weights(mask, settings)
         logp, entropy = fused_token_chunk(
-            rows, flat_labels, None if old_logprobs is None else old_logprobs.float().reshape(-1),
+            rows,
+            flat_labels,
+            None if old_logprobs is None else old_logprobs.float().reshape(-1),
             adv.float().reshape(-1),
             None if ref_logprobs is None else ref_logprobs.float().reshape(-1),
-            weights.reshape(-1).contiguous(), settings, compute_entropy, out,
+            weights.reshape(-1).contiguous(),
+            settings,
+            compute_entropy,
+            out,
         )
         logp = logp.reshape(batch, length)
     else:

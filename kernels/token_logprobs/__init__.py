@@ -25,7 +25,9 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, impl):
-        logp, lse, entropy = impl.token_logprobs_fwd(logits, labels, temperature, ignore_index, return_entropy)
+        logp, lse, entropy = impl.token_logprobs_fwd(
+            logits, labels, temperature, ignore_index, return_entropy
+        )
         ctx.save_for_backward(logits, labels, lse, entropy if return_entropy else lse)
         ctx.settings = (temperature, ignore_index, return_entropy, impl)
         out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -86,7 +88,9 @@ def token_logprobs(
     lead = labels.shape
     impl = launchers(backend, logits)
     logits_2d = logits.reshape(-1, vocab)  # a view when the leading dims collapse, else one copy
-    out = _TokenLogprobs.apply(logits_2d, labels.reshape(-1).long(), temperature, ignore_index, return_entropy, impl)
+    out = _TokenLogprobs.apply(
+        logits_2d, labels.reshape(-1).long(), temperature, ignore_index, return_entropy, impl
+    )
     if return_entropy:
         return out[0].reshape(lead), out[1].reshape(lead)
     return out.reshape(lead)

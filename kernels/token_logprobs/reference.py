@@ -52,7 +52,8 @@ def token_logprobs_fwd(
         logp[rows] = z.gather(-1, safe_labels[rows, None]).squeeze(-1) - c_lse
         if return_entropy:
             p = torch.exp(z - c_lse[:, None])
-            # H = -sum p log p; where() keeps -inf logits (p == 0) from turning 0 * -inf into NaN (NaN stays NaN).
+            # H = -sum p log p; where() keeps -inf logits (p == 0) from turning 0 * -inf into NaN,
+            # while a NaN row stays NaN.
             entropy[rows] = -torch.where(p == 0, 0.0, p * (z - c_lse[:, None])).sum(-1)
     logp = torch.where(keep, logp, 0.0)
     if return_entropy:

@@ -47,8 +47,17 @@ def _row_lse(p_row, V, inv_temp, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constex
 
 @triton.jit
 def _write_row_grad(
-    p_row, p_out_row, V, inv_temp, label, lse, g_logp, g_ent, entropy,
-    WITH_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    p_row,
+    p_out_row,
+    V,
+    inv_temp,
+    label,
+    lse,
+    g_logp,
+    g_ent,
+    entropy,
+    WITH_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """dlogits = g_logp * (onehot(label) - p) / T  -  g_ent * p * (log p + H) / T, tile by tile."""
     for start in range(0, V, BLOCK_V):
@@ -64,8 +73,17 @@ def _write_row_grad(
 
 @triton.jit
 def _token_logprobs_fwd_kernel(
-    p_logits, stride_row, p_labels, p_logp, p_lse, p_entropy, V, inv_temp, ignore_index,
-    WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    p_logits,
+    stride_row,
+    p_labels,
+    p_logp,
+    p_lse,
+    p_entropy,
+    V,
+    inv_temp,
+    ignore_index,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     i_row = tl.program_id(0).to(tl.int64)
     p_row = p_logits + i_row * stride_row
@@ -81,9 +99,20 @@ def _token_logprobs_fwd_kernel(
 
 @triton.jit
 def _token_logprobs_bwd_kernel(
-    p_logits, stride_row, p_out, stride_out, p_labels, p_lse, p_glogp, p_entropy, p_gent,
-    V, inv_temp, ignore_index,
-    WITH_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    p_logits,
+    stride_row,
+    p_out,
+    stride_out,
+    p_labels,
+    p_lse,
+    p_glogp,
+    p_entropy,
+    p_gent,
+    V,
+    inv_temp,
+    ignore_index,
+    WITH_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     i_row = tl.program_id(0).to(tl.int64)
     label = tl.load(p_labels + i_row)
@@ -95,8 +124,17 @@ def _token_logprobs_bwd_kernel(
         g_ent = tl.where(keep, tl.load(p_gent + i_row).to(tl.float32), 0.0)
         entropy = tl.load(p_entropy + i_row)
     _write_row_grad(
-        p_logits + i_row * stride_row, p_out + i_row * stride_out, V, inv_temp, label,
-        tl.load(p_lse + i_row), g_logp, g_ent, entropy, WITH_ENTROPY_GRAD, BLOCK_V,
+        p_logits + i_row * stride_row,
+        p_out + i_row * stride_out,
+        V,
+        inv_temp,
+        label,
+        tl.load(p_lse + i_row),
+        g_logp,
+        g_ent,
+        entropy,
+        WITH_ENTROPY_GRAD,
+        BLOCK_V,
     )
 
 
@@ -108,8 +146,10 @@ def block_config(vocab: int) -> tuple[int, int]:
 
 def _check_rows(logits: torch.Tensor) -> None:
     if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"logits must be [N, V] with a contiguous last dim, got {tuple(logits.shape)} "
-                         f"strides {logits.stride()}")
+        raise ValueError(
+            f"logits must be [N, V] with a contiguous last dim, got {tuple(logits.shape)} "
+            f"strides {logits.stride()}"
+        )
 
 
 def token_logprobs_fwd(logits, labels, temperature, ignore_index, return_entropy):
@@ -122,8 +162,18 @@ def token_logprobs_fwd(logits, labels, temperature, ignore_index, return_entropy
     block, warps = block_config(vocab)
     if n_rows:
         _token_logprobs_fwd_kernel[(n_rows,)](
-            logits, logits.stride(0), labels, logp, lse, entropy, vocab, 1.0 / temperature, ignore_index,
-            WITH_ENTROPY=return_entropy, BLOCK_V=block, num_warps=warps,
+            logits,
+            logits.stride(0),
+            labels,
+            logp,
+            lse,
+            entropy,
+            vocab,
+            1.0 / temperature,
+            ignore_index,
+            WITH_ENTROPY=return_entropy,
+            BLOCK_V=block,
+            num_warps=warps,
         )
     return logp, lse, entropy if return_entropy else None
 
@@ -140,9 +190,20 @@ def token_logprobs_bwd(
     block, warps = block_config(vocab)
     if n_rows:
         _token_logprobs_bwd_kernel[(n_rows,)](
-            logits, logits.stride(0), out, out.stride(0), labels, lse, grad_logp.float().contiguous(),
-            entropy if with_ent else lse, grad_entropy.float().contiguous() if with_ent else lse,
-            vocab, 1.0 / temperature, ignore_index,
-            WITH_ENTROPY_GRAD=with_ent, BLOCK_V=block, num_warps=warps,
+            logits,
+            logits.stride(0),
+            out,
+            out.stride(0),
+            labels,
+            lse,
+            grad_logp.float().contiguous(),
+            entropy if with_ent else lse,
+            grad_entropy.float().contiguous() if with_ent else lse,
+            vocab,
+            1.0 / temperature,
+            ignore_index,
+            WITH_ENTROPY_GRAD=with_ent,
+            BLOCK_V=block,
+            num_warps=warps,
         )
     return out
