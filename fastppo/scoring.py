@@ -225,24 +225,14 @@ def policy_loss(
         hidden = completion_hidden_states(model, batch)
         _, head = lm_parts(model)
         hidden, weight, bias = head_operands(head, hidden)
-        labels = torch.where(batch.loss_mask.bool(), batch.completion_ids, -100)
         with _no_autocast(hidden.device.type):
-            old = old_recorded
-            if old is None:  # the same chunked scan the loss runs, so old == current bit for bit
-                with torch.no_grad():
-                    old = linear_token_logprobs(
-                        hidden,
-                        weight,
-                        labels,
-                        bias=bias,
-                        temperature=settings.temperature,
-                        chunk_bytes=chunk_bytes,
-                    )
+            # old_recorded None: on-policy; the kernel uses the detached current log-probs (ratio 1)
+            # from its own scan, so no extra lm_head pass is spent on them.
             return linear_ppo_loss(
                 hidden,
                 weight,
                 batch.completion_ids,
-                old,
+                old_recorded,
                 batch.advantages,
                 batch.loss_mask,
                 bias=bias,
