@@ -23,7 +23,7 @@ from fastppo.kernels import linear_ppo_loss
 from fastppo.kernels.ppo_loss import PolicyLossSettings
 
 from .common import on_gpu
-from .kernel_bench import Impl, ceilings, finish, measure, parse_args
+from .kernel_bench import Impl, ceilings, finish, measure, parse_args, policy_inputs
 from .peers import eager_linear_policy_loss, liger_linear_grpo_loss
 
 SETTINGS = PolicyLossSettings(beta=0.04, loss_type="dapo", temperature=0.7, clip_high=0.28)
@@ -31,20 +31,12 @@ SEQ_LEN = 512
 
 
 def setup_case(n_tokens: int, hidden_size: int, vocab: int, device: str, dtype: torch.dtype) -> dict:
-    batch = max(1, n_tokens // SEQ_LEN)
-    length = n_tokens // batch
-    return {
-        "hidden": torch.randn(batch, length, hidden_size, device=device, dtype=dtype).requires_grad_(),
-        "weight": (torch.randn(vocab, hidden_size, device=device) * hidden_size**-0.5)
-        .to(dtype)
-        .requires_grad_(),
-        "labels": torch.randint(0, vocab, (batch, length), device=device),
-        "old": torch.full((batch, length), -11.0, device=device)
-        + 0.1 * torch.randn(batch, length, device=device),
-        "ref": torch.full((batch, length), -11.0, device=device),
-        "advantages": torch.randn(batch, device=device),
-        "mask": torch.ones(batch, length, device=device),
-    }
+    tensors = policy_inputs(n_tokens, SEQ_LEN, device, old_logprob=-11.0)
+    batch, length = tensors["mask"].shape
+    hidden = torch.randn(batch, length, hidden_size, device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, device=device) * hidden_size**-0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, length), device=device)
+    return {"hidden": hidden, "weight": weight, "labels": labels, **tensors}
 
 
 def run_ours(t: dict) -> None:

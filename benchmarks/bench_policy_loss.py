@@ -10,14 +10,12 @@ it is measured against.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from fastppo.kernels import fused_policy_loss
 from fastppo.kernels.ppo_loss import PolicyLossSettings
 
 from .common import on_gpu
-from .kernel_bench import Impl, ceilings, finish, measure, parse_args
+from .kernel_bench import Impl, ceilings, finish, logits_sizes, measure, parse_args, policy_inputs
 from .peers import eager_policy_loss
 
 SETTINGS = PolicyLossSettings(beta=0.04, loss_type="grpo", temperature=0.7, clip_high=0.28)
@@ -25,18 +23,11 @@ SEQ_LEN = 512
 
 
 def setup_case(n_tokens: int, vocab: int, device: str) -> dict:
-    batch = max(1, n_tokens // SEQ_LEN)
-    length = n_tokens // batch
+    tensors = policy_inputs(n_tokens, SEQ_LEN, device, old_logprob=-10.0)
+    batch, length = tensors["mask"].shape
     logits = (torch.randn(batch, length, vocab, device=device) * 3).to(torch.bfloat16).requires_grad_()
-    return {
-        "logits": logits,
-        "labels": torch.randint(0, vocab, (batch, length), device=device),
-        "old": torch.full((batch, length), -10.0, device=device)
-        + 0.1 * torch.randn(batch, length, device=device),
-        "ref": torch.full((batch, length), -10.0, device=device),
-        "advantages": torch.randn(batch, device=device),
-        "mask": torch.ones(batch, length, device=device),
-    }
+    labels = torch.randint(0, vocab, (batch, length), device=device)
+    return {"logits": logits, "labels": labels, **tensors}
 
 
 def implementations(t: dict) -> list[Impl]:
@@ -71,14 +62,10 @@ def implementations(t: dict) -> list[Impl]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
-    quick = args.quick or not on_gpu()
     device = "cuda" if on_gpu() else "cpu"
-    sizes = itertools.product(
-        (64,) if quick else (4096, 16384), (1000, 32000) if quick else (32000, 128256, 151936)
-    )
     limits = ceilings()
     rows = []
-    for n_tokens, vocab in sizes:
+    for n_tokens, vocab in logits_sizes(args.quick):
         tensors = setup_case(n_tokens, vocab, device)
         floor_ms = 3 * n_tokens * vocab * 2 / limits["copy_bytes_per_s"] * 1e3
         case = {

@@ -10,13 +10,11 @@ Targets (H100, V=151936): forward+backward >= 85% of copy bandwidth and >= 3x ea
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from fastppo.kernels import token_logprobs
 
 from .common import on_gpu
-from .kernel_bench import Impl, ceilings, finish, measure, parse_args
+from .kernel_bench import Impl, ceilings, finish, logits_sizes, measure, parse_args
 from .peers import compiled_token_logprobs, eager_token_logprobs, trl_selective_log_softmax
 
 TEMPERATURE = 0.7
@@ -56,14 +54,10 @@ def implementations(logits, labels, upstream, backward: bool) -> list[Impl]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
-    quick = args.quick or not on_gpu()
     device = "cuda" if on_gpu() else "cpu"
-    sizes = itertools.product(
-        (64,) if quick else (4096, 16384), (1000, 32000) if quick else (32000, 128256, 151936)
-    )
     limits = ceilings()
     rows = []
-    for n_tokens, vocab in sizes:
+    for n_tokens, vocab in logits_sizes(args.quick):
         logits, labels, upstream = setup_case(n_tokens, vocab, device)
         for backward in (False, True):
             passes = 3 if backward else 1

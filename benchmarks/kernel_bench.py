@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -35,6 +36,27 @@ def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (always on CPU)")
     parser.add_argument("--out", help="results folder (default: benchmarks/results of the checkout)")
     return parser.parse_args(argv)
+
+
+def logits_sizes(quick: bool) -> list[tuple[int, int]]:
+    """(tokens, vocab) of the logits-in benchmarks: the issue's grid on GPU, tiny on CPU."""
+    if quick or not on_gpu():
+        return list(itertools.product((64,), (1000, 32000)))
+    return list(itertools.product((4096, 16384), (32000, 128256, 151936)))
+
+
+def policy_inputs(n_tokens: int, seq_len: int, device: str, old_logprob: float) -> dict:
+    """labels-free per-token loss inputs for ``n_tokens`` split into sequences of ``seq_len``:
+    old log-probs near ``old_logprob`` (ratios both sides of 1), a reference, advantages, mask."""
+    batch = max(1, n_tokens // seq_len)
+    length = n_tokens // batch
+    return {
+        "old": torch.full((batch, length), old_logprob, device=device)
+        + 0.1 * torch.randn(batch, length, device=device),
+        "ref": torch.full((batch, length), old_logprob, device=device),
+        "advantages": torch.randn(batch, device=device),
+        "mask": torch.ones(batch, length, device=device),
+    }
 
 
 def ceilings() -> dict:
