@@ -14,7 +14,7 @@ import triton.language as tl
 
 # Start value of the running max: finite, so the first rescale exp(m - m_new) is exactly 0
 # instead of exp(-inf + inf) = NaN. Below any logit representable in bf16/fp16/fp32 practice.
-_NEG_BIG = -1.0e30
+_NEG_BIG = tl.constexpr(-1.0e30)  # jit code may read only constexpr globals
 MAX_BLOCK_V = 8192
 
 
