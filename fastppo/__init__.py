@@ -3,7 +3,11 @@
 __version__ = "0.1.0"
 
 # Trainers load lazily: `import fastppo.kernels` must not pay for transformers/accelerate.
-_LAZY = {"GRPOConfig": "fastppo.grpo_config", "GRPOTrainer": "fastppo.trainer.grpo"}
+_LAZY = {
+    "GRPOConfig": "fastppo.grpo_config",
+    "GRPOTrainer": "fastppo.trainer.grpo",
+    "PPOConfig": "fastppo.ppo_config",
+}
 
 
 def __getattr__(name: str):
@@ -14,4 +18,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fastppo' has no attribute {name!r}")
 
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "__version__"]
+__all__ = ["GRPOConfig", "GRPOTrainer", "PPOConfig", "__version__"]

@@ -107,3 +107,68 @@ def normalize_then_sum_advantages(
     std = nanstd(combined).expand_as(combined)
     advantages = (combined - torch.nanmean(combined)) / (std + STD_EPS)
     return torch.nan_to_num(advantages, nan=0.0), std
+
+
+# --- PPO (actor-critic) -------------------------------------------------------------------------------
+
+
+def kl_per_token(
+    logprobs: torch.Tensor,  # [B, T] log-probs of the sampled tokens under the rollout policy
+    ref_logprobs: torch.Tensor,  # [B, T] the same tokens under the reference model
+    estimator: str = "k1",  # "k1": log(pi/ref), unbiased, noisy; "k3": (r - 1) - log r, r = ref/pi, >= 0
+) -> torch.Tensor:
+    """Per-token KL estimate of legacy TRL's PPOTrainer (Schulman's k1 / k3); [B, T]."""
+    if estimator not in ("k1", "k3"):
+        raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
+    log_ratio = ref_logprobs - logprobs
+    return -log_ratio if estimator == "k1" else torch.expm1(log_ratio) - log_ratio
+
+
+def shaped_rewards(
+    kl: torch.Tensor,  # [B, T] per-token KL estimate (kl_per_token)
+    scores: torch.Tensor,  # [B] reward-model score of each whole completion
+    last_index: torch.Tensor,  # [B] int, position that receives the score (last real token)
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Legacy TRL's per-token reward: ``-kl_coef * KL`` everywhere, plus the score at ``last_index``.
+
+    The KL penalty is dense so every token pays for drifting from the reference; the task reward is
+    sparse because the reward model judges the finished completion. Returns ``(rewards, non_score)``.
+    """
+    if scores.shape != kl.shape[:1] or last_index.shape != kl.shape[:1]:
+        raise ValueError(
+            f"scores {tuple(scores.shape)} and last_index {tuple(last_index.shape)} must be [B] "
+            f"with B = kl.shape[0] = {kl.shape[0]}"
+        )
+    non_score = -kl_coef * kl
+    rewards = non_score.clone()
+    rows = torch.arange(kl.shape[0], device=kl.device)
+    rewards[rows, last_index.long()] += scores.to(rewards.dtype)
+    return rewards, non_score
+
+
+def generalized_advantage_estimation(
+    rewards: torch.Tensor,  # [B, T] per-token rewards, 0 past the end of each completion
+    values: torch.Tensor,  # [B, T] value estimates, 0 past the end
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE (Schulman et al. 2016): ``A_t = sum_k (gamma*lam)^k delta_{t+k}``, the value after the last
+    position taken as 0 (legacy TRL). Returns ``(advantages, returns = advantages + values)``, unwhitened.
+
+    A backward loop over T: T is the completion length (tens to hundreds), and each step is one
+    vectorised op over the batch, so the loop costs little next to the model's forwards.
+    """
+    if rewards.shape != values.shape or rewards.dim() != 2:
+        raise ValueError(
+            f"rewards and values must both be [B, T], got {tuple(rewards.shape)} and {tuple(values.shape)}"
+        )
+    length = rewards.shape[1]
+    advantages = torch.empty_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(length)):
+        next_values = values[:, t + 1] if t + 1 < length else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages, advantages + values

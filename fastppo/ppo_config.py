@@ -1,0 +1,145 @@
+"""PPOConfig: legacy TRL PPOConfig (``OnPolicyConfig`` + ``PPOConfig``, TRL 0.12-0.19) names and defaults.
+
+Written from knowledge of legacy TRL (the installed TRL 1.16 no longer ships PPOConfig, so there is no
+field-by-field test against it). Every ``transformers.TrainingArguments`` field exists; what fastppo
+implements is listed in ``SUPPORTED_PPO``; any other field set to a non-default value is rejected
+(``fastppo.config``). Deliberate differences: ``bf16`` / ``gradient_checkpointing`` resolve per machine
+(as in GRPOConfig); ``sft_model_path`` / ``reward_model_path`` default to ``None`` (fastppo never
+downloads; legacy TRL's scripts read them, its trainer did not).
+"""
+
+from __future__ import annotations
+
+from transformers import TrainingArguments
+
+from .config import (
+    SUPPORTED_TRAINING_ARGUMENTS,
+    check_choice,
+    check_int,
+    check_number,
+    check_report_to,
+    check_training_arguments,
+    check_unsupported,
+    option,
+    require,
+    resolve_device_defaults,
+    strict_config,
+)
+from .kernels.linear_ppo_loss.chunked import DEFAULT_CHUNK_BYTES
+
+KL_ESTIMATORS = ("k1", "k3")
+
+# PPO fields implemented by PPOTrainer.
+SUPPORTED_PPO = frozenset(
+    """
+    exp_name dataset_num_proc num_mini_batches total_episodes local_rollout_forward_batch_size
+    num_sample_generations response_length stop_token stop_token_id temperature missing_eos_penalty
+    sft_model_path reward_model_path num_ppo_epochs whiten_rewards kl_coef kl_estimator cliprange vf_coef
+    cliprange_value gamma lam use_fused_kernels kernel_chunk_bytes
+    """.split()
+)
+
+
+@strict_config
+class PPOConfig(TrainingArguments):
+    """Configuration of ``fastppo.PPOTrainer`` (legacy TRL names and defaults; see the module docstring)."""
+
+    # --- OnPolicyConfig ---------------------------------------------------------------------------
+    exp_name: str = option("ppo_config", "Name of this experiment.")
+    dataset_num_proc: int | None = option(None, "Processes used to tokenize the dataset.")
+    num_mini_batches: int = option(1, "Mini-batches each rollout batch is split into per PPO epoch.")
+    total_episodes: int | None = option(
+        None, "Completions to train on in total; None: num_train_epochs * len(train_dataset)."
+    )
+    local_rollout_forward_batch_size: int = option(64, "Rows per forward pass while rolling out.")
+    num_sample_generations: int = option(10, "Times to print sample completions (needs eval_dataset).")
+    response_length: int = option(53, "Tokens generated per completion.")
+    stop_token: str | None = option(None, "'eos': truncate completions after the EOS token.")
+    stop_token_id: int | None = option(None, "Truncate completions after this token id.")
+    temperature: float = option(0.7, "Sampling temperature.")
+    missing_eos_penalty: float | None = option(
+        None, "Subtracted from the score of a completion that does not end with the stop token."
+    )
+    sft_model_path: str | None = option(None, "Policy path, for scripts (fastppo: None, never downloads).")
+    # --- PPOConfig --------------------------------------------------------------------------------
+    reward_model_path: str | None = option(None, "Reward model path, for scripts (fastppo: None).")
+    num_ppo_epochs: int = option(4, "Passes over each rollout batch.")
+    whiten_rewards: bool = option(False, "Whiten the per-token rewards before GAE.")
+    kl_coef: float = option(0.05, "Weight of the per-token KL penalty in the reward.")
+    kl_estimator: str = option("k1", "'k1': log(pi/ref), unbiased; 'k3': lower variance, always >= 0.")
+    cliprange: float = option(0.2, "Policy ratio clip range.")
+    vf_coef: float = option(0.1, "Weight of the value loss.")
+    cliprange_value: float = option(0.2, "Clip range of the value prediction around its rollout value.")
+    gamma: float = option(1.0, "Discount factor.")
+    lam: float = option(0.95, "GAE lambda.")
+    # --- fastppo ----------------------------------------------------------------------------------
+    use_fused_kernels: bool = option(
+        True, "fastppo: hidden states -> chunked fused loss (no [tokens, vocab] logits)."
+    )
+    kernel_chunk_bytes: int = option(
+        DEFAULT_CHUNK_BYTES, "fastppo: memory budget of one chunk of logits in the fused path."
+    )
+
+    def __post_init__(self) -> None:
+        check_unsupported(self, SUPPORTED_TRAINING_ARGUMENTS | SUPPORTED_PPO)
+        check_report_to(self.report_to)
+        resolve_device_defaults(self)
+        super().__post_init__()
+        check_training_arguments(self)
+        self._check_ppo()
+
+    def _check_ppo(self) -> None:
+        check_int("num_mini_batches", self.num_mini_batches, 1)
+        if self.total_episodes is not None:
+            check_int("total_episodes", self.total_episodes, 1)
+        check_int("local_rollout_forward_batch_size", self.local_rollout_forward_batch_size, 1)
+        check_int("num_sample_generations", self.num_sample_generations, 0)
+        check_int("response_length", self.response_length, 1)
+        require(
+            self.stop_token in (None, "eos"),
+            f"stop_token must be None or 'eos', got {self.stop_token!r}",
+        )
+        if self.stop_token_id is not None:
+            check_int("stop_token_id", self.stop_token_id, 0)
+        check_number("temperature", self.temperature, 0.0, float("inf"), low_open=True, high_open=True)
+        if self.missing_eos_penalty is not None:
+            check_number("missing_eos_penalty", self.missing_eos_penalty, 0.0, float("inf"), high_open=True)
+        check_int("num_ppo_epochs", self.num_ppo_epochs, 1)
+        check_number("kl_coef", self.kl_coef, 0.0, float("inf"), high_open=True)
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_number("cliprange", self.cliprange, 0.0, 1.0, low_open=True, high_open=True)
+        check_number("vf_coef", self.vf_coef, 0.0, float("inf"), high_open=True)
+        check_number("cliprange_value", self.cliprange_value, 0.0, float("inf"), high_open=True)
+        check_number("gamma", self.gamma, 0.0, 1.0)
+        check_number("lam", self.lam, 0.0, 1.0)
+        check_int("kernel_chunk_bytes", self.kernel_chunk_bytes, 1)
+        require(
+            self.batch_size % self.num_mini_batches == 0,
+            f"batch_size ({self.batch_size} = per_device_train_batch_size x gradient_accumulation_steps x "
+            f"num_mini_batches) must split into num_mini_batches={self.num_mini_batches}",
+        )
+
+    # --- derived batch sizes (legacy TRL's names) -------------------------------------------------
+
+    @property
+    def local_mini_batch_size(self) -> int:
+        """Rows per optimizer step: per_device_train_batch_size x gradient_accumulation_steps."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per rollout: one mini-batch per optimizer step, num_mini_batches of them."""
+        return self.local_mini_batch_size * self.num_mini_batches * self.world_size
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.world_size
+
+    def stop_id(self, eos_token_id: int | None) -> int | None:
+        """The token that ends a completion: stop_token_id, or EOS with stop_token='eos', else None."""
+        return eos_token_id if self.stop_token == "eos" else self.stop_token_id
+
+    def num_updates(self, dataset_rows: int) -> int:
+        """Rollout batches in the run (legacy TRL's num_total_batches)."""
+        episodes = self.total_episodes or int(self.num_train_epochs * dataset_rows)
+        return max(1, episodes // self.batch_size)
