@@ -3,7 +3,7 @@ it: forward+backward, bf16 logits, GRPO token-level ratios with a k3 KL term.
 
 Floor: two reads of the logits and one write of their gradient (3*N*V*2 bytes). Rows that fit on
 chip could do one read (2*N*V*2); the kernel does not use that regime yet, so 3 passes is the floor
-it is measured against.
+it is measured against (rows up to 32768 are now held on chip: see block_config).
 
     python -P -m fastppo.benchmarks.bench_policy_loss [--quick] [--out DIR]
 """

@@ -18,6 +18,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 HOPPER = GPUTarget("cuda", 90, 32)
+# Row addressing of [B, T, V] logits with arbitrary leading strides (token_logprobs/triton.py).
+ROWS = {"T": "i32", "stride_b": "i64", "stride_t": "i64"}
 
 
 def compile_kernel(fn, signature: dict[str, str], constexprs: dict, num_warps: int) -> None:
@@ -30,13 +32,15 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict, num_warps: i
 
 def main() -> int:
     count = 0
-    for dtype, block in itertools.product(("bf16", "fp16", "fp32"), (1024, 8192)):
-        _, warps = token_kernels.block_config(block)
-        row = {"p_logits": f"*{dtype}", "stride_row": "i64"}
+    # 1024: one tile; 8192: streamed tiles; 32768: the fused loss's widest on-chip row.
+    for dtype, vocab in itertools.product(("bf16", "fp16", "fp32"), (1000, 32000, 151936)):
+        stream = token_kernels.block_config(vocab)
+        fused = token_kernels.block_config(vocab, single_tile_ok=True)
+        logits = {"p_logits": f"*{dtype}", **ROWS}
         compile_kernel(
             token_kernels._token_logprobs_fwd_kernel,
             {
-                **row,
+                **logits,
                 "p_labels": "*i64",
                 "p_logp": "*fp32",
                 "p_lse": "*fp32",
@@ -45,16 +49,17 @@ def main() -> int:
                 "inv_temp": "fp32",
                 "ignore_index": "i32",
             },
-            {"WITH_ENTROPY": block == 8192, "BLOCK_V": block},
-            warps,
+            {"WITH_ENTROPY": vocab != 1000, "BLOCK_V": stream.block_v},
+            stream.num_warps,
         )
         for with_entropy in (False, True):
             compile_kernel(
                 token_kernels._token_logprobs_bwd_kernel,
                 {
-                    **row,
+                    **logits,
                     "p_out": f"*{dtype}",
-                    "stride_out": "i64",
+                    "stride_ob": "i64",
+                    "stride_ot": "i64",
                     "p_labels": "*i64",
                     "p_lse": "*fp32",
                     "p_glogp": "*fp32",
@@ -64,23 +69,23 @@ def main() -> int:
                     "inv_temp": "fp32",
                     "ignore_index": "i32",
                 },
-                {"WITH_ENTROPY_GRAD": with_entropy, "BLOCK_V": block},
-                warps,
+                {"WITH_ENTROPY_GRAD": with_entropy, "BLOCK_V": stream.block_v},
+                stream.num_warps,
             )
         for kl in (0, 1, 2, 3):
             compile_kernel(
                 loss_kernels._policy_loss_fwd_kernel,
                 {
-                    **row,
+                    **logits,
                     "p_dlogits": f"*{dtype}",
-                    "stride_drow": "i64",
+                    "stride_db": "i64",
+                    "stride_dt": "i64",
                     "p_labels": "*i64",
                     "p_old": "*fp32",
                     "p_adv": "*fp32",
                     "p_ref": "*fp32",
                     "p_weight": "*fp32",
                     "p_logp": "*fp32",
-                    "p_lse": "*fp32",
                     "p_entropy": "*fp32",
                     "V": "i32",
                     "inv_temp": "fp32",
@@ -95,9 +100,10 @@ def main() -> int:
                     "KL_CLAMP": 20.0,
                     "ON_POLICY": kl == 1,
                     "WITH_ENTROPY": kl == 3,
-                    "BLOCK_V": block,
+                    "SINGLE_TILE": fused.single_tile,
+                    "BLOCK_V": fused.block_v,
                 },
-                warps,
+                fused.num_warps,
             )
         count += 7
     print(f"compiled {count} kernel variants for sm_90")

@@ -3,13 +3,16 @@ materialising ``[tokens, vocab]`` logits (chunked; see ``chunked.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
+from types import ModuleType
+
 import torch
 
 from .._backend import Backend, resolve_backend
 from .._checks import check_float, check_labels, check_positive, check_same_shape
 from ..ppo_loss.checks import check_policy_inputs
 from ..ppo_loss.reference import PolicyLossStats, policy_objective
-from ..ppo_loss.settings import PolicyLossSettings, loss_token_weights
+from ..ppo_loss.settings import PolicyLossSettings
 from ..token_logprobs import launchers
 from .chunked import DEFAULT_CHUNK_BYTES, backprop_chunks, fused_token_chunks, rows_per_chunk, scan_logprobs
 
@@ -109,79 +112,102 @@ def linear_token_logprobs(
     return out.reshape(lead)
 
 
+@dataclasses.dataclass(frozen=True)
+class LossPlan:
+    """How one ``linear_ppo_loss`` call runs, besides its tensors."""
+
+    settings: PolicyLossSettings
+    compute_entropy: bool  # entropy as a stat (not differentiated)
+    impl: ModuleType  # Triton or reference token_logprobs launchers
+    single_pass: bool  # Triton + token-level ratios: fused kernel, three matmuls per chunk
+    rows: int  # token rows per chunk
+
+
+def _grads_single_pass(
+    hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, plan, needs
+):
+    """Triton, token level: one chunk loop gives log-probs and the gradients (three matmuls per chunk)."""
+    from ..ppo_loss.triton import TokenInputs  # imports triton: only on the Triton backend
+
+    inputs = TokenInputs.build(labels, old_logprobs, advantages, mask, ref_logprobs, plan.settings)
+    return fused_token_chunks(
+        hidden, weight, bias, inputs, plan.settings, plan.compute_entropy, plan.rows, needs
+    )
+
+
+def _grads_two_pass(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, plan, needs):
+    """Log-probs first; dLoss/dlogp by autograd of the [B, T] objective; then rebuild each chunk's
+    logits for its gradient (four matmuls per chunk). Serves sequence-level ratios and the reference."""
+    batch, length = labels.shape
+    settings = plan.settings
+    flat_labels = torch.where(mask.bool(), labels, -100).reshape(-1)
+    logp, lse, entropy = scan_logprobs(
+        hidden,
+        weight,
+        bias,
+        flat_labels,
+        settings.temperature,
+        -100,
+        plan.compute_entropy,
+        plan.impl,
+        plan.rows,
+    )
+    if not any(needs):  # nothing to differentiate: one pass, no gradient work
+        return logp, entropy, (None, None, None)
+    with torch.enable_grad():
+        leaf = logp.reshape(batch, length).requires_grad_()
+        loss, _ = policy_objective(leaf, old_logprobs, advantages, mask, settings, ref_logprobs)
+        (grad_logp,) = torch.autograd.grad(loss, leaf)
+    grads = backprop_chunks(
+        hidden,
+        weight,
+        bias,
+        flat_labels,
+        lse,
+        grad_logp.reshape(-1),
+        settings.temperature,
+        -100,
+        plan.impl,
+        plan.rows,
+        needs=needs,
+    )
+    return logp, entropy, grads
+
+
 class _LinearPolicyLoss(torch.autograd.Function):
     """The loss's gradient is known once the log-probs are: computed in forward, scaled in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, config):
-        settings, compute_entropy, impl, single_pass, rows, stats_out = config
+    def forward(ctx, hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, plan):
+        needs = tuple(ctx.needs_input_grad[:3])
+        run = _grads_single_pass if plan.single_pass and any(needs) else _grads_two_pass
+        logp, entropy, grads = run(
+            hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, plan, needs
+        )
         batch, length = labels.shape
-        needs = ctx.needs_input_grad[:3]
-        if single_pass:
-            adv = advantages[:, None].expand(batch, length) if advantages.dim() == 1 else advantages
-            logp, entropy, grads = fused_token_chunks(
-                hidden,
-                weight,
-                bias,
-                torch.where(mask.bool(), labels, 0).reshape(-1).long(),
-                None if old_logprobs is None else old_logprobs.float().reshape(-1),
-                adv.float().reshape(-1),
-                None if ref_logprobs is None else ref_logprobs.float().reshape(-1),
-                loss_token_weights(mask, settings).reshape(-1).contiguous(),
-                settings,
-                compute_entropy,
-                rows,
-                needs,
-            )
-            loss, stats = policy_objective(
-                logp.reshape(batch, length),
-                old_logprobs,
-                advantages,
-                mask,
-                settings,
-                ref_logprobs,
-                None if entropy is None else entropy.reshape(batch, length),
-            )
-        else:
-            flat_labels = torch.where(mask.bool(), labels, -100).reshape(-1)
-            logp, lse, entropy = scan_logprobs(
-                hidden, weight, bias, flat_labels, settings.temperature, -100, compute_entropy, impl, rows
-            )
-            with torch.enable_grad():
-                logp_leaf = logp.reshape(batch, length).requires_grad_()
-                loss, stats = policy_objective(
-                    logp_leaf,
-                    old_logprobs,
-                    advantages,
-                    mask,
-                    settings,
-                    ref_logprobs,
-                    None if entropy is None else entropy.reshape(batch, length),
-                )
-                (grad_logp,) = torch.autograd.grad(loss, logp_leaf)
-            grads = backprop_chunks(
-                hidden,
-                weight,
-                bias,
-                flat_labels,
-                lse,
-                grad_logp.reshape(-1),
-                settings.temperature,
-                -100,
-                impl,
-                rows,
-                needs=needs,
-            )
-        ctx.save_for_backward(*(g for g in grads if g is not None))
-        ctx.present = tuple(g is not None for g in grads)
-        stats_out.append(stats)
-        return loss.detach()
+        loss, stats = policy_objective(
+            logp.reshape(batch, length),
+            old_logprobs,
+            advantages,
+            mask,
+            plan.settings,
+            ref_logprobs,
+            None if entropy is None else entropy.reshape(batch, length),
+        )
+        ctx.grads = grads  # held on ctx, not saved: backward scales them in place
+        return loss.detach(), stats
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        saved = iter(ctx.saved_tensors)
-        grads = [next(saved) * grad_loss if present else None for present in ctx.present]
-        # labels, old_logprobs, advantages, mask, ref_logprobs, config: not differentiable
+    def backward(ctx, grad_loss, _grad_stats):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the linear policy loss's gradients are consumed by its first backward")
+        # One host sync; skipping the scale when grad_loss == 1 saves a pass over grad_W [V, H].
+        if bool(grad_loss != 1):
+            for grad in grads:
+                if grad is not None:
+                    grad.mul_(grad_loss.to(grad.dtype))
+        # labels, old_logprobs, advantages, mask, ref_logprobs, plan: not differentiable
         return (*grads, None, None, None, None, None, None)
 
 
@@ -249,17 +275,13 @@ def linear_ppo_loss(
     # Triton + token-level ratios: the fused kernel gives log-probs and dlogits in one launch per chunk.
     token_level = settings.importance_sampling_level == "token"
     single_pass = token_level and resolve_backend(backend, hidden) == "triton"
-    rows = rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, chunk_bytes)
-    stats_out: list[PolicyLossStats] = []
-    loss = _LinearPolicyLoss.apply(
-        hidden_2d,
-        weight,
-        bias,
-        labels,
-        old_logprobs,
-        advantages,
-        mask,
-        ref_logprobs,
-        (settings, compute_entropy, impl, single_pass, rows, stats_out),
+    plan = LossPlan(
+        settings,
+        compute_entropy,
+        impl,
+        single_pass,
+        rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, chunk_bytes),
     )
-    return loss, stats_out[0]
+    return _LinearPolicyLoss.apply(
+        hidden_2d, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, plan
+    )

@@ -13,10 +13,17 @@ matmuls per chunk (logits, grad_hidden, grad_weight) instead of four.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from ..ppo_loss.settings import PolicyLossSettings
+
+if TYPE_CHECKING:
+    from ..ppo_loss.triton import TokenInputs
 
 # Default budget for one chunk of logits plus the fp32 temporaries the reference makes of it.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -26,6 +33,19 @@ def rows_per_chunk(n_rows: int, vocab: int, logits_dtype: torch.dtype, budget_by
     """Token rows per chunk so a chunk of logits (plus ~2 fp32 copies on the reference path) fits."""
     per_row = vocab * (torch.finfo(logits_dtype).bits // 8 + 8)
     return max(1, min(n_rows, budget_bytes // per_row))
+
+
+def chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(token slice, its logits ``[c, V]``) one chunk at a time.
+
+    The generator keeps no reference to a chunk it has yielded, so a caller that ``del``s it at
+    the end of its loop body holds one chunk of logits at a time, never two.
+    """
+    for start in range(0, hidden.shape[0], rows):
+        sl = slice(start, start + rows)
+        yield sl, F.linear(hidden[sl], weight, bias)
 
 
 def scan_logprobs(
@@ -42,13 +62,11 @@ def scan_logprobs(
     """(logp [N], lse [N], entropy [N] or None) without autograd, one chunk of logits at a time."""
     parts = []
     with torch.no_grad():
-        for start in range(0, hidden.shape[0], rows):
-            sl = slice(start, start + rows)
-            logits = F.linear(hidden[sl], weight, bias)  # [c, V]
+        for sl, logits in chunk_logits(hidden, weight, bias, rows):
             parts.append(
                 impl.token_logprobs_fwd(logits, labels[sl], temperature, ignore_index, return_entropy)
             )
-            del logits  # free this chunk before the next one is allocated: one chunk alive at a time
+            del logits
     logp = torch.cat([p[0] for p in parts])
     lse = torch.cat([p[1] for p in parts])
     entropy = torch.cat([p[2] for p in parts]) if return_entropy else None
@@ -80,7 +98,7 @@ class ChunkGrads:
         if self.grad_weight is not None:
             self.grad_weight.addmm_(dlogits.t(), self.hidden[rows])
         if self.grad_bias is not None:
-            self.grad_bias += dlogits.float().sum(0)
+            self.grad_bias += dlogits.sum(0, dtype=torch.float32)  # no fp32 copy of the chunk
 
     def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         grad_bias = None if self.grad_bias is None else self.grad_bias.to(self.bias.dtype)
@@ -105,10 +123,8 @@ def backprop_chunks(
     """Gradients of ``sum(grad_logp * logp + grad_entropy * entropy)`` w.r.t. hidden, weight, bias."""
     grads = ChunkGrads(hidden, weight, bias, needs)
     with torch.no_grad():
-        for start in range(0, hidden.shape[0], rows):
-            sl = slice(start, start + rows)
-            logits = F.linear(hidden[sl], weight, bias)  # [c, V]
-            dlogits = impl.token_logprobs_bwd(
+        for sl, logits in chunk_logits(hidden, weight, bias, rows):
+            impl.token_logprobs_bwd(
                 logits,
                 labels[sl],
                 lse[sl],
@@ -119,8 +135,8 @@ def backprop_chunks(
                 grad_entropy=None if grad_entropy is None else grad_entropy[sl],
                 out=logits,  # in place: the chunk's logits are not needed again
             )
-            grads.add(sl, dlogits)
-            del logits, dlogits  # one chunk alive at a time
+            grads.add(sl, logits)
+            del logits
     return grads.result()
 
 
@@ -128,38 +144,23 @@ def fused_token_chunks(
     hidden: torch.Tensor,  # [N, H]
     weight: torch.Tensor,  # [V, H]
     bias: torch.Tensor | None,
-    labels: torch.Tensor,  # [N] valid ids everywhere (masked tokens carry weight 0)
-    old_logprobs: torch.Tensor | None,  # [N] fp32; None: on-policy
-    advantages: torch.Tensor,  # [N] fp32
-    ref_logprobs: torch.Tensor | None,  # [N] fp32
-    weights: torch.Tensor,  # [N] fp32 loss-type weights, 0 where masked
-    settings,  # PolicyLossSettings
+    inputs: TokenInputs,  # [N] each
+    settings: PolicyLossSettings,
     want_entropy: bool,
     rows: int,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
     """One pass: (logp [N], entropy [N] | None, (grad_hidden, grad_weight, grad_bias))."""
-    from ..ppo_loss.triton import fused_token_chunk
+    from ..ppo_loss.triton import fused_token_chunk  # imports triton: only on the Triton backend
 
     grads = ChunkGrads(hidden, weight, bias, needs)
     logps, entropies = [], []
     with torch.no_grad():
-        for start in range(0, hidden.shape[0], rows):
-            sl = slice(start, start + rows)
-            logits = F.linear(hidden[sl], weight, bias)  # [c, V], overwritten with dlogits
-            logp, entropy = fused_token_chunk(
-                logits,
-                labels[sl],
-                None if old_logprobs is None else old_logprobs[sl],
-                advantages[sl],
-                None if ref_logprobs is None else ref_logprobs[sl],
-                weights[sl],
-                settings,
-                want_entropy,
-                out=logits,
-            )
+        for sl, logits in chunk_logits(hidden, weight, bias, rows):
+            # in place: dlogits replace the chunk's logits
+            logp, entropy = fused_token_chunk(logits, inputs.rows(sl), settings, want_entropy, out=logits)
             grads.add(sl, logits)
             logps.append(logp)
             entropies.append(entropy)
-            del logits  # one chunk alive at a time
+            del logits
     return torch.cat(logps), torch.cat(entropies) if want_entropy else None, grads.result()

@@ -1,8 +1,10 @@
 """Triton path of the clipped-ratio policy loss: the logits' gradient is produced in the forward.
 
-Token-level ratios: one launch. Each program streams its row once for the log-sum-exp, forms
+Token-level ratios: one launch. Each program reads its row for the log-sum-exp, forms
 dLoss/dlogp for its token in registers (ratio, clipping, delta cap, KL, loss-type weight), then
-streams the row again writing ``dlogits = c * (onehot - p) / T``: two reads, one write.
+writes ``dlogits = c * (onehot - p) / T``. A row of up to ``SINGLE_TILE_MAX_V`` logits stays on
+chip between the two steps (one read, one write); a longer one is streamed twice (two reads, one
+write). Masked tokens are not read: their gradient row is written as zeros.
 Sequence-level ratios (GSPO): the forward kernel gives every log-prob, autograd of the [B, T]
 reference objective gives dLoss/dlogp, and the backward kernel writes dlogits (one extra launch).
 Either way the loss value and the stats come from ``policy_objective`` on the kernel's log-probs,
@@ -11,14 +13,26 @@ so there is exactly one definition of the loss; tests check the in-kernel deriva
 
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
+from ..token_logprobs import kernel_rows
 from ..token_logprobs.triton import (
+    _grad_tile,
+    _load_z,
+    _lse_finish,
+    _lse_init,
+    _lse_step,
     _row_lse,
+    _row_ptr,
     _write_row_grad,
+    _write_row_zeros,
     block_config,
+    row_layout,
     token_logprobs_bwd,
     token_logprobs_fwd,
 )
@@ -45,15 +59,17 @@ def _token_loss_dlogp(
 ):
     """dLoss/dlogp of ``weight * (-min(r' A, clip(r) A) + beta * kl)`` for one token, r = exp(logp - old).
 
-    Matches autograd of ``policy_objective``: clamp passes gradient inside its bounds only, and
-    torch.min splits it in half on ties (inside the clip region both branches give A * r).
+    Matches autograd of ``policy_objective``: clamp passes gradient inside its bounds only (bounds
+    included), and torch.min splits it in half on ties (inside the clip region both branches give
+    A * r, so the sum is A * r again).
     """
+    # d r / d logp = r
     ratio = tl.exp(logp - old)
     clipped = tl.minimum(tl.maximum(ratio, clip_lo), clip_hi)
     d_clipped = tl.where((ratio >= clip_lo) & (ratio <= clip_hi), ratio, 0.0)
     unclipped = ratio
     d_unclipped = ratio
-    if HAS_DELTA:
+    if HAS_DELTA:  # r' = min(r, delta): no gradient above the cap
         unclipped = tl.minimum(ratio, delta)
         d_unclipped = tl.where(ratio <= delta, ratio, 0.0)
     t1 = unclipped * adv
@@ -62,6 +78,7 @@ def _token_loss_dlogp(
     d = -adv * d_min
     if KL != 0:
         # kl of x = clamp(logp - ref, -C, C): k1 = x, k2 = x^2 / 2, k3 = exp(-x) + x - 1
+        # d kl / d x: k1 = 1, k2 = x, k3 = 1 - exp(-x); zero where the clamp is active
         x = logp - ref
         inside = (x >= -KL_CLAMP) & (x <= KL_CLAMP)
         x = tl.minimum(tl.maximum(x, -KL_CLAMP), KL_CLAMP)
@@ -78,16 +95,18 @@ def _token_loss_dlogp(
 @triton.jit
 def _policy_loss_fwd_kernel(
     p_logits,
-    stride_row,
+    T,
+    stride_b,
+    stride_t,
     p_dlogits,
-    stride_drow,
+    stride_db,
+    stride_dt,
     p_labels,
     p_old,
     p_adv,
     p_ref,
     p_weight,
     p_logp,
-    p_lse,
     p_entropy,
     V,
     inv_temp,
@@ -100,78 +119,116 @@ def _policy_loss_fwd_kernel(
     KL_CLAMP: tl.constexpr,
     ON_POLICY: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     i_row = tl.program_id(0).to(tl.int64)
-    p_row = p_logits + i_row * stride_row
-    label = tl.load(p_labels + i_row)
+    p_row = _row_ptr(p_logits, i_row, T, stride_b, stride_t)
+    p_drow = _row_ptr(p_dlogits, i_row, T, stride_db, stride_dt)
     weight = tl.load(p_weight + i_row)
-    keep = weight != 0.0  # masked tokens carry weight 0: zero loss, zero gradient
-    lse, entropy = _row_lse(p_row, V, inv_temp, WITH_ENTROPY, BLOCK_V)
-    logp = tl.load(p_row + label).to(tl.float32) * inv_temp - lse
-    ref = 0.0
-    if KL != 0:
-        ref = tl.load(p_ref + i_row)
-    if ON_POLICY:  # old policy = current one: ratio exactly 1
-        old = logp
+    logp = tl.zeros((), tl.float32)  # masked tokens: logp = entropy = 0
+    entropy = tl.zeros((), tl.float32)
+    if weight != 0.0:  # masked tokens carry weight 0: zero loss, zero gradient, row not read
+        label = tl.load(p_labels + i_row)
+        z_label = tl.load(p_row + label).to(tl.float32) * inv_temp  # read before dlogits may overwrite it
+        if SINGLE_TILE:  # the row stays in registers for the gradient below: one read
+            o_v, b_z = _load_z(p_row, 0, V, inv_temp, BLOCK_V)
+            m, s, sz = _lse_init()
+            m, s, sz = _lse_step(m, s, sz, b_z, WITH_ENTROPY)
+            m, log_s, entropy = _lse_finish(m, s, sz)
+        else:
+            m, log_s, entropy = _row_lse(p_row, V, inv_temp, WITH_ENTROPY, BLOCK_V)
+        logp = (z_label - m) - log_s
+        ref = 0.0
+        if KL != 0:
+            ref = tl.load(p_ref + i_row)
+        if ON_POLICY:  # old policy = current one: ratio exactly 1
+            old = logp
+        else:
+            old = tl.load(p_old + i_row)
+        coef = _token_loss_dlogp(
+            logp,
+            old,
+            tl.load(p_adv + i_row),
+            ref,
+            weight,
+            clip_lo,
+            clip_hi,
+            delta,
+            beta,
+            HAS_DELTA,
+            KL,
+            KL_CLAMP,
+        )
+        # dlogits = coef * (onehot(label) - p) / T
+        if SINGLE_TILE:
+            b_d = _grad_tile(b_z, o_v, label, m, log_s, coef, 0.0, 0.0, inv_temp, False)
+            tl.store(p_drow + o_v, b_d.to(p_drow.dtype.element_ty), mask=o_v < V)
+        else:  # second read of the row; it is likely still in L2
+            _write_row_grad(p_row, p_drow, V, inv_temp, label, m, log_s, coef, 0.0, 0.0, False, BLOCK_V)
     else:
-        old = tl.load(p_old + i_row)
-    coef = _token_loss_dlogp(
-        logp,
-        old,
-        tl.load(p_adv + i_row),
-        ref,
-        weight,
-        clip_lo,
-        clip_hi,
-        delta,
-        beta,
-        HAS_DELTA,
-        KL,
-        KL_CLAMP,
-    )
-    coef = tl.where(keep, coef, 0.0)
-    tl.store(p_lse + i_row, lse)
-    tl.store(p_logp + i_row, tl.where(keep, logp, 0.0))
+        _write_row_zeros(p_drow, V, BLOCK_V)
+    tl.store(p_logp + i_row, logp)
     if WITH_ENTROPY:
-        tl.store(p_entropy + i_row, tl.where(keep, entropy, 0.0))
-    # Second pass over the row: it is still hot in L2 for moderate V.
-    _write_row_grad(
-        p_row, p_dlogits + i_row * stride_drow, V, inv_temp, label, lse, coef, 0.0, 0.0, False, BLOCK_V
-    )
+        tl.store(p_entropy + i_row, entropy)
+
+
+class TokenInputs(NamedTuple):
+    """Per-token inputs of the fused kernel, flattened to ``[N]`` (N = B * T)."""
+
+    labels: torch.Tensor  # int64; 0 where masked (never read there)
+    old_logprobs: torch.Tensor | None  # fp32; None: on-policy
+    advantages: torch.Tensor  # fp32, per token
+    ref_logprobs: torch.Tensor | None  # fp32
+    weights: torch.Tensor  # fp32 from loss_token_weights; 0 where masked
+
+    @classmethod
+    def build(cls, labels, old_logprobs, advantages, mask, ref_logprobs, settings) -> TokenInputs:
+        """From the ``[B, T]`` inputs of the public functions (advantages ``[B]`` or ``[B, T]``)."""
+        batch, length = labels.shape
+        adv = advantages[:, None].expand(batch, length) if advantages.dim() == 1 else advantages
+
+        def flat(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.float().reshape(-1).contiguous()
+
+        return cls(
+            torch.where(mask.bool(), labels, 0).reshape(-1).long(),
+            flat(old_logprobs),
+            flat(adv),
+            flat(ref_logprobs),
+            flat(loss_token_weights(mask, settings)),
+        )
+
+    def rows(self, sl: slice) -> TokenInputs:
+        return TokenInputs(*(None if x is None else x[sl] for x in self))
 
 
 def fused_token_chunk(
-    logits: torch.Tensor,  # [n, V], overwritten with its gradient when out is logits
-    labels: torch.Tensor,  # [n] int64, valid ids everywhere (masked rows carry weight 0)
-    old_logprobs: torch.Tensor | None,  # [n] fp32; None: on-policy
-    advantages: torch.Tensor,  # [n] fp32
-    ref_logprobs: torch.Tensor | None,  # [n] fp32
-    weights: torch.Tensor,  # [n] fp32 from loss_token_weights (0 where masked)
+    logits: torch.Tensor,  # [n, V] or [B, T, V] (n = B * T), last dim contiguous
+    inputs: TokenInputs,  # [n] each
     settings: PolicyLossSettings,
     want_entropy: bool,
-    out: torch.Tensor,  # [n, V] gradient destination (may be logits)
+    out: torch.Tensor,  # like logits: gradient destination (may be logits itself)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One launch: (logp [n], entropy [n] | None) and dLoss/dlogits written into ``out``."""
-    n_rows, vocab = logits.shape
+    layout, (_, *out_strides) = row_layout(logits), row_layout(out)
+    n_rows, vocab = inputs.labels.numel(), logits.shape[-1]
     logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
-    entropy = torch.empty_like(logp) if want_entropy else logp
+    entropy = torch.empty_like(logp) if want_entropy else logp  # dummy pointer when unused
     kl_code = _KL_CODES[settings.kl_estimator] if settings.beta != 0.0 else 0
-    block, warps = block_config(vocab)
+    config = block_config(vocab, single_tile_ok=True)
     if n_rows:
         _policy_loss_fwd_kernel[(n_rows,)](
             logits,
-            logits.stride(0),
+            *layout,
             out,
-            out.stride(0),
-            labels,
-            logp if old_logprobs is None else old_logprobs,
-            advantages,
-            ref_logprobs if kl_code else logp,
-            weights,
+            *out_strides,
+            inputs.labels,
+            logp if inputs.old_logprobs is None else inputs.old_logprobs,
+            inputs.advantages,
+            inputs.ref_logprobs if kl_code else logp,
+            inputs.weights,
             logp,
-            lse,
             entropy,
             vocab,
             1.0 / settings.temperature,
@@ -182,61 +239,110 @@ def fused_token_chunk(
             HAS_DELTA=settings.delta is not None,
             KL=kl_code,
             KL_CLAMP=KL_LOG_RATIO_CLAMP,
-            ON_POLICY=old_logprobs is None,
+            ON_POLICY=inputs.old_logprobs is None,
             WITH_ENTROPY=want_entropy,
-            BLOCK_V=block,
-            num_warps=warps,
+            SINGLE_TILE=config.single_tile,
+            BLOCK_V=config.block_v,
+            num_warps=config.num_warps,
         )
     return logp, entropy if want_entropy else None
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonLossOptions:
+    """What a Triton policy-loss call does besides the loss settings."""
+
+    settings: PolicyLossSettings
+    compute_entropy: bool  # entropy as a stat (not differentiated)
+    overwrite_logits: bool  # write dlogits into the logits' own buffer
+
+
+def _logprobs_and_grad(
+    rows: torch.Tensor,  # [B, T, V] (or [N, V]) kernel layout
+    labels: torch.Tensor,  # [B, T]
+    old_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,  # [B] or [B, T]
+    mask: torch.Tensor,  # [B, T]
+    ref_logprobs: torch.Tensor | None,
+    options: TritonLossOptions,
+    out: torch.Tensor,  # like rows: gradient destination
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token (logp [B, T], entropy [B, T] | None), with dLoss/dlogits written into ``out``."""
+    settings = options.settings
+    batch, length = labels.shape
+    if settings.importance_sampling_level == "token":
+        inputs = TokenInputs.build(labels, old_logprobs, advantages, mask, ref_logprobs, settings)
+        logp, entropy = fused_token_chunk(rows, inputs, settings, options.compute_entropy, out)
+    else:  # GSPO: dLoss/dlogp couples a sequence's tokens, so autograd of the [B, T] objective gives it
+        ignore = torch.where(mask.bool(), labels, -100).reshape(-1).long()
+        logp, lse, entropy = token_logprobs_fwd(
+            rows, ignore, settings.temperature, -100, options.compute_entropy
+        )
+        with torch.enable_grad():
+            leaf = logp.reshape(batch, length).requires_grad_()
+            loss, _ = policy_objective(leaf, old_logprobs, advantages, mask, settings, ref_logprobs)
+            (dlogp,) = torch.autograd.grad(loss, leaf)
+        token_logprobs_bwd(rows, ignore, lse, dlogp.reshape(-1), settings.temperature, -100, out=out)
+    return logp.reshape(batch, length), None if entropy is None else entropy.reshape(batch, length)
 
 
 class _PolicyLossTriton(torch.autograd.Function):
     """Gradient computed in forward; backward only scales it by the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, logits, dlogits):
-        ctx.save_for_backward(dlogits)
-        return logits.new_zeros((), dtype=torch.float32)  # the value is added outside (see below)
+    def forward(ctx, logits, labels, old_logprobs, advantages, mask, ref_logprobs, options):
+        rows = kernel_rows(logits)
+        copied = rows.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr()
+        # The gradient goes into the logits when allowed, or into the kernel's own copy of them.
+        out = rows if options.overwrite_logits or copied else torch.empty_like(rows)
+        logp, entropy = _logprobs_and_grad(
+            rows, labels, old_logprobs, advantages, mask, ref_logprobs, options, out
+        )
+        loss, stats = policy_objective(
+            logp, old_logprobs, advantages, mask, options.settings, ref_logprobs, entropy
+        )
+        ctx.dlogits = out.view(logits.shape)  # held on ctx, not saved: backward may scale it in place
+        return loss.detach(), stats
 
     @staticmethod
-    def backward(ctx, grad_out):
-        (dlogits,) = ctx.saved_tensors
-        return dlogits * grad_out.to(dlogits.dtype), None  # dlogits: not differentiable
+    def backward(ctx, grad_loss, _grad_stats):
+        dlogits, ctx.dlogits = ctx.dlogits, None
+        if dlogits is None:
+            raise RuntimeError("the Triton policy loss's gradient buffer is consumed by its first backward")
+        # One host sync; skipping the scale when grad_loss == 1 saves a full pass over [B, T, V].
+        if bool(grad_loss != 1):
+            dlogits.mul_(grad_loss.to(dlogits.dtype))
+        # labels, old_logprobs, advantages, mask, ref_logprobs, options: not differentiable
+        return dlogits, None, None, None, None, None, None
 
 
 def policy_loss_triton(
-    logits, labels, old_logprobs, advantages, mask, settings, ref_logprobs, compute_entropy, overwrite_logits
+    logits: torch.Tensor,  # [B, T, V]
+    labels: torch.Tensor,  # [B, T]
+    old_logprobs: torch.Tensor | None,  # [B, T]; None: on-policy
+    advantages: torch.Tensor,  # [B] or [B, T]
+    mask: torch.Tensor,  # [B, T]
+    settings: PolicyLossSettings,
+    ref_logprobs: torch.Tensor | None,  # [B, T]
+    compute_entropy: bool,
+    overwrite_logits: bool,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
-    batch, length, vocab = logits.shape
-    rows = logits.reshape(-1, vocab) if logits.is_contiguous() else logits.reshape(batch * length, vocab)
-    out = rows if overwrite_logits else torch.empty_like(rows)
-    flat_labels = torch.where(mask.bool(), labels, 0).reshape(-1).long()
-    adv = advantages[:, None].expand(batch, length) if advantages.dim() == 1 else advantages
-    if settings.importance_sampling_level == "token":
-        weights = loss_token_weights(mask, settings)
-        logp, entropy = fused_token_chunk(
-            rows,
-            flat_labels,
-            None if old_logprobs is None else old_logprobs.float().reshape(-1),
-            adv.float().reshape(-1),
-            None if ref_logprobs is None else ref_logprobs.float().reshape(-1),
-            weights.reshape(-1).contiguous(),
-            settings,
-            compute_entropy,
-            out,
-        )
-        logp = logp.reshape(batch, length)
-    else:
-        ignore = torch.where(mask.bool(), labels, -100).reshape(-1).long()
-        logp, lse, entropy = token_logprobs_fwd(rows, ignore, settings.temperature, -100, compute_entropy)
-        with torch.enable_grad():
-            leaf = logp.reshape(batch, length).requires_grad_()
-            loss_for_grad, _ = policy_objective(leaf, old_logprobs, advantages, mask, settings, ref_logprobs)
-            (dlogp,) = torch.autograd.grad(loss_for_grad, leaf)
-        token_logprobs_bwd(rows, ignore, lse, dlogp.reshape(-1), settings.temperature, -100, out=out)
-        logp = logp.reshape(batch, length)
-    entropy = None if entropy is None else entropy.reshape(batch, length)
-    loss, stats = policy_objective(logp, old_logprobs, advantages, mask, settings, ref_logprobs, entropy)
-    # loss.detach() carries the value, the Function the gradient (its own output is 0).
-    loss = loss.detach() + _PolicyLossTriton.apply(logits, out.view(logits.shape))
-    return loss, stats
+    """``fused_policy_loss`` on the Triton backend (inputs already checked there)."""
+    options = TritonLossOptions(settings, compute_entropy, overwrite_logits)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _PolicyLossTriton.apply(logits, labels, old_logprobs, advantages, mask, ref_logprobs, options)
+    # Nothing to differentiate: log-probs only (one read, nothing written), then the objective.
+    ignore = torch.where(mask.bool(), labels, -100).reshape(-1).long()
+    logp, _, entropy = token_logprobs_fwd(
+        kernel_rows(logits), ignore, settings.temperature, -100, compute_entropy
+    )
+    batch, length = labels.shape
+    return policy_objective(
+        logp.reshape(batch, length),
+        old_logprobs,
+        advantages,
+        mask,
+        settings,
+        ref_logprobs,
+        None if entropy is None else entropy.reshape(batch, length),
+    )

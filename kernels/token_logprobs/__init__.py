@@ -20,6 +20,29 @@ def launchers(backend: Backend, tensor: torch.Tensor) -> ModuleType:
     return reference
 
 
+def kernel_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits [..., V]`` as the Triton launchers read them: ``[N, V]`` or ``[B, T, V]``, unit V stride.
+
+    Leading dims are merged where their strides allow, so a slice such as ``logits[:, :-1]`` of
+    ``[B, T, V]`` stays a view (the kernels take two leading strides); only a strided vocabulary
+    dim, or leading dims that need three or more strides, are copied.
+    """
+    vocab = logits.shape[-1]
+    if logits.stride(-1) != 1 or logits.numel() == 0:
+        return logits.reshape(-1, vocab).contiguous()
+    merged: list[list[int]] = []  # [size, stride] of each leading dim after merging
+    for size, stride in zip(logits.shape[:-1], logits.stride()[:-1], strict=True):
+        if size == 1:
+            continue  # a size-1 dim's stride is irrelevant
+        if merged and merged[-1][1] == stride * size:  # continues the outer dim: one stride for both
+            merged[-1] = [merged[-1][0] * size, stride]
+        else:
+            merged.append([size, stride])
+    if len(merged) > 2:
+        return logits.reshape(-1, vocab)
+    return logits.view(*(size for size, _ in merged or [[1, 0]]), vocab)
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """One Function for both backends; they differ only in their fwd/bwd launchers."""
 
@@ -31,7 +54,6 @@ class _TokenLogprobs(torch.autograd.Function):
         ctx.save_for_backward(logits, labels, lse, entropy if return_entropy else lse)
         ctx.settings = (temperature, ignore_index, return_entropy, impl)
         out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        ctx.mark_non_differentiable(lse)
         if return_entropy:
             return logp.to(out_dtype), entropy.to(out_dtype)
         return logp.to(out_dtype)
@@ -80,16 +102,16 @@ def token_logprobs(
     """
     check_float("logits", logits)
     check_positive("temperature", temperature)
-    if logits.dim() < 1:
-        raise ValueError("logits must have a vocabulary dimension, got a 0-d tensor")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
     check_same_shape("labels", labels, logits.shape[:-1], f"logits are {tuple(logits.shape)}")
     vocab = logits.shape[-1]
     check_labels(labels, vocab, ignore_index)
     lead = labels.shape
     impl = launchers(backend, logits)
-    logits_2d = logits.reshape(-1, vocab)  # a view when the leading dims collapse, else one copy
+    rows = kernel_rows(logits) if impl is not reference else logits.reshape(-1, vocab)
     out = _TokenLogprobs.apply(
-        logits_2d, labels.reshape(-1).long(), temperature, ignore_index, return_entropy, impl
+        rows, labels.reshape(-1).long(), temperature, ignore_index, return_entropy, impl
     )
     if return_entropy:
         return out[0].reshape(lead), out[1].reshape(lead)

@@ -1,12 +1,19 @@
 """Triton kernels for per-token log-probs and entropy (forward) and their gradient (backward).
 
-Launchers match ``reference.py``: ``token_logprobs_fwd`` / ``token_logprobs_bwd``. One program
-per row; the row is streamed in ``BLOCK_V`` tiles with an online max / sum-exp, so the forward
-reads the logits once and the backward reads them once and writes the gradient once (in place
-when ``out is logits``). The ``@triton.jit`` row helpers are shared with the fused policy loss.
+Launchers match ``reference.py``: ``token_logprobs_fwd`` / ``token_logprobs_bwd``; they also take
+``[B, T, V]`` logits with arbitrary leading strides (e.g. ``logits[:, :-1]``), so a slice is
+read where it lies instead of being copied first. One program per row; the row is streamed in
+``BLOCK_V`` tiles with an online max / sum-exp, so the forward reads the logits once and the
+backward reads them once and writes the gradient once (in place when ``out is logits``). Ignored
+rows are not read at all: they get 0 outputs and a zero gradient.
+
+The ``@triton.jit`` row helpers below (online log-sum-exp, gradient tile, row writers) are shared
+with the fused policy loss in ``ppo_loss/triton.py``.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -15,34 +22,89 @@ import triton.language as tl
 # Start value of the running max: finite, so the first rescale exp(m - m_new) is exactly 0
 # instead of exp(-inf + inf) = NaN. Below any logit representable in bf16/fp16/fp32 practice.
 _NEG_BIG = tl.constexpr(-1.0e30)  # jit code may read only constexpr globals
+# Streaming tile width. Unmeasured on GPU: a first guess to tune with benchmarks/.
 MAX_BLOCK_V = 8192
+# Widest row the fused loss holds on chip as one tile (read once instead of twice): 32768 fp32 over
+# 16 warps is 64 values per thread. Offline sm_90 ptxas: 128 registers and a 64-byte spill per
+# thread at 32768 (none at 16384), one program per SM. Unmeasured on GPU against streaming twice
+# (set this to 0 to compare): benchmarks/ must decide it.
+SINGLE_TILE_MAX_V = 32768
+
+
+@triton.jit
+def _row_ptr(p_base, i_row, T, stride_b, stride_t):
+    """Row ``i_row`` of ``[B, T, V]`` logits (``[N, V]``: T = N, stride_b = 0); int64 offsets."""
+    return p_base + (i_row // T) * stride_b + (i_row % T) * stride_t
+
+
+@triton.jit
+def _load_z(p_row, start, V, inv_temp, BLOCK_V: tl.constexpr):
+    """Tile ``[start, start + BLOCK_V)`` of z = logits / T in fp32; lanes past V read -inf (p = 0)."""
+    o_v = start + tl.arange(0, BLOCK_V)
+    b_z = tl.load(p_row + o_v, mask=o_v < V, other=float("-inf")).to(tl.float32) * inv_temp
+    return o_v, b_z
+
+
+@triton.jit
+def _lse_init():
+    """Running (max m, sum e^(z-m) s, sum e^(z-m) (z-m) sz) before any tile."""
+    return tl.full((), _NEG_BIG, tl.float32), tl.zeros((), tl.float32), tl.zeros((), tl.float32)
+
+
+@triton.jit
+def _lse_step(m, s, sz, b_z, WITH_ENTROPY: tl.constexpr):
+    """Fold one tile into the running state, rescaling the old sums to the new max.
+
+    Tracking sum e^(z-m) (z-m) rather than sum p z keeps H = log s - sz / s free of the
+    cancellation lse - E[z] suffers at large logit magnitudes (1e4 logits would leave fp32 H with
+    ~1e-3 absolute error). NaN anywhere makes s NaN; +inf makes exp(inf - inf) = NaN: both reach lse.
+    """
+    m_new = tl.maximum(m, tl.max(b_z, 0))
+    scale = tl.exp(m - m_new)
+    b_e = tl.exp(b_z - m_new)
+    if WITH_ENTROPY:
+        # e^(z-m_new) (z-m_new) = scale * e^(z-m) ((z-m) + (m-m_new)); -inf lanes (e = 0) add 0
+        sz = scale * (sz + s * (m - m_new)) + tl.sum(b_e * tl.where(b_e > 0, b_z - m_new, 0.0), 0)
+    s = s * scale + tl.sum(b_e, 0)
+    return m_new, s, sz
+
+
+@triton.jit
+def _lse_finish(m, s, sz):
+    """(m, log s, entropy) of the row: lse = m + log s, kept apart so logp = (z - m) - log s.
+
+    Forming z - lse instead would round lse to fp32 first: ~5e-4 absolute at 1e4 logits.
+    """
+    log_s = tl.log(s)
+    return m, log_s, log_s - sz / s
 
 
 @triton.jit
 def _row_lse(p_row, V, inv_temp, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Online log-sum-exp of z = logits / T over one row; with entropy, H = log s - sum(e (z - m)) / s.
-
-    Tracking sum e^(z-m) (z-m) rather than sum p z keeps H free of the cancellation lse - E[z]
-    suffers at large logit magnitudes (1e4 logits would leave fp32 H with ~1e-3 absolute error).
-    """
-    m = tl.full((), _NEG_BIG, tl.float32)
-    s = tl.zeros((), tl.float32)
-    sz = tl.zeros((), tl.float32)
+    """(m, log s, entropy) of z = logits / T over one row, streamed in BLOCK_V tiles (one read)."""
+    m, s, sz = _lse_init()
     for start in range(0, V, BLOCK_V):
-        o_v = start + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_z = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(b_z, 0))
-        scale = tl.exp(m - m_new)
-        b_e = tl.exp(b_z - m_new)
-        if WITH_ENTROPY:
-            # rescale old terms to the new max: e^(z-m_new)(z-m_new) = scale * e^(z-m) ((z-m) + (m-m_new))
-            sz = scale * (sz + s * (m - m_new)) + tl.sum(tl.where(b_e > 0, b_e * (b_z - m_new), 0.0), 0)
-        s = s * scale + tl.sum(b_e, 0)
-        m = m_new
-    lse = m + tl.log(s)
-    entropy = tl.log(s) - sz / s
-    return lse, entropy
+        _, b_z = _load_z(p_row, start, V, inv_temp, BLOCK_V)
+        m, s, sz = _lse_step(m, s, sz, b_z, WITH_ENTROPY)
+    return _lse_finish(m, s, sz)
+
+
+@triton.jit
+def _grad_tile(b_z, o_v, label, m, log_s, g_logp, g_ent, entropy, inv_temp, WITH_ENTROPY_GRAD: tl.constexpr):
+    """dLoss/dlogits of one tile, fp32, for upstream gradients g_logp (of logp) and g_ent (of H).
+
+    lse = m + log_s: the fused loss passes the row max and log-sum apart (lse is never rounded);
+    the backward kernel has only the stored fp32 lse (m = lse, log_s = 0).
+    """
+    # logp_v = z_v - lse, p_v = exp(logp_v)
+    # d logp_label / d logits_v = (onehot_v - p_v) / T
+    # d H / d logits_v = -p_v (logp_v + H) / T     (H = -sum p log p)
+    b_logp = (b_z - m) - log_s
+    b_p = tl.exp(b_logp)
+    b_d = tl.where(o_v == label, g_logp, 0.0) - b_p * g_logp
+    if WITH_ENTROPY_GRAD:
+        b_d -= g_ent * b_p * tl.where(b_p > 0, b_logp + entropy, 0.0)  # p = 0: no 0 * -inf
+    return b_d * inv_temp
 
 
 @triton.jit
@@ -52,29 +114,35 @@ def _write_row_grad(
     V,
     inv_temp,
     label,
-    lse,
+    m,
+    log_s,
     g_logp,
     g_ent,
     entropy,
     WITH_ENTROPY_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """dlogits = g_logp * (onehot(label) - p) / T  -  g_ent * p * (log p + H) / T, tile by tile."""
+    """Stream the row once more, writing its gradient tile by tile (p_out_row may be p_row)."""
+    for start in range(0, V, BLOCK_V):
+        o_v, b_z = _load_z(p_row, start, V, inv_temp, BLOCK_V)
+        b_d = _grad_tile(b_z, o_v, label, m, log_s, g_logp, g_ent, entropy, inv_temp, WITH_ENTROPY_GRAD)
+        tl.store(p_out_row + o_v, b_d.to(p_out_row.dtype.element_ty), mask=o_v < V)
+
+
+@triton.jit
+def _write_row_zeros(p_out_row, V, BLOCK_V: tl.constexpr):
+    """Zero gradient for a row that does not count (its logits are never read)."""
     for start in range(0, V, BLOCK_V):
         o_v = start + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_logp = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32) * inv_temp - lse
-        b_p = tl.exp(b_logp)
-        b_d = tl.where(o_v == label, g_logp, 0.0) - b_p * g_logp
-        if WITH_ENTROPY_GRAD:
-            b_d -= g_ent * tl.where(b_p > 0, b_p * (b_logp + entropy), 0.0)
-        tl.store(p_out_row + o_v, (b_d * inv_temp).to(p_out_row.dtype.element_ty), mask=m_v)
+        tl.store(p_out_row + o_v, tl.zeros((BLOCK_V,), p_out_row.dtype.element_ty), mask=o_v < V)
 
 
 @triton.jit
 def _token_logprobs_fwd_kernel(
     p_logits,
-    stride_row,
+    T,
+    stride_b,
+    stride_t,
     p_labels,
     p_logp,
     p_lse,
@@ -86,23 +154,30 @@ def _token_logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     i_row = tl.program_id(0).to(tl.int64)
-    p_row = p_logits + i_row * stride_row
     label = tl.load(p_labels + i_row)
-    keep = label != ignore_index
-    lse, entropy = _row_lse(p_row, V, inv_temp, WITH_ENTROPY, BLOCK_V)
-    z_label = tl.load(p_row + tl.where(keep, label, 0)).to(tl.float32) * inv_temp
+    lse = tl.zeros((), tl.float32)  # ignored rows: logp = entropy = lse = 0, logits not read
+    logp = tl.zeros((), tl.float32)
+    entropy = tl.zeros((), tl.float32)
+    if label != ignore_index:
+        p_row = _row_ptr(p_logits, i_row, T, stride_b, stride_t)
+        m, log_s, entropy = _row_lse(p_row, V, inv_temp, WITH_ENTROPY, BLOCK_V)
+        lse = m + log_s
+        logp = (tl.load(p_row + label).to(tl.float32) * inv_temp - m) - log_s
     tl.store(p_lse + i_row, lse)
-    tl.store(p_logp + i_row, tl.where(keep, z_label - lse, 0.0))
+    tl.store(p_logp + i_row, logp)
     if WITH_ENTROPY:
-        tl.store(p_entropy + i_row, tl.where(keep, entropy, 0.0))
+        tl.store(p_entropy + i_row, entropy)
 
 
 @triton.jit
 def _token_logprobs_bwd_kernel(
     p_logits,
-    stride_row,
+    T,
+    stride_b,
+    stride_t,
     p_out,
-    stride_out,
+    stride_ob,
+    stride_ot,
     p_labels,
     p_lse,
     p_glogp,
@@ -116,54 +191,83 @@ def _token_logprobs_bwd_kernel(
 ):
     i_row = tl.program_id(0).to(tl.int64)
     label = tl.load(p_labels + i_row)
-    keep = label != ignore_index
-    g_logp = tl.where(keep, tl.load(p_glogp + i_row).to(tl.float32), 0.0)
-    g_ent = 0.0
-    entropy = 0.0
-    if WITH_ENTROPY_GRAD:
-        g_ent = tl.where(keep, tl.load(p_gent + i_row).to(tl.float32), 0.0)
-        entropy = tl.load(p_entropy + i_row)
-    _write_row_grad(
-        p_logits + i_row * stride_row,
-        p_out + i_row * stride_out,
-        V,
-        inv_temp,
-        label,
-        tl.load(p_lse + i_row),
-        g_logp,
-        g_ent,
-        entropy,
-        WITH_ENTROPY_GRAD,
-        BLOCK_V,
-    )
-
-
-def block_config(vocab: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps). Unmeasured on GPU: a first guess to tune with benchmarks/."""
-    block = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
-    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
-
-
-def _check_rows(logits: torch.Tensor) -> None:
-    if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(
-            f"logits must be [N, V] with a contiguous last dim, got {tuple(logits.shape)} "
-            f"strides {logits.stride()}"
+    p_out_row = _row_ptr(p_out, i_row, T, stride_ob, stride_ot)
+    if label != ignore_index:
+        g_ent = 0.0
+        entropy = 0.0
+        if WITH_ENTROPY_GRAD:
+            g_ent = tl.load(p_gent + i_row)
+            entropy = tl.load(p_entropy + i_row)
+        _write_row_grad(
+            _row_ptr(p_logits, i_row, T, stride_b, stride_t),
+            p_out_row,
+            V,
+            inv_temp,
+            label,
+            tl.load(p_lse + i_row),
+            0.0,
+            tl.load(p_glogp + i_row),
+            g_ent,
+            entropy,
+            WITH_ENTROPY_GRAD,
+            BLOCK_V,
         )
+    else:
+        _write_row_zeros(p_out_row, V, BLOCK_V)
+
+
+class BlockConfig(NamedTuple):
+    block_v: int  # tile width (a power of 2)
+    num_warps: int
+    single_tile: bool  # the whole row is one tile: the fused loss reads it once, not twice
+
+
+def block_config(vocab: int, single_tile_ok: bool = False) -> BlockConfig:
+    """Tile and warps for a row of ``vocab`` logits.
+
+    Streaming kernels read each row once whatever the tile, so they stream ``MAX_BLOCK_V`` tiles;
+    the fused loss (``single_tile_ok``) keeps rows up to ``SINGLE_TILE_MAX_V`` on chip. Unmeasured
+    on GPU: first guesses to tune with benchmarks/.
+    """
+    full = triton.next_power_of_2(max(vocab, 1))
+    block = full if full <= MAX_BLOCK_V or (single_tile_ok and full <= SINGLE_TILE_MAX_V) else MAX_BLOCK_V
+    warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return BlockConfig(block, warps, block >= vocab)
+
+
+def row_layout(x: torch.Tensor) -> tuple[int, int, int]:
+    """(T, stride_b, stride_t) addressing the rows of ``x`` (``[N, V]`` or ``[B, T, V]``) in a kernel.
+
+    Raises for other layouts: the public functions make the vocabulary dim contiguous first.
+    """
+    if x.dim() not in (2, 3) or x.stride(-1) != 1:
+        raise ValueError(
+            f"logits must be [N, V] or [B, T, V] with a contiguous last dim, got shape "
+            f"{tuple(x.shape)} strides {x.stride()}"
+        )
+    if x.dim() == 2:
+        return max(x.shape[0], 1), 0, x.stride(0)
+    return max(x.shape[1], 1), x.stride(0), x.stride(1)
 
 
 def token_logprobs_fwd(logits, labels, temperature, ignore_index, return_entropy):
-    """(logp fp32 [N], lse fp32 [N], entropy fp32 [N] | None); see reference.token_logprobs_fwd."""
-    _check_rows(logits)
-    n_rows, vocab = logits.shape
+    """(logp fp32 [N], lse fp32 [N], entropy fp32 [N] | None); see reference.token_logprobs_fwd.
+
+    ``logits``: ``[N, V]`` or ``[B, T, V]`` (N = B * T), last dim contiguous. ``lse`` is 0 on
+    ignored rows (never read: their gradient is zero).
+    """
+    layout = row_layout(logits)
+    vocab = logits.shape[-1]
+    labels = labels.contiguous()  # the kernels index per-row inputs by row number
+    n_rows = labels.numel()
     logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if return_entropy else logp  # dummy pointer when unused
-    block, warps = block_config(vocab)
+    config = block_config(vocab)
     if n_rows:
         _token_logprobs_fwd_kernel[(n_rows,)](
             logits,
-            logits.stride(0),
+            *layout,
             labels,
             logp,
             lse,
@@ -172,8 +276,8 @@ def token_logprobs_fwd(logits, labels, temperature, ignore_index, return_entropy
             1.0 / temperature,
             ignore_index,
             WITH_ENTROPY=return_entropy,
-            BLOCK_V=block,
-            num_warps=warps,
+            BLOCK_V=config.block_v,
+            num_warps=config.num_warps,
         )
     return logp, lse, entropy if return_entropy else None
 
@@ -182,18 +286,22 @@ def token_logprobs_bwd(
     logits, labels, lse, grad_logp, temperature, ignore_index, entropy=None, grad_entropy=None, out=None
 ):
     """Gradient w.r.t. logits into ``out`` (may be ``logits``); see reference.token_logprobs_bwd."""
-    _check_rows(logits)
+    layout = row_layout(logits)
     out = torch.empty_like(logits) if out is None else out
-    _check_rows(out)
-    n_rows, vocab = logits.shape
+    if out.shape != logits.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected the logits' {tuple(logits.shape)}")
+    _, *out_strides = row_layout(out)
+    vocab = logits.shape[-1]
+    labels = labels.contiguous()
+    n_rows = labels.numel()
     with_ent = grad_entropy is not None
-    block, warps = block_config(vocab)
+    config = block_config(vocab)
     if n_rows:
         _token_logprobs_bwd_kernel[(n_rows,)](
             logits,
-            logits.stride(0),
+            *layout,
             out,
-            out.stride(0),
+            *out_strides,
             labels,
             lse,
             grad_logp.float().contiguous(),
@@ -203,7 +311,7 @@ def token_logprobs_bwd(
             1.0 / temperature,
             ignore_index,
             WITH_ENTROPY_GRAD=with_ent,
-            BLOCK_V=block,
-            num_warps=warps,
+            BLOCK_V=config.block_v,
+            num_warps=config.num_warps,
         )
     return out
