@@ -1,9 +1,9 @@
 """fused_policy_loss (logits in) vs eager log_softmax -> gather -> TRL's loss, and torch.compile of
 it: forward+backward, bf16 logits, GRPO token-level ratios with a k3 KL term.
 
-Floor: two reads of the logits and one write of their gradient (3*N*V*2 bytes). Rows that fit on
-chip could do one read (2*N*V*2); the kernel does not use that regime yet, so 3 passes is the floor
-it is measured against (rows up to 32768 are now held on chip: see block_config).
+Floor: two reads of the logits and one write of their gradient (3*N*V*2 bytes). Rows of up to
+32768 logits are held on chip by the kernel (one read, 2*N*V*2 bytes: see block_config); the table
+states the 3-pass floor for every size, so on-chip sizes can exceed a fraction of 1.
 
     python -P -m fastppo.benchmarks.bench_policy_loss [--quick] [--out DIR]
 """
