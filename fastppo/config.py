@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from .memory.optim import SUPPORTED_OPTIMIZERS
+
 T = TypeVar("T")
 
 # Fields that only take effect together with a switch fastppo rejects (vLLM, the Hub, SAPO/VESPO losses,
@@ -36,8 +38,6 @@ INERT_FIELDS = frozenset(
     """.split()
 )
 
-# Optimizers the trainers build (trainer/base.py). The memory issue adds the 8-bit ones here.
-SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 
 # TrainingArguments fields the trainers honour (trainer/base.py), shared with PPOConfig.
 SUPPORTED_TRAINING_ARGUMENTS = frozenset(

@@ -28,6 +28,7 @@ from ..logging import (
     ProgressBar,
     plot_reward_curve,
 )
+from ..memory.optim import create_optimizer
 
 
 def interval(value: float, total: int) -> int:
@@ -119,27 +120,21 @@ class TrainerBase:
 
     # --- optimisation -------------------------------------------------------------------------------
 
+    def trained_modules(self) -> list[nn.Module]:
+        """Modules whose trainable parameters the optimizer steps (PPO adds its critic)."""
+        return [self.model]
+
     def create_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over trainable parameters; no weight decay on biases and norm weights (as Trainer)."""
+        """AdamW (``args.optim``: torch, fused, or bitsandbytes 8-bit) over the trainable parameters of
+        ``trained_modules()``; no weight decay on biases and norm weights (as Trainer)."""
         args = self.args
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
-        groups = [
-            {"params": decay, "weight_decay": args.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        fused = (
-            str(getattr(args.optim, "value", args.optim)) == "adamw_torch_fused"
-            and self.device.type == "cuda"
-        )
-        return torch.optim.AdamW(
-            groups,
+        return create_optimizer(
+            self.trained_modules(),
+            str(getattr(args.optim, "value", args.optim)),
             lr=args.learning_rate,
+            weight_decay=args.weight_decay,
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
-            fused=fused or None,
         )
 
     def create_scheduler(self, num_training_steps: int) -> Any:
