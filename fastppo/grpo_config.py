@@ -49,6 +49,7 @@ SUPPORTED_GRPO = frozenset(
     importance_sampling_level reward_weights multi_objective_aggregation scale_rewards loss_type
     mask_truncated_completions sync_ref_model ref_model_mixup_alpha ref_model_sync_steps log_completions
     num_completions_to_print use_fused_kernels kernel_chunk_bytes eval_do_sample
+    max_consecutive_nonfinite_steps skip_invalid_rewards
     """.split()
 )
 
@@ -220,6 +221,12 @@ class GRPOConfig(TrainingArguments):
     eval_do_sample: bool = option(
         True, "fastppo: evaluate() samples like training; False: one greedy completion per prompt."
     )
+    max_consecutive_nonfinite_steps: int = option(
+        3, "fastppo: optimizer steps skipped for a non-finite loss/gradient in a row before training stops."
+    )
+    skip_invalid_rewards: bool = option(
+        False, "fastppo: drop samples whose reward is NaN/inf (logged) instead of raising."
+    )
 
     def __post_init__(self) -> None:
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
@@ -309,6 +316,7 @@ class GRPOConfig(TrainingArguments):
             "sync_ref_model=True needs beta > 0: with beta == 0 no reference model is built",
         )
         check_int("kernel_chunk_bytes", self.kernel_chunk_bytes, 1)
+        check_int("max_consecutive_nonfinite_steps", self.max_consecutive_nonfinite_steps, 1)
         if self.num_completions_to_print is not None:
             check_int("num_completions_to_print", self.num_completions_to_print, 1)
 

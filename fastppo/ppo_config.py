@@ -35,7 +35,8 @@ SUPPORTED_PPO = frozenset(
     exp_name dataset_num_proc num_mini_batches total_episodes local_rollout_forward_batch_size
     num_sample_generations response_length stop_token stop_token_id temperature missing_eos_penalty
     sft_model_path reward_model_path num_ppo_epochs whiten_rewards kl_coef kl_estimator cliprange vf_coef
-    cliprange_value gamma lam use_fused_kernels kernel_chunk_bytes
+    cliprange_value gamma lam use_fused_kernels kernel_chunk_bytes max_consecutive_nonfinite_steps
+    skip_invalid_rewards
     """.split()
 )
 
@@ -79,6 +80,12 @@ class PPOConfig(TrainingArguments):
     kernel_chunk_bytes: int = option(
         DEFAULT_CHUNK_BYTES, "fastppo: memory budget of one chunk of logits in the fused path."
     )
+    max_consecutive_nonfinite_steps: int = option(
+        3, "fastppo: optimizer steps skipped for a non-finite loss/gradient in a row before training stops."
+    )
+    skip_invalid_rewards: bool = option(
+        False, "fastppo: drop samples whose reward is NaN/inf (logged) instead of raising."
+    )
 
     def __post_init__(self) -> None:
         check_unsupported(self, SUPPORTED_TRAINING_ARGUMENTS | SUPPORTED_PPO)
@@ -113,6 +120,7 @@ class PPOConfig(TrainingArguments):
         check_number("gamma", self.gamma, 0.0, 1.0)
         check_number("lam", self.lam, 0.0, 1.0)
         check_int("kernel_chunk_bytes", self.kernel_chunk_bytes, 1)
+        check_int("max_consecutive_nonfinite_steps", self.max_consecutive_nonfinite_steps, 1)
         require(
             self.batch_size % self.num_mini_batches == 0,
             f"batch_size ({self.batch_size} = per_device_train_batch_size x gradient_accumulation_steps x "
