@@ -7,6 +7,7 @@ _LAZY = {
     "GRPOConfig": "fastppo.grpo_config",
     "GRPOTrainer": "fastppo.trainer.grpo",
     "PPOConfig": "fastppo.ppo_config",
+    "PPOTrainer": "fastppo.trainer.ppo",
 }
 
 
@@ -18,4 +19,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fastppo' has no attribute {name!r}")
 
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "PPOConfig", "__version__"]
+__all__ = ["GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "__version__"]

@@ -35,7 +35,8 @@ SUPPORTED_PPO = frozenset(
     exp_name dataset_num_proc num_mini_batches total_episodes local_rollout_forward_batch_size
     num_sample_generations response_length stop_token stop_token_id temperature missing_eos_penalty
     sft_model_path reward_model_path num_ppo_epochs whiten_rewards kl_coef kl_estimator cliprange vf_coef
-    cliprange_value gamma lam use_fused_kernels kernel_chunk_bytes max_consecutive_nonfinite_steps
+    cliprange_value gamma lam remove_unused_columns generation_kwargs use_fused_kernels kernel_chunk_bytes
+    max_consecutive_nonfinite_steps
     skip_invalid_rewards
     """.split()
 )
@@ -44,6 +45,8 @@ SUPPORTED_PPO = frozenset(
 @strict_config
 class PPOConfig(TrainingArguments):
     """Configuration of ``fastppo.PPOTrainer`` (legacy TRL names and defaults; see the module docstring)."""
+
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "generation_kwargs"]
 
     # --- OnPolicyConfig ---------------------------------------------------------------------------
     exp_name: str = option("ppo_config", "Name of this experiment.")
@@ -74,6 +77,12 @@ class PPOConfig(TrainingArguments):
     gamma: float = option(1.0, "Discount factor.")
     lam: float = option(0.95, "GAE lambda.")
     # --- fastppo ----------------------------------------------------------------------------------
+    remove_unused_columns: bool = option(
+        False, "Keep the dataset's other columns: reward functions receive them as keyword lists."
+    )
+    generation_kwargs: dict | None = option(
+        None, "fastppo: extra generate() arguments (top_p, top_k, ...), applied last."
+    )
     use_fused_kernels: bool = option(
         True, "fastppo: hidden states -> chunked fused loss (no [tokens, vocab] logits)."
     )

@@ -8,11 +8,14 @@ text or chat messages (rendered with the tokenizer's chat template), left-padded
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+# Columns that hold the prompt itself (or what the rollout produces), not extra reward-function inputs.
+PROMPT_COLUMNS = ("prompt", "input_ids", "attention_mask", "completion", "completion_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +148,30 @@ def encode_prompts(
     return ids, mask, truncated
 
 
+def encode_rows(
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    max_prompt_length: int | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> tuple[list, torch.Tensor, torch.Tensor, int]:
+    """Prompts of dataset rows: a "prompt" column (text or chat messages), or already tokenised
+    "input_ids" (legacy TRL PPO datasets), whose decoded text then stands for the prompt that reward
+    functions see. Returns ``(prompts [P], ids [P, Lp], mask [P, Lp], number truncated)``."""
+    if "prompt" in rows[0]:
+        prompts = [row["prompt"] for row in rows]
+        return (prompts, *encode_prompts(tokenizer, prompts, max_prompt_length, chat_template_kwargs))
+    encoded = [list(row["input_ids"]) for row in rows]
+    truncated = 0
+    if max_prompt_length is not None:
+        truncated = sum(len(ids) > max_prompt_length for ids in encoded)
+        encoded = [ids[-max_prompt_length:] for ids in encoded]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"row {i} has empty input_ids; the policy needs a prompt to continue")
+    ids, mask = left_pad(encoded, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(encoded, skip_special_tokens=True), ids, mask, truncated
+
+
 def completion_mask(
     completion_ids: torch.Tensor, eos_token_ids: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,10 +221,9 @@ def sample_rollout(
     chat_template_kwargs: dict[str, Any] | None = None,
     keep_columns: bool = True,
 ) -> Rollout:
-    """Sample ``n`` completions for each dataset row (which must hold a "prompt")."""
-    prompts = [row["prompt"] for row in rows]
-    prompt_ids, prompt_mask, truncated = encode_prompts(
-        tokenizer, prompts, max_prompt_length, chat_template_kwargs
+    """Sample ``n`` completions for each dataset row (which holds a "prompt" or "input_ids")."""
+    prompts, prompt_ids, prompt_mask, truncated = encode_rows(
+        tokenizer, rows, max_prompt_length, chat_template_kwargs
     )
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     completion_ids = sampler.generate(prompt_ids, prompt_mask, n, settings)
@@ -205,10 +231,11 @@ def sample_rollout(
     id_lists = [ids[: int(m.sum())].tolist() for ids, m in zip(completion_ids, mask, strict=True)]  # CPU sync
     texts = tokenizer.batch_decode(id_lists, skip_special_tokens=True)
     repeated = [row for row in rows for _ in range(n)]
+    repeated_prompts = [p for p in prompts for _ in range(n)]
     chat = is_conversational(prompts[0])
     columns = {}
     if keep_columns:
-        keys = [k for k in rows[0] if k not in ("prompt", "completion", "completion_ids")]
+        keys = [k for k in rows[0] if k not in PROMPT_COLUMNS]
         columns = {k: [row[k] for row in repeated] for k in keys}
     return Rollout(
         prompt_ids=prompt_ids.repeat_interleave(n, dim=0),
@@ -216,9 +243,21 @@ def sample_rollout(
         completion_ids=completion_ids,
         completion_mask=mask,
         is_truncated=is_truncated,
-        prompts=[row["prompt"] for row in repeated],
+        prompts=repeated_prompts,
         completions=[[{"role": "assistant", "content": t}] for t in texts] if chat else texts,
         completion_id_lists=id_lists,
         columns=columns,
         num_truncated_prompts=truncated,
     )
+
+
+def prompt_batches(
+    dataset: Any, size: int, seed: int, shuffle: bool = True
+) -> Iterator[list[dict[str, Any]]]:
+    """Endless batches of ``size`` dataset rows: reshuffled each epoch, an incomplete last batch dropped."""
+    count = len(dataset)
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+        for start in range(0, count - size + 1, size):
+            yield [dataset[int(i)] for i in order[start : start + size]]

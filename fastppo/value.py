@@ -1,12 +1,17 @@
-"""The critic's loss: PPO's clipped value loss (legacy TRL PPOTrainer), a pure tensor function."""
+"""The critic: its loss (PPO's clipped value loss, legacy TRL PPOTrainer) and where its values come from
+(a head on the policy's hidden states, or a separate value model)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import os
+from typing import NamedTuple, Protocol
 
 import torch
+from torch import nn
 
 from .advantages import masked_mean
+from .memory.critic import ValueHead
+from .scoring import PolicyBatch, sequence_inputs
 
 
 class ValueLoss(NamedTuple):
@@ -39,3 +44,81 @@ def clipped_value_loss(
     loss = 0.5 * masked_mean(torch.maximum(plain_err, clipped_err), mask)
     clipfrac = masked_mean((clipped_err > plain_err).to(values.dtype), mask)
     return ValueLoss(loss, clipfrac.detach())
+
+
+# --- critics: where the values come from -------------------------------------------------------------
+
+
+class Critic(Protocol):
+    """Per-token values of the completion positions; trained next to the policy by one optimizer."""
+
+    uses_policy_hidden: bool  # True: values are read off the policy's own hidden states (shared pass)
+
+    def values(self, batch: PolicyBatch, policy_hidden: torch.Tensor | None) -> torch.Tensor:
+        """``[b, Lc]`` fp32 value of the state before each completion token."""
+        ...
+
+    def trained_modules(self) -> list[nn.Module]: ...
+
+    def save(self, output_dir: str) -> None: ...
+
+
+class PolicyValueHead:
+    """A linear value head on the policy's final hidden states (legacy TRL's "causal LM with value
+    head"): no second model, and the values of a minibatch come from the same decoder pass as its
+    log-probs; the value loss also trains the policy's body (weighted by ``vf_coef``)."""
+
+    uses_policy_hidden = True
+    FILE = "value_head.safetensors"
+
+    def __init__(self, policy: nn.Module):
+        embedding = policy.get_input_embeddings().weight
+        init_std = getattr(policy.config, "initializer_range", 0.02)
+        self.head = ValueHead(embedding.shape[1], init_std=init_std, dtype=embedding.dtype).to(
+            embedding.device
+        )
+
+    def values(self, batch: PolicyBatch, policy_hidden: torch.Tensor | None) -> torch.Tensor:
+        if policy_hidden is None:
+            raise ValueError("PolicyValueHead reads the policy's hidden states; pass policy_hidden")
+        return self.head(policy_hidden.to(self.head.score.weight.dtype))
+
+    def trained_modules(self) -> list[nn.Module]:
+        return [self.head]
+
+    def save(self, output_dir: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.head.state_dict(), os.path.join(output_dir, self.FILE))
+
+
+class SeparateValueModel:
+    """A critic of its own: the backbone of a sequence-classification model and its ``score`` head
+    applied at every position (legacy TRL's ``value_model``, e.g. initialised from the reward model)."""
+
+    uses_policy_hidden = False
+    DIRECTORY = "value_model"
+
+    def __init__(self, model: nn.Module):
+        prefix = getattr(model, "base_model_prefix", None)
+        backbone = getattr(model, prefix, None) if prefix else None
+        score = getattr(model, "score", None)
+        if backbone is None or not isinstance(score, nn.Linear) or score.out_features != 1:
+            raise ValueError(
+                f"value_model must be a sequence-classification model with a backbone and a one-output "
+                f"`score` head, like AutoModelForSequenceClassification(num_labels=1); got "
+                f"{type(model).__name__}"
+            )
+        self.model, self.backbone, self.score = model, backbone, score
+
+    def values(self, batch: PolicyBatch, policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.backbone(**sequence_inputs(batch), use_cache=False).last_hidden_state
+        start = batch.prompt_ids.shape[1] - 1  # the state before completion token t is position start + t
+        hidden = hidden[:, start : start + batch.completion_ids.shape[1]]
+        return self.score(hidden).squeeze(-1).float()
+
+    def trained_modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def save(self, output_dir: str) -> None:
+        self.model.save_pretrained(os.path.join(output_dir, self.DIRECTORY))
