@@ -1,4 +1,5 @@
-"""One full GRPO iteration, fastppo against TRL's GRPOTrainer, each phase timed apart.
+"""One full GRPO iteration, fastppo against TRL's GRPOTrainer, each phase timed apart (and one PPO
+update of the same size, which has no peer: TRL 1.16 ships no PPOTrainer).
 
 Both trainers get the same random-weight model (a real architecture config from ``models/``), the
 same tokenizer, prompts, reward, batch, lengths and seed, and run one after the other in this
@@ -21,8 +22,8 @@ not counted as useful work). Memory: peak allocated / reserved CUDA bytes over t
 ``train()`` (weights, reference, optimizer state included); ``resident_bytes`` is what was
 allocated before the first step.
 
-PPO (issue 5) joins by adding ``TrainerSpec`` entries with ``algo="ppo"`` to ``TRAINERS``: the
-workload, the clock, the memory probes and the row format are shared.
+PPO rows (``algo="ppo"``) share the workload, the clock, the memory probes and the row format; one
+PPO step is one rollout of ``batch`` completions and one epoch over it as a single mini-batch.
 
 Run: ``python -m fastppo.benchmarks.bench_step [--quick] [--model qwen2.5-1.5b] [--out DIR]``.
 """
@@ -233,6 +234,22 @@ def grpo_arguments(settings: StepSettings, output_dir: Path, steps: int) -> dict
     )
 
 
+def ppo_arguments(settings: StepSettings, output_dir: Path, steps: int) -> dict[str, Any]:
+    """PPOConfig keywords for the same work as one GRPO step: ``batch`` completions of
+    ``completion_len`` tokens, one rollout per optimizer step (one epoch, one mini-batch)."""
+    args = grpo_arguments(settings, output_dir, steps)
+    for name in ("num_generations", "max_completion_length", "beta", "loss_type"):
+        del args[name]
+    return dict(
+        args,
+        response_length=settings.completion_len,
+        kl_coef=settings.beta,
+        num_ppo_epochs=1,
+        num_mini_batches=1,
+        local_rollout_forward_batch_size=settings.batch,
+    )
+
+
 def _build_fastppo(model, workload: Workload, args: dict[str, Any]):
     from fastppo.grpo_config import GRPOConfig
     from fastppo.trainer.grpo import GRPOTrainer
@@ -243,6 +260,19 @@ def _build_fastppo(model, workload: Workload, args: dict[str, Any]):
         args=GRPOConfig(**args),
         train_dataset=workload.dataset,
         processing_class=workload.tokenizer,
+    )
+
+
+def _build_fastppo_ppo(model, workload: Workload, args: dict[str, Any]):
+    from fastppo.ppo_config import PPOConfig
+    from fastppo.trainer.ppo import PPOTrainer
+
+    return PPOTrainer(
+        args=PPOConfig(**args),
+        processing_class=workload.tokenizer,
+        model=model,
+        reward_model=token_sum_reward,
+        train_dataset=workload.dataset,
     )
 
 
@@ -287,6 +317,15 @@ def _instrument_fastppo(trainer, clock: PhaseClock) -> None:
     clock.wrap(grpo, "score_logprobs", "scoring", inside="rollout")  # old log-probs (module-level; restored)
 
 
+def _instrument_fastppo_ppo(trainer, clock: PhaseClock) -> None:
+    for step in ("_rollout", "_record", "_rewards_and_advantages"):
+        clock.wrap(trainer, step, "rollout")
+    clock.wrap(trainer.sampler, "generate", "generation")
+    clock.wrap(trainer, "_logprobs_and_values", "scoring", inside="rollout")
+    if trainer.reference is not None:
+        clock.wrap(trainer.reference, "logprobs", "scoring", inside="rollout")
+
+
 def _missing(*modules: str, gpu: bool = False) -> Callable[[], str | None]:
     def reason() -> str | None:
         absent = [m for m in modules if importlib.util.find_spec(m) is None]
@@ -304,11 +343,12 @@ class TrainerSpec:
     """One trainer in the comparison: how to build it, how to split its step into phases."""
 
     name: str
-    algo: str  # "grpo" (or "ppo", issue 5)
+    algo: str  # "grpo" or "ppo"
     build: Callable[[Any, Workload, dict[str, Any]], Any]
     instrument: Callable[[Any, PhaseClock], None]
     unavailable: Callable[[], str | None]  # None when it can run here, else why not
     baseline: bool = False  # the peer the ratios of this algo are taken against
+    arguments: Callable[[StepSettings, Path, int], dict[str, Any]] = grpo_arguments  # its config keywords
 
 
 TRAINERS: dict[str, TrainerSpec] = {
@@ -324,6 +364,15 @@ TRAINERS: dict[str, TrainerSpec] = {
             lambda m, w, a: _build_trl(m, w, a, liger=True),
             _instrument_trl,
             _missing("trl", "liger_kernel", gpu=True),
+        ),
+        # TRL 1.16 has no PPOTrainer to race: the PPO row stands alone (no ratios).
+        TrainerSpec(
+            "fastppo-ppo",
+            "ppo",
+            _build_fastppo_ppo,
+            _instrument_fastppo_ppo,
+            _missing("fastppo.trainer.ppo"),
+            arguments=ppo_arguments,
         ),
     )
 }
@@ -383,7 +432,7 @@ def measure(
     timed_end = settings.warmup_steps + settings.timed_steps
     steps = timed_end + (profile_dir is not None)  # the profiled step comes after the timed ones
     trainer = spec.build(
-        load_policy(workload), workload, grpo_arguments(settings, work_dir / spec.name, steps)
+        load_policy(workload), workload, spec.arguments(settings, work_dir / spec.name, steps)
     )
     clock = PhaseClock()
     spec.instrument(trainer, clock)
@@ -466,7 +515,7 @@ def run(
     """Measure each available trainer on one workload; write and return the results JSON."""
     env = environment()
     out_dir = results_dir(out)
-    names = trainers or [name for name, spec in TRAINERS.items() if spec.algo == "grpo"]
+    names = trainers or list(TRAINERS)
     unknown = [n for n in names if n not in TRAINERS]
     if unknown:
         raise ValueError(f"unknown trainer(s) {unknown}; known: {list(TRAINERS)}")
@@ -493,7 +542,7 @@ def run(
         "matmul_flops_per_s": rate,
         "linear_params": workload.linear_params,
     }
-    return write_results_in(out_dir, f"step-grpo-{settings.model}", env, rows, extra)
+    return write_results_in(out_dir, f"step-{settings.model}", env, rows, extra)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
