@@ -1,13 +1,14 @@
 """The ``fastppo`` command: ``demo`` (the embedded task, no downloads) and ``train`` (your model,
 dataset and reward functions, from a YAML file and/or flags).
 
-    fastppo demo [--algo grpo] [--output-dir runs/demo] [--max-steps 300]
+    fastppo demo [--algo grpo|ppo] [--output-dir runs/demo] [--max-steps 300]
     fastppo train --config cfg.yaml [--model PATH] [--dataset NAME_OR_FILE] [--reward module:function]
                   [--output-dir DIR] [--set key=value ...]
 
 A train config holds ``model``, ``dataset`` (+ ``dataset_config``, ``dataset_split``,
 ``eval_dataset_split``), ``reward_funcs`` (``module:function`` import paths or reward-model paths),
-optional ``peft`` (LoraConfig arguments) and ``args`` (GRPOConfig fields). Everything is checked
+optional ``peft`` (LoraConfig arguments), ``algo`` ("grpo" or "ppo"; PPO also takes an optional
+``value_model`` path) and ``args`` (GRPOConfig or PPOConfig fields). Everything is checked
 (model path, reward imports, dataset, config fields) before any model is loaded.
 """
 
@@ -33,9 +34,11 @@ TRAIN_KEYS = (
     "dataset_split",
     "eval_dataset_split",
     "reward_funcs",
+    "value_model",
     "peft",
     "args",
 )
+ALGOS = ("grpo", "ppo")
 DATASET_FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -118,22 +121,62 @@ def train_spec(options: argparse.Namespace) -> dict[str, Any]:
     for key in ("model", "dataset", "reward_funcs"):
         if not spec.get(key):
             raise ValueError(f"train needs '{key}' (in the config file or as a flag)")
-    if spec.get("algo", "grpo") != "grpo":
-        raise ValueError(f"algo must be 'grpo', got {spec['algo']!r}")
+    spec.setdefault("algo", "grpo")
+    if spec["algo"] not in ALGOS:
+        raise ValueError(f"algo must be one of {ALGOS}, got {spec['algo']!r}")
+    if spec.get("value_model") and spec["algo"] != "ppo":
+        raise ValueError("value_model is a PPO option (algo: ppo)")
     return spec
+
+
+def build_trainer(
+    spec: dict[str, Any], config: Any, rewards: list, train_dataset: Any, eval_dataset: Any, peft_config: Any
+) -> Any:
+    """The trainer of ``spec["algo"]`` with the loaded pieces (PPO: one summed reward, optional critic)."""
+    if spec["algo"] == "grpo":
+        from .trainer.grpo import GRPOTrainer
+
+        return GRPOTrainer(
+            model=spec["model"],
+            reward_funcs=rewards,
+            args=config,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            peft_config=peft_config,
+        )
+    from .trainer.ppo import PPOTrainer
+
+    value_model = None
+    if spec.get("value_model"):
+        from transformers import AutoModelForSequenceClassification
+
+        value_model = AutoModelForSequenceClassification.from_pretrained(spec["value_model"], num_labels=1)
+    return PPOTrainer(
+        args=config,
+        processing_class=None,
+        model=spec["model"],
+        reward_model=rewards if len(rewards) > 1 else rewards[0],
+        train_dataset=train_dataset,
+        value_model=value_model,
+        eval_dataset=eval_dataset,
+        peft_config=peft_config,
+    )
 
 
 def run_train(options: argparse.Namespace) -> int:
     spec = train_spec(options)
     from .grpo_config import GRPOConfig
     from .modeling import check_model_source
+    from .ppo_config import PPOConfig
 
     args = dict(spec["args"])
     check_model_source(spec["model"], bool(args.get("trust_remote_code", False)))  # before any heavy work
+    if spec.get("value_model"):
+        check_model_source(spec["value_model"], False)
     rewards = spec["reward_funcs"]
     rewards = [import_reward(r) for r in (rewards if isinstance(rewards, list) else [rewards])]
     args.setdefault("output_dir", os.path.join("runs", "train"))
-    config = GRPOConfig(**args)
+    config = (GRPOConfig if spec["algo"] == "grpo" else PPOConfig)(**args)
     train_dataset = load_prompts(
         spec["dataset"], spec.get("dataset_config"), spec.get("dataset_split", "train")
     )
@@ -145,16 +188,7 @@ def run_train(options: argparse.Namespace) -> int:
         from peft import LoraConfig
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", **spec["peft"])
-    from .trainer.grpo import GRPOTrainer
-
-    trainer = GRPOTrainer(
-        model=spec["model"],
-        reward_funcs=rewards,
-        args=config,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=peft_config,
-    )
+    trainer = build_trainer(spec, config, rewards, train_dataset, eval_dataset, peft_config)
     trainer.train()
     trainer.save_model()
     print(f"saved the policy to {config.output_dir}")

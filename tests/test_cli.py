@@ -92,6 +92,28 @@ def test_train_from_yaml_config(user_files, capsys):
     assert "reward curve" in capsys.readouterr().out
 
 
+def test_train_ppo_from_yaml_config_saves_policy_and_critic(user_files):
+    cfg = write_config(
+        user_files / "ppo.yaml",
+        algo="ppo",
+        model=str(user_files / "model"),
+        dataset=str(user_files / "data.jsonl"),
+        reward_funcs=[f"{user_files / 'my_rewards.py'}:says_word"],
+        args={
+            "per_device_train_batch_size": 4,
+            "response_length": 4,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+        },
+    )
+    out = user_files / "ppo-out"
+    assert main(["train", "--config", cfg, "--output-dir", str(out), "--set", "max_steps=2"]) == 0
+    assert (out / "config.json").exists() and (out / "value_head.safetensors").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and "objective/scores" in records[0]
+
+
 def test_train_reports_a_missing_model_before_anything_else(user_files, capsys):
     code = main(
         [
