@@ -1,5 +1,6 @@
-"""The policy loss on hand-worked cases, counted statistics, TRL parity, tied embeddings, the KL
-clamp and bad input. Where a case runs on both backends, the Triton one is interpreted on CPU."""
+"""The policy loss on hand-worked cases: clipping written out, clip fractions counted by hand, the
+KL clamp, tied embeddings. Both backends; the Triton one is interpreted on CPU. TRL parity, the
+loss matrix, chunking and bad input are in tests/test_policy_loss.py and test_linear_policy_loss.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import math
 import pytest
 import torch
 from fastppo.kernels import fused_policy_loss, linear_ppo_loss
-from fastppo.kernels.ppo_loss import PolicyLossSettings, policy_objective
 
 BACKENDS = ["torch", "triton"]
 
@@ -74,70 +74,6 @@ def test_clip_fractions_by_counting(backend):
     assert stats.num_items.item() == 7
 
 
-def trl_loss(logp, old, advantages, mask, ref, *, eps_low, eps_high, beta, loss_type, level, max_len, items):
-    """TRL 1.16 GRPOTrainer._compute_loss (trl/trainer/grpo_trainer.py, lines 3083-3172), transcribed
-    verbatim for the loss types fastppo supports; `normalizer` there is 1 (no accumulation, 1 process)."""
-    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    log_ratio = logp - old
-    if level == "token":
-        log_importance_weights = log_ratio
-    else:
-        log_importance_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    coef_1 = torch.exp(log_importance_weights)
-    per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1
-    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
-    per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
-    if beta != 0.0:
-        per_token_loss = per_token_loss + beta * per_token_kl
-    if loss_type == "grpo":
-        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    if loss_type == "bnpo":
-        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":
-        return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_len)
-    return (per_token_loss * mask).sum() / items  # dapo
-
-
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("level", ["token", "sequence"])
-def test_parity_with_trl_loss_formula(loss_type, level):
-    pytest.importorskip("trl")
-    batch, length = 4, 6
-    logp = (-torch.rand(batch, length) * 3).double().requires_grad_()
-    old = logp.detach() + 0.3 * torch.randn(batch, length, dtype=torch.float64)
-    ref = logp.detach() + 0.2 * torch.randn(batch, length, dtype=torch.float64)
-    advantages = torch.randn(batch, dtype=torch.float64)
-    mask = (torch.rand(batch, length) > 0.3).double()
-    settings = PolicyLossSettings(
-        clip_low=0.2,
-        clip_high=0.28,
-        beta=0.04,
-        loss_type=loss_type,
-        importance_sampling_level=level,
-        max_completion_length=10,
-        num_items_in_batch=17.0,
-    )
-    ours, _ = policy_objective(logp, old, advantages, mask, settings, ref)
-    theirs = trl_loss(
-        logp,
-        old,
-        advantages,
-        mask,
-        ref,
-        eps_low=0.2,
-        eps_high=0.28,
-        beta=0.04,
-        loss_type=loss_type,
-        level=level,
-        max_len=10,
-        items=17.0,
-    )
-    assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
-    assert torch.allclose(
-        torch.autograd.grad(ours, logp)[0], torch.autograd.grad(theirs, logp)[0], rtol=1e-12
-    )
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_with_huge_log_ratio_stays_finite(backend, estimator):
@@ -179,68 +115,3 @@ def test_tied_embedding_gradient_accumulates_into_the_shared_parameter(backend):
     )
     loss2.backward()
     assert torch.allclose(tied, embedding.weight.grad + head.grad, atol=1e-6)
-
-
-def test_chunk_size_does_not_change_the_result():
-    hidden = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(101, 12, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 101, (3, 7))
-    args = (
-        weight,
-        labels,
-        torch.full((3, 7), -4.6, dtype=torch.float64),
-        torch.randn(3, dtype=torch.float64),
-        torch.ones(3, 7),
-    )
-    one_chunk, _ = linear_ppo_loss(hidden, *args, chunk_bytes=2**30)
-    grads = torch.autograd.grad(one_chunk, (hidden, weight))
-    many, _ = linear_ppo_loss(hidden, *args, chunk_bytes=101 * 20 * 3)  # a few rows per chunk
-    assert torch.allclose(one_chunk, many, rtol=1e-12)
-    for a, b in zip(grads, torch.autograd.grad(many, (hidden, weight)), strict=True):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
-
-
-GOOD = dict(
-    logits=torch.randn(2, 3, 11),
-    labels=torch.zeros(2, 3, dtype=torch.long),
-    old_logprobs=torch.zeros(2, 3),
-    advantages=torch.zeros(2),
-    mask=torch.ones(2, 3),
-)
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (dict(old_logprobs=torch.zeros(2, 4)), r"old_logprobs has shape \(2, 4\), expected \(2, 3\)"),
-        (dict(mask=torch.ones(3, 3)), r"mask has shape \(3, 3\)"),
-        (dict(advantages=torch.zeros(3)), r"advantages has shape \(3,\)"),
-        (dict(advantages=torch.tensor([0.0, float("nan")])), "advantages contains NaN"),
-        (dict(labels=torch.full((2, 3), 11)), "label 11 is outside the vocabulary"),
-        (dict(clip_low=0.0), "clip_low must be a finite number > 0, got 0.0"),
-        (dict(clip_high=-0.1), "clip_high must be"),
-        (dict(loss_type="ppo"), "loss_type must be one of"),
-        (dict(kl_estimator="k4"), "kl_estimator must be one of"),
-        (dict(importance_sampling_level="batch"), "importance_sampling_level must be one of"),
-        (dict(beta=0.1), "beta=0.1 > 0 needs ref_logprobs"),
-        (dict(temperature=0.0), "temperature must be"),
-        (dict(logits=torch.randn(2, 3)), "logits must be"),
-    ],
-)
-def test_bad_input_names_the_value(change, message):
-    args = {**GOOD, **change}
-    tensors = [args.pop(name) for name in ("logits", "labels", "old_logprobs", "advantages", "mask")]
-    with pytest.raises(ValueError, match=message):
-        fused_policy_loss(*tensors, **args)
-
-
-def test_linear_bad_input_names_the_value():
-    with pytest.raises(ValueError, match=r"weight must be \[V, H\] with H = hidden.shape\[-1\] = 8"):
-        linear_ppo_loss(
-            torch.randn(2, 3, 8),
-            torch.randn(11, 9),
-            torch.zeros(2, 3, dtype=torch.long),
-            torch.zeros(2, 3),
-            torch.zeros(2),
-            torch.ones(2, 3),
-        )

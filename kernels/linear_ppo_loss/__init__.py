@@ -26,6 +26,11 @@ def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         )
     if bias is not None:
         check_same_shape("bias", bias, (weight.shape[0],), f"weight is {tuple(weight.shape)}")
+    for name, tensor in (("weight", weight), ("bias", bias)):  # the chunk matmuls do not mix dtypes
+        if tensor is not None and tensor.dtype != hidden.dtype:
+            raise ValueError(
+                f"{name} has dtype {tensor.dtype}, expected hidden's dtype {hidden.dtype} (cast one of them)"
+            )
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
@@ -206,7 +211,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
         if bool(grad_loss != 1):
             for grad in grads:
                 if grad is not None:
-                    grad.mul_(grad_loss.to(grad.dtype))
+                    grad.mul_(grad_loss)  # fp32 scale: no bf16 rounding of grad_loss itself
         # labels, old_logprobs, advantages, mask, ref_logprobs, plan: not differentiable
         return (*grads, None, None, None, None, None, None)
 
@@ -261,6 +266,7 @@ def linear_ppo_loss(
         raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
     check_policy_inputs(
         tuple(hidden.shape[:2]),
+        weight.shape[0],
         labels,
         old_logprobs,
         advantages,
@@ -269,7 +275,6 @@ def linear_ppo_loss(
         beta,
         f"hidden is {tuple(hidden.shape)}",
     )
-    check_labels(torch.where(mask.bool(), labels, -100), weight.shape[0], -100)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     impl = launchers(backend, hidden)
     # Triton + token-level ratios: the fused kernel gives log-probs and dlogits in one launch per chunk.

@@ -78,6 +78,7 @@ def fused_policy_loss(
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
     check_policy_inputs(
         tuple(logits.shape[:2]),
+        logits.shape[-1],
         labels,
         old_logprobs,
         advantages,

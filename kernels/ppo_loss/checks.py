@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_finite, check_same_shape
+from .._checks import check_finite, check_labels, check_same_shape
 
 
 def check_policy_inputs(
     batch_shape: tuple[int, int],
+    vocab: int,
     labels: torch.Tensor,
     old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
@@ -17,7 +18,8 @@ def check_policy_inputs(
     beta: float,
     source: str,
 ) -> None:
-    """Shapes against ``batch_shape`` = (B, T) taken from ``source``; NaN advantages/old log-probs."""
+    """Shapes against ``batch_shape`` = (B, T) taken from ``source``; labels of unmasked tokens in
+    [0, vocab) (the Triton kernels index the row with them); NaN advantages/old/ref log-probs."""
     for name, tensor in (("labels", labels), ("old_logprobs", old_logprobs), ("mask", mask)):
         if tensor is not None:
             check_same_shape(name, tensor, batch_shape, source)
@@ -30,6 +32,7 @@ def check_policy_inputs(
         check_same_shape("ref_logprobs", ref_logprobs, batch_shape, source)
     elif beta != 0.0:
         raise ValueError(f"beta={beta} > 0 needs ref_logprobs (the reference policy's per-token log-probs)")
+    check_labels(torch.where(mask.bool(), labels, -100), vocab, -100)  # masked labels are never read
     check_finite("advantages", advantages)
     if old_logprobs is not None:
         check_finite("old_logprobs", torch.where(mask.bool(), old_logprobs, 0.0))

@@ -18,8 +18,8 @@ from .settings import KL_LOG_RATIO_CLAMP, PolicyLossSettings, loss_token_weights
 
 @dataclasses.dataclass
 class PolicyLossStats:
-    """Detached per-batch statistics of one loss call (means over unmasked tokens; over sequences
-    for sequence-level ratios, as TRL logs them)."""
+    """Detached per-batch statistics of one loss call: means over unmasked tokens, or over sequences
+    when ratio and advantage both have one value per sequence (GSPO with [B] advantages), as TRL logs them."""
 
     logprobs: torch.Tensor  # [B, T] fp32 per-token log-probs of the labels (0 where masked)
     ratio_mean: torch.Tensor  # [] mean importance ratio (after delta capping)
@@ -80,12 +80,17 @@ def policy_objective(
     loss = (per_token * weights).sum()
 
     with torch.no_grad():
-        if ratio.shape[1] == 1:  # sequence level: means over sequences
+        low = (ratio < 1 - settings.clip_low) & (adv < 0)  # [B, T], or [B, 1] for GSPO with [B] advantages
+        high = (ratio > 1 + settings.upper_clip) & (adv > 0)
+        # As TRL logs them (global_masked_mean): flags with one value per sequence are averaged over
+        # sequences, [B, T] ones over unmasked tokens. GSPO with [B, T] advantages has per-token
+        # flags, so its ratio is then averaged per token too: every mean here divides by num_items.
+        if low.shape[1] == 1:
 
             def mean(x: torch.Tensor) -> torch.Tensor:
                 return x.float().mean()
 
-            num_items = torch.tensor(float(ratio.shape[0]), device=ratio.device)
+            num_items = torch.tensor(float(low.shape[0]), device=low.device)
         else:
             count = maskf.sum().clamp(min=1.0)
 
@@ -93,8 +98,6 @@ def policy_objective(
                 return (x.float() * maskf).sum() / count
 
             num_items = maskf.sum()
-        low = (ratio < 1 - settings.clip_low) & (adv < 0)
-        high = (ratio > 1 + settings.upper_clip) & (adv > 0)
         token_count = maskf.sum().clamp(min=1.0)
         stats = PolicyLossStats(
             logprobs=logprobs.detach().float(),

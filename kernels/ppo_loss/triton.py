@@ -311,7 +311,7 @@ class _PolicyLossTriton(torch.autograd.Function):
             raise RuntimeError("the Triton policy loss's gradient buffer is consumed by its first backward")
         # One host sync; skipping the scale when grad_loss == 1 saves a full pass over [B, T, V].
         if bool(grad_loss != 1):
-            dlogits.mul_(grad_loss.to(dlogits.dtype))
+            dlogits.mul_(grad_loss)  # fp32 scale: no bf16 rounding of grad_loss itself
         # labels, old_logprobs, advantages, mask, ref_logprobs, options: not differentiable
         return dlogits, None, None, None, None, None, None
 

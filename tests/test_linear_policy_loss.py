@@ -1,0 +1,339 @@
+"""linear_ppo_loss and linear_token_logprobs (hidden states in), both backends, against TRL's loss
+in float64 on ``hidden @ W^T + b``; chunking that is really bounded; bad input.
+
+Ground truth: ``F.linear`` -> ``log_softmax(. / T).gather`` -> TRL GRPOTrainer's loss as plain math
+(``fastppo.benchmarks.peers.trl_policy_loss``, independent of ``policy_objective``), float64
+autograd on the very inputs under test. Three-way: the error against float64 must stay within
+``FACTOR[dtype]`` x the error of the eager peer in the test dtype (``F.linear`` in that dtype,
+log-softmax in fp32, autograd) plus a floor, and under a ceiling, all relative (loss: to
+max(1, |loss|); gradients: to their largest float64 entry):
+
+| dtype | FACTOR | floor | loss, entropy ceiling | gradient ceiling (hidden, weight, bias) |
+|-------|--------|-------|-----------------------|-----------------------------------------|
+| fp32  | 2      | 1e-6  | 1e-5         | 2e-5                                    |
+| bf16  | 3      | 1e-3  | 2e-2         | 2e-2                                    |
+
+bf16: both paths round the chunk's logits to bf16, so the loss errors are alike; the gradients
+differ by one more bf16 rounding of dlogits (stored in the forward, interpreted Triton truncates)
+and by the weight gradient being accumulated in bf16 over chunks: hence 3x.
+Tied embeddings and the on-policy path are in tests/test_policy_loss_cases.py and
+test_policy_loss_backends.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastppo.benchmarks.peers import eager_token_logprobs, trl_policy_loss
+from fastppo.kernels import linear_ppo_loss, linear_token_logprobs
+from fastppo.kernels.linear_ppo_loss import chunked
+from fastppo.kernels.ppo_loss import PolicyLossSettings
+
+BACKENDS = ["torch", "triton"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FACTOR = {torch.float32: 2.0, torch.bfloat16: 3.0}
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
+CEILING = {torch.float32: (1e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2)}  # (loss, gradients)
+BATCH, LENGTH, HIDDEN, VOCAB = 3, 7, 16, 1000  # sequence 2 is fully masked
+ROWS_PER_CHUNK = 8  # 21 rows: chunks of 8, 8, 5
+
+
+def chunk_bytes_for(rows: int, dtype: torch.dtype) -> int:
+    """A chunk_bytes budget that gives ``rows`` token rows per chunk (see chunked.rows_per_chunk)."""
+    return rows * VOCAB * (torch.finfo(dtype).bits // 8 + 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    settings: PolicyLossSettings
+    advantages: str  # "B" or "BT"
+
+    @property
+    def id(self) -> str:
+        s = self.settings
+        kl = f"{s.kl_estimator}-beta{s.beta}" if s.beta else "beta0"
+        delta = ["delta"] * (s.delta is not None)
+        return "-".join([s.loss_type, s.importance_sampling_level, kl, f"adv{self.advantages}", *delta])
+
+
+def cases() -> list[Case]:
+    """Every loss_type x level; estimators, delta and the advantage shape cycle through them."""
+    out = []
+    combos = itertools.product(("grpo", "bnpo", "dr_grpo", "dapo"), ("token", "sequence"))
+    for i, (loss_type, level) in enumerate(combos):
+        estimator = (None, "k1", "k2", "k3")[i % 4]
+        settings = PolicyLossSettings(
+            clip_low=0.2,
+            clip_high=0.28,
+            delta=1.5 if i % 3 == 0 else None,
+            beta=0.0 if estimator is None else 0.1,
+            kl_estimator=estimator or "k3",
+            loss_type=loss_type,
+            importance_sampling_level=level,
+            max_completion_length=10 if i % 2 else None,
+            num_items_in_batch=13.0 if i % 2 else None,
+            temperature=0.7,
+        )
+        out.append(Case(settings, "BT" if i % 3 == 1 else "B"))
+    return out
+
+
+def make_case(dtype: torch.dtype, temperature: float, advantages: str) -> dict:
+    """Inputs whose ratios land on both clip sides: sequence 0 above 1 + eps with A > 0, sequence 1
+    below 1 - eps with A < 0; old / ref log-probs near the true ones."""
+    hidden = torch.randn(BATCH, LENGTH, HIDDEN).to(dtype)
+    weight = (torch.randn(VOCAB, HIDDEN) * 0.5).to(dtype)
+    bias = torch.randn(VOCAB).to(dtype)
+    labels = torch.randint(0, VOCAB, (BATCH, LENGTH))
+    mask = (torch.rand(BATCH, LENGTH) > 0.25).float()
+    mask[:2, :2] = 1
+    mask[2] = 0  # no completion tokens: no NaN, zero gradient
+    with torch.no_grad():
+        logp = eager_token_logprobs(
+            F.linear(hidden.double(), weight.double(), bias.double()), labels, temperature
+        )
+    shift = torch.tensor([-0.45, 0.45, 0.0], dtype=torch.float64)[:, None]
+    adv = torch.tensor([1.3, -0.7, 0.4]) if advantages == "B" else torch.randn(BATCH, LENGTH)
+    return {
+        "params": (hidden, weight, bias),
+        "labels": labels,
+        "mask": mask,
+        "old": (logp + shift + 0.3 * torch.randn_like(logp)).float(),
+        "ref": (logp + 0.3 * torch.randn_like(logp)).float(),
+        "advantages": adv,
+    }
+
+
+def loss_kwargs(settings: PolicyLossSettings) -> dict:
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+
+
+def textbook(t: dict, settings: PolicyLossSettings, dtype: torch.dtype, upstream: torch.Tensor):
+    """(TRL's terms, [grad hidden, weight, bias], mean entropy over unmasked tokens): eager in
+    ``dtype``, fp64 = truth."""
+    leaves = [p.to(dtype).requires_grad_() for p in t["params"]]
+    logits = F.linear(*leaves)
+    logp = eager_token_logprobs(logits, t["labels"], settings.temperature)
+    compute = logp.dtype
+    terms = trl_policy_loss(
+        logp, t["old"].to(compute), t["advantages"].to(compute), t["mask"], settings, t["ref"].to(compute)
+    )
+    (terms.loss * upstream.to(compute)).backward()
+    with torch.no_grad():
+        logp_all = torch.log_softmax(logits.to(compute) / settings.temperature, -1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        entropy_mean = (entropy * t["mask"]).sum() / t["mask"].sum()
+    return terms, [leaf.grad for leaf in leaves], entropy_mean
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_three_way(name, actual, eager, truth, dtype: torch.dtype, ceiling: float, scale: float) -> None:
+    actual, eager, truth = (torch.as_tensor(v) for v in (actual, eager, truth))
+    assert torch.isfinite(actual).all(), f"{name}: NaN/inf"
+    err, eager_err = max_err(actual, truth), max_err(eager, truth)
+    bound = FACTOR[dtype] * eager_err + FLOOR[dtype] * scale
+    assert err <= bound, f"{name}: error {err:.3g} > {FACTOR[dtype]} x eager error {eager_err:.3g} + floor"
+    assert err <= ceiling * scale, f"{name}: relative error {err / scale:.3g} > {ceiling}"
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", cases(), ids=lambda c: c.id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_and_grads_match_trl_formula_in_float64(backend, case, dtype):
+    dtype = DTYPES[dtype]
+    settings = case.settings
+    t = make_case(dtype, settings.temperature, case.advantages)
+    upstream = torch.randn(()) * 2
+    hidden, weight, bias = (p.clone().requires_grad_() for p in t["params"])
+    loss, stats = linear_ppo_loss(
+        hidden,
+        weight,
+        t["labels"],
+        t["old"],
+        t["advantages"],
+        t["mask"],
+        bias=bias,
+        ref_logprobs=t["ref"],
+        compute_entropy=True,
+        chunk_bytes=chunk_bytes_for(ROWS_PER_CHUNK, dtype),
+        backend=backend,
+        **loss_kwargs(settings),
+    )
+    (loss * upstream).backward()
+    truth, truth_grads, truth_entropy = textbook(t, settings, torch.float64, upstream)
+    eager, eager_grads, eager_entropy = textbook(t, settings, dtype, upstream)
+
+    loss_ceiling, grad_ceiling = CEILING[dtype]
+    scale = max(1.0, abs(truth.loss.item()))
+    assert_three_way("loss", loss, eager.loss, truth.loss, dtype, loss_ceiling, scale)
+    entropy_scale = max(1.0, truth_entropy.item())
+    assert_three_way(
+        "entropy_mean", stats.entropy_mean, eager_entropy, truth_entropy, dtype, loss_ceiling, entropy_scale
+    )
+    for name, got, want, peer in zip(
+        ("hidden", "weight", "bias"),
+        (hidden.grad, weight.grad, bias.grad),
+        truth_grads,
+        eager_grads,
+        strict=True,
+    ):
+        assert got.dtype == dtype, name
+        assert_three_way(f"grad {name}", got, peer, want, dtype, grad_ceiling, want.abs().max().item())
+    assert (hidden.grad[2] == 0).all() and (hidden.grad[t["mask"] == 0] == 0).all()
+    if dtype == torch.float32:  # clip fractions counted from the float64 terms (bf16 logits move ratios)
+        m = t["mask"].double()
+        high = (truth.coef_1 > 1 + settings.upper_clip) & (truth.advantages > 0)
+        counted = high.double().mean() if high.shape[1] == 1 else (high * m).sum() / m.sum()
+        assert stats.clip_high.item() == pytest.approx(counted.item(), abs=1e-7)
+
+
+@pytest.fixture
+def chunk_log(monkeypatch) -> list[tuple[int, int]]:
+    """(rows, bytes) of every chunk of logits the chunk loops make."""
+    log: list[tuple[int, int]] = []
+    original = chunked.chunk_logits
+
+    def spy(hidden, weight, bias, rows):
+        for sl, logits in original(hidden, weight, bias, rows):
+            log.append((logits.shape[0], logits.numel() * logits.element_size()))
+            yield sl, logits
+
+    monkeypatch.setattr(chunked, "chunk_logits", spy)
+    return log
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunks_stay_within_the_budget_and_do_not_change_the_result(backend, level, chunk_log):
+    t = make_case(torch.float32, 0.7, "B")
+    settings = dataclasses.replace(cases()[0].settings, importance_sampling_level=level, beta=0.1)
+    results = []
+    for budget in (2**30, chunk_bytes_for(3, torch.float32)):  # one chunk; then chunks of 3 rows
+        chunk_log.clear()
+        params = [p.clone().requires_grad_() for p in t["params"]]
+        loss, stats = linear_ppo_loss(
+            params[0],
+            params[1],
+            t["labels"],
+            t["old"],
+            t["advantages"],
+            t["mask"],
+            bias=params[2],
+            ref_logprobs=t["ref"],
+            chunk_bytes=budget,
+            backend=backend,
+            **loss_kwargs(settings),
+        )
+        (loss * 1.7).backward()
+        results.append([loss.detach(), stats.logprobs] + [p.grad for p in params])
+        chunk_rows = [rows for rows, _ in chunk_log]
+        assert max(chunk_rows) <= min(BATCH * LENGTH, budget // (VOCAB * 12))
+        assert max(size for _, size in chunk_log) <= budget
+    # 21 rows in 7 chunks per pass: Triton at token level is one fused pass, otherwise a log-prob
+    # scan then a gradient pass.
+    passes = 1 if backend == "triton" and level == "token" else 2
+    assert chunk_rows.count(3) == 7 * passes and len(chunk_rows) == 7 * passes
+    # Chunking only reorders fp32 sums (and GSPO couples a sequence's tokens through them): a few
+    # roundings of the largest entry, far below a chunk dropped or counted twice.
+    for one, many in zip(*results, strict=True):
+        assert max_err(one, many) <= 1e-5 * one.abs().max().item()
+
+
+@pytest.mark.parametrize("shape", [(BATCH * LENGTH,), (BATCH, LENGTH)], ids=["N-H", "B-T-H"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_token_logprobs_with_and_without_grad(backend, shape):
+    hidden, weight, bias = make_case(torch.float32, 0.7, "B")["params"]
+    hidden = hidden.reshape(*shape, HIDDEN)
+    labels = torch.randint(0, VOCAB, shape)
+    labels.view(-1)[::5] = -100  # ignored positions: 0 and no gradient
+    keep = labels != -100
+    kwargs = {"bias": bias, "temperature": 0.7, "chunk_bytes": chunk_bytes_for(4, torch.float32)}
+    with torch.no_grad():
+        logp_nograd = linear_token_logprobs(hidden, weight, labels, backend=backend, **kwargs)
+    assert not logp_nograd.requires_grad and logp_nograd.shape == shape
+
+    params = [p.clone().requires_grad_() for p in (hidden, weight, bias)]
+    logp, entropy = linear_token_logprobs(
+        params[0], params[1], labels, return_entropy=True, backend=backend, **{**kwargs, "bias": params[2]}
+    )
+    g_logp, g_ent = torch.randn(shape), torch.randn(shape)
+    torch.autograd.backward((logp, entropy), (g_logp, g_ent))
+
+    truth = [p.double().requires_grad_() for p in (hidden, weight, bias)]
+    z = F.linear(*truth) / 0.7
+    logp_all = torch.log_softmax(z, -1)
+    logp64 = torch.where(keep, logp_all.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+    entropy64 = torch.where(keep, -(logp_all.exp() * logp_all).sum(-1), 0.0)
+    torch.autograd.backward((logp64, entropy64), (g_logp.double(), g_ent.double()))
+
+    assert torch.equal(logp_nograd, logp.detach())
+    assert max_err(logp, logp64) <= 1e-5 and max_err(entropy, entropy64) <= 1e-5
+    assert (logp[~keep] == 0).all() and (entropy[~keep] == 0).all()
+    for name, got, want in zip(("hidden", "weight", "bias"), params, truth, strict=True):
+        assert max_err(got.grad, want.grad) <= 2e-5 * want.grad.abs().max().item(), name
+    assert (params[0].grad[~keep] == 0).all()
+
+
+GOOD = {
+    "hidden": torch.randn(2, 3, 8),
+    "weight": torch.randn(11, 8),
+    "labels": torch.zeros(2, 3, dtype=torch.long),
+    "old_logprobs": torch.zeros(2, 3),
+    "advantages": torch.zeros(2),
+    "mask": torch.ones(2, 3),
+}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hidden": torch.randn(6, 8)}, r"hidden must be \[B, T, H\], got shape \(6, 8\)"),
+        ({"weight": torch.randn(11, 9)}, r"weight must be \[V, H\] with H = hidden.shape\[-1\] = 8"),
+        ({"bias": torch.zeros(10)}, r"bias has shape \(10,\), expected \(11,\)"),
+        ({"labels": torch.full((2, 3), 11)}, "label 11 is outside the vocabulary"),
+        ({"labels": torch.zeros(3, 3, dtype=torch.long)}, r"labels has shape \(3, 3\), expected \(2, 3\)"),
+        ({"advantages": torch.zeros(2, 4)}, r"advantages has shape \(2, 4\)"),
+        ({"advantages": torch.tensor([0.0, math.nan])}, "advantages contains NaN"),
+        ({"weight": torch.zeros(11, 8, dtype=torch.long)}, "weight must be a floating tensor"),
+        (
+            {"weight": torch.randn(11, 8, dtype=torch.bfloat16)},
+            "weight has dtype torch.bfloat16, expected hidden's",
+        ),
+        ({"bias": torch.zeros(11, dtype=torch.float64)}, "bias has dtype torch.float64, expected hidden's"),
+        ({"beta": 0.1}, "beta=0.1 > 0 needs ref_logprobs"),
+        ({"loss_type": "ppo"}, "loss_type must be one of"),
+        ({"importance_sampling_level": "batch"}, "importance_sampling_level must be one of"),
+        ({"clip_high": 0.0}, "clip_high must be a finite number > 0"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_loss_bad_input_names_the_value(backend, change, message):
+    args = {"backend": backend, **GOOD, **change}
+    tensors = [args.pop(n) for n in ("hidden", "weight", "labels", "old_logprobs", "advantages", "mask")]
+    with pytest.raises(ValueError, match=message):
+        linear_ppo_loss(*tensors, **args)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"labels": torch.zeros(2, 4, dtype=torch.long)}, r"labels has shape \(2, 4\), expected \(2, 3\)"),
+        ({"labels": torch.full((2, 3), -7)}, "label -7 is outside the vocabulary"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
+        ({"weight": torch.randn(11, 9)}, r"weight must be \[V, H\] with H = hidden.shape\[-1\] = 8"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_linear_token_logprobs_bad_input_names_the_value(change, message):
+    args = {"hidden": GOOD["hidden"], "weight": GOOD["weight"], "labels": GOOD["labels"], **change}
+    with pytest.raises(ValueError, match=message):
+        linear_token_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
