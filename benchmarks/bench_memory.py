@@ -9,8 +9,9 @@ and the first failure. Probes and seconds are capped per trainer, so a result ma
 the tokens per step at ``max_ok``: batch * (prompt_len + completion_len).
 
 On CPU nothing can run out of memory that means anything, so no probe runs: the rows hold the
-byte *accounting* of ``fastppo.memory.accounting`` (parameters, gradients, optimizer state,
-reference) for the real model shapes, marked ``"kind": "accounting"`` and never a measurement.
+byte *accounting* of ``fastppo.memory.accounting`` (parameters, gradients, optimizer state of
+policy, reference and PPO's critic; deep copies vs the shared frozen trunk, torch vs 8-bit AdamW)
+for the real model shapes, marked ``"kind": "accounting"`` and never a measurement.
 
 Run: ``python -m fastppo.benchmarks.bench_memory [--quick] [--model M] [--axis batch] [--out DIR]``.
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import tempfile
 import time
@@ -30,7 +30,15 @@ from typing import Any
 import torch
 
 from . import report
-from .bench_step import MODEL_NAMES, TRAINERS, StepSettings, Workload, measure, prepare_workload
+from .bench_step import (
+    MODEL_NAMES,
+    TRAINERS,
+    StepSettings,
+    Workload,
+    measure,
+    model_config,
+    prepare_workload,
+)
 from .common import environment, on_gpu, results_dir, write_results_in
 
 DEFAULT_TRAINERS = ("fastppo", "trl")
@@ -206,15 +214,75 @@ def measure_largest(
     return rows, skipped
 
 
-def account(models: list[str]) -> list[dict]:
-    """CPU: the byte accounting of ``fastppo.memory.accounting`` for each real model shape.
+# What the accounting compares: the reference as a whole copy or sharing the policy's frozen trunk
+# (half the layers, an illustration: the switch is num_frozen_layers), torch or 8-bit AdamW.
+ACCOUNTING_OPTIMS = ("adamw_torch", "adamw_8bit")
+ACCOUNTING_DTYPE = torch.bfloat16  # the dtype the step benchmark trains in on GPU
 
-    Until that module exists the rows say so (and nothing is estimated here: one formula, in one place).
+
+def accounting_modules(model: str, algo: str, frozen: int | None) -> list[torch.nn.Module]:
+    """(policy, reference[, critic]) of ``model`` on the meta device (nothing allocated).
+
+    ``frozen`` None: a deep-copied reference (and for PPO a whole second decoder + value head as the
+    critic, TRL's layout); else the policy's embedding and first ``frozen`` layers are frozen and
+    shared by a ``SharedTrunkReference`` (and a ``TrunkValueModel`` critic).
     """
-    if importlib.util.find_spec("fastppo.memory.accounting") is None:
-        status = "pending: fastppo.memory.accounting is not in this build (issue 6)"
-        return [{"kind": "accounting", "model": model, "status": status} for model in models]
-    raise NotImplementedError("wire fastppo.memory.accounting into bench_memory.account()")
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from fastppo.memory.critic import TrunkValueModel, ValueHead
+    from fastppo.memory.shared_reference import SharedTrunkReference
+    from fastppo.memory.trunk import freeze_trunk
+
+    with torch.device("meta"):
+        policy = AutoModelForCausalLM.from_config(model_config(model), dtype=ACCOUNTING_DTYPE)
+        if frozen is None:
+            reference = copy.deepcopy(policy).requires_grad_(False)
+            critic = torch.nn.ModuleList(
+                [copy.deepcopy(policy.model), ValueHead(policy.config.hidden_size, dtype=ACCOUNTING_DTYPE)]
+            )
+        else:
+            freeze_trunk(policy, frozen)
+            reference = SharedTrunkReference(policy, frozen)
+            critic = TrunkValueModel(policy, frozen)
+    return [policy, reference] if algo == "grpo" else [policy, reference, critic]
+
+
+def account(models: list[str]) -> list[dict]:
+    """CPU: the static training memory (parameters, gradients, optimizer state of policy, reference
+    and, for PPO, critic) of each real model shape, from ``fastppo.memory.accounting``: one formula,
+    in one place, applied to meta-device modules. Activations and logits come on top."""
+    from fastppo.memory.accounting import static_training_memory
+
+    rows = []
+    for model in models:
+        depth = model_config(model).num_hidden_layers
+        for algo in ("grpo", "ppo"):
+            baseline = None
+            for k in (None, depth // 2):
+                modules = accounting_modules(model, algo, k)
+                for optim_name in ACCOUNTING_OPTIMS:
+                    memory = static_training_memory(modules, optim_name)
+                    baseline = baseline or memory.total  # whole copies + torch AdamW: the first row
+                    rows.append(
+                        {
+                            "kind": "accounting",
+                            "algo": algo,
+                            "model": model,
+                            "dtype": str(ACCOUNTING_DTYPE).removeprefix("torch."),
+                            "num_layers": depth,
+                            "num_frozen_layers": k,
+                            "reference": "deep copy" if k is None else "shared trunk",
+                            "optim": optim_name,
+                            "parameter_bytes": memory.parameters,
+                            "gradient_bytes": memory.gradients,
+                            "optimizer_state_bytes": memory.optimizer_states,
+                            "static_bytes": memory.total,
+                            "static_vs_copy_adamw_torch": memory.total / baseline,
+                        }
+                    )
+    return rows
 
 
 def run(

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .memory.optim import SUPPORTED_OPTIMIZERS
+from .memory.optim import SUPPORTED_OPTIMIZERS, resolve_config_optim
 
 T = TypeVar("T")
 
@@ -205,6 +205,11 @@ def resolve_device_defaults(config: Any) -> None:
         config.fp16 = False
     if config.gradient_checkpointing is None:
         config.gradient_checkpointing = cuda
+    # optim: None (fastppo's default) -> 8-bit AdamW where bitsandbytes runs (CUDA), else adamw_torch;
+    # an 8-bit name that cannot run here falls back now, so the saved config says what trained.
+    config.optim = resolve_config_optim(
+        getattr(config.optim, "value", config.optim), "cuda" if cuda else "cpu"
+    )
     if hasattr(config, "activation_checkpointing"):
         # transformers >= 5.2x renamed gradient_checkpointing* (TRL's names) to activation_checkpointing*
         # and warns on the old names; move TRL's spelling over so a TRL user's config stays quiet.
@@ -234,4 +239,21 @@ def check_training_arguments(config: Any) -> None:
     require(
         config.max_steps > 0 or config.num_train_epochs > 0,
         f"set max_steps > 0 or num_train_epochs > 0 (got {config.max_steps}, {config.num_train_epochs})",
+    )
+
+
+def check_memory_options(config: Any) -> None:
+    """The memory switches (``num_frozen_layers``, ``padding_free``) shared by GRPOConfig and
+    PPOConfig. A frozen trunk's size is checked against the model when the trainer loads it."""
+    if config.num_frozen_layers is not None:
+        check_int("num_frozen_layers", config.num_frozen_layers, 0)
+    require(
+        isinstance(config.padding_free, bool),
+        f"padding_free must be True or False, got {config.padding_free!r}",
+    )
+    init_kwargs = getattr(config, "model_init_kwargs", None) or {}
+    attn = init_kwargs.get("attn_implementation") if isinstance(init_kwargs, dict) else None
+    require(
+        attn is None or isinstance(attn, str),
+        f"model_init_kwargs['attn_implementation'] must be a string, got {attn!r}",
     )

@@ -6,6 +6,11 @@ value is rejected (see ``fastppo.config``). Deliberate differences from TRL 1.16
 
 - ``bf16=None`` / ``gradient_checkpointing=None`` resolve per machine: on with CUDA (TRL's defaults),
   off on CPU (where transformers would refuse bf16 and checkpointing only costs time).
+- ``optim=None`` resolves per machine: ``adamw_8bit`` (bitsandbytes, ~2 bytes of state per parameter
+  instead of 8) on CUDA when bitsandbytes can run it, else ``adamw_torch`` (TRL: ``adamw_torch_fused``).
+- ``model_init_kwargs["attn_implementation"]`` (TRL's spelling), when not given: ``flash_attention_2``
+  when flash-attn is installed (CUDA), else ``fastppo_varlen`` for padding-free batches on CUDA, else
+  ``sdpa`` (``fastppo.memory.packing.pick_attn_implementation``).
 - ``use_bias_correction_kl`` defaults to ``False``: fastppo's loss kernel adds ``beta * k3`` without
   multiplying it by the importance ratio (identical values on-policy, a different KL gradient).
 - ``max_prompt_length`` (dropped by TRL) is kept: prompts are truncated from the left to that length.
@@ -21,6 +26,7 @@ from .config import (
     SUPPORTED_TRAINING_ARGUMENTS,
     check_choice,
     check_int,
+    check_memory_options,
     check_number,
     check_report_to,
     check_training_arguments,
@@ -49,7 +55,7 @@ SUPPORTED_GRPO = frozenset(
     importance_sampling_level reward_weights multi_objective_aggregation scale_rewards loss_type
     mask_truncated_completions sync_ref_model ref_model_mixup_alpha ref_model_sync_steps log_completions
     num_completions_to_print use_fused_kernels kernel_chunk_bytes eval_do_sample
-    max_consecutive_nonfinite_steps skip_invalid_rewards
+    max_consecutive_nonfinite_steps skip_invalid_rewards num_frozen_layers padding_free
     """.split()
 )
 
@@ -68,6 +74,9 @@ class GRPOConfig(TrainingArguments):
 
     # TrainingArguments fields whose defaults TRL overrides
     learning_rate: float = option(1e-6, "Initial learning rate of AdamW (TRL's default).")
+    optim: str | None = option(
+        None, "AdamW implementation; None: 'adamw_8bit' on CUDA when bitsandbytes runs, else 'adamw_torch'."
+    )
     logging_steps: float = option(10, "Log every X optimizer steps (a float < 1 is a fraction of max_steps).")
     gradient_checkpointing: bool | None = option(
         None, "Recompute activations in backward; None: on with CUDA."
@@ -221,6 +230,16 @@ class GRPOConfig(TrainingArguments):
     eval_do_sample: bool = option(
         True, "fastppo: evaluate() samples like training; False: one greedy completion per prompt."
     )
+    num_frozen_layers: int | None = option(
+        None,
+        "fastppo: freeze the input embedding (and a tied lm_head) and the first K decoder layers; the "
+        "reference then shares them and owns only the layers above. None: train every parameter.",
+    )
+    padding_free: bool = option(
+        False,
+        "fastppo: score and train on packed rows (no padding tokens computed), as TRL's SFTConfig; "
+        "best with flash_attention_2 or fastppo_varlen attention.",
+    )
     max_consecutive_nonfinite_steps: int = option(
         3, "fastppo: optimizer steps skipped for a non-finite loss/gradient in a row before training stops."
     )
@@ -241,6 +260,7 @@ class GRPOConfig(TrainingArguments):
         )
         self._derive_batch_sizes()
         self._check_grpo()
+        check_memory_options(self)
 
     # --- checks, one place each -------------------------------------------------------------------
 

@@ -11,6 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .memory.checkpointing import enable_gradient_checkpointing
+from .memory.packing import VARLEN_ATTENTION, pick_attn_implementation, register_varlen_attention
+from .memory.shared_reference import has_adapters
+from .memory.trunk import freeze_trunk
+
 
 def check_model_source(name: str, trust_remote_code: bool = False) -> None:
     """ValueError unless ``name`` is a local model folder or a Hub id whose config can be fetched."""
@@ -33,10 +38,20 @@ def check_model_source(name: str, trust_remote_code: bool = False) -> None:
 
 
 def load_causal_lm(
-    model: str | nn.Module, init_kwargs: dict[str, Any] | None, trust_remote_code: bool
+    model: str | nn.Module,
+    init_kwargs: dict[str, Any] | None,
+    trust_remote_code: bool,
+    *,
+    padding_free: bool = False,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """The policy: a given module as is, or ``AutoModelForCausalLM.from_pretrained`` (fp32 by default,
-    as TRL: mixed precision comes from autocast, master weights stay fp32)."""
+    as TRL: mixed precision comes from autocast, master weights stay fp32).
+
+    ``attn_implementation`` (``model_init_kwargs``, TRL's spelling) defaults to the fastest one that
+    runs on ``device``: ``pick_attn_implementation(padding_free, device)``. A given module keeps the
+    attention it was built with (packed rows still work: SDPA and eager find the sequences from the
+    position ids, at the cost of a ``[tokens, tokens]`` mask)."""
     if not isinstance(model, str):
         if init_kwargs:
             raise ValueError("model_init_kwargs were given but the model is already instantiated; drop one")
@@ -53,6 +68,10 @@ def load_causal_lm(
             )
         dtype = getattr(torch, dtype)
     kwargs["dtype"] = dtype
+    if kwargs.get("attn_implementation") is None:
+        kwargs["attn_implementation"] = pick_attn_implementation(padding_free, device)
+    if kwargs["attn_implementation"] == VARLEN_ATTENTION:
+        register_varlen_attention()  # a name transformers learns only at registration
     return AutoModelForCausalLM.from_pretrained(model, **kwargs)
 
 
@@ -97,8 +116,15 @@ def prepare_policy(
     gradient_checkpointing: bool,
     gradient_checkpointing_kwargs: dict | None,
     disable_dropout: bool,
+    num_frozen_layers: int | None = None,
 ) -> nn.Module:
-    """Pad ids mirrored on the model, optional LoRA (PEFT), activation checkpointing, dropout off."""
+    """Pad ids mirrored on the model, optional LoRA (PEFT), a frozen trunk (embedding + first
+    ``num_frozen_layers`` decoder layers), activation checkpointing, dropout off.
+
+    Freezing happens here, before any optimizer exists, so frozen parameters never get state.
+    Checkpointing goes through ``memory.checkpointing``: with the default non-reentrant
+    implementation a frozen trunk (or LoRA's frozen embedding) is not recorded for backward at all.
+    """
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -106,12 +132,17 @@ def prepare_policy(
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
+    if num_frozen_layers is not None:
+        if has_adapters(model):
+            raise ValueError(
+                f"num_frozen_layers={num_frozen_layers} with a PEFT/LoRA policy: LoRA already freezes the "
+                "base weights and its reference costs no extra weights; leave num_frozen_layers=None "
+                "(restrict the adapters with LoraConfig(layers_to_transform=...) instead)"
+            )
+        freeze_trunk(model, num_frozen_layers)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False}
-        )
-        if peft_config is not None:  # frozen embeddings: let checkpointed blocks see an input that needs grad
-            model.enable_input_require_grads()
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        enable_gradient_checkpointing(model, use_reentrant=bool(kwargs.pop("use_reentrant", False)), **kwargs)
     if disable_dropout:
         for module in model.modules():
             if isinstance(module, nn.Dropout):

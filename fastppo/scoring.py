@@ -1,6 +1,11 @@
 """Forward passes over sampled sequences: per-token log-probs (old / reference, no grad) and the
 policy loss (with grad), through the fused kernels or the plain PyTorch path.
 
+Padding-free (``padding_free=True``, TRL SFTConfig's name): each forward runs the batch packed into
+one row of its attended tokens, positions restarting per sequence (``memory.packing``), and the
+per-position outputs are put back into the padded layout before the loss; values and gradients
+equal the padded path's (tests/test_grpo_memory.py).
+
 Fused path (``fused=True``): the decoder runs to the last hidden states of the completion positions
 only, and ``fastppo.kernels`` computes log-probs and the loss against the lm_head weight one chunk
 of tokens at a time, so ``[tokens, vocab]`` logits never exist. Plain path: full logits, textbook
@@ -12,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from .kernels import linear_ppo_loss, linear_token_logprobs
 from .kernels.ppo_loss import PolicyLossSettings, PolicyLossStats, policy_objective
+from .memory.packing import PackedBatch, pack, unpack
+from .memory.trunk import Trunk, policy_top, run_trunk, unwrap_peft
 from .rollout import Rollout
 
 # Config attributes that rescale logits after lm_head (Gemma-2 soft-capping, Cohere/Granite scales):
@@ -98,26 +106,24 @@ def sequence_inputs(batch: PolicyBatch) -> dict[str, torch.Tensor]:
     }
 
 
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (its LoRA layers are injected in place)."""
-    return (
-        model.get_base_model()
-        if hasattr(model, "get_base_model") and hasattr(model, "peft_config")
-        else model
-    )
+def logit_transform(model: nn.Module) -> str | None:
+    """``"name=value"`` of the rescaling a model applies to its logits after lm_head, or None."""
+    config = getattr(unwrap_peft(model), "config", None)
+    for name in LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            return f"{name}={value}"
+    return None
 
 
 def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     """(decoder up to the final norm, lm_head) of a causal LM, checked for the fused path."""
     base = unwrap_peft(model)
-    config = getattr(base, "config", None)
-    for name in LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(
-                f"{type(base).__name__} rescales its logits ({name}={value}); the fused path does not "
-                "implement that: set use_fused_kernels=False"
-            )
+    if (transform := logit_transform(base)) is not None:
+        raise ValueError(
+            f"{type(base).__name__} rescales its logits ({transform}); the fused path does not "
+            "implement that: set use_fused_kernels=False"
+        )
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
     head = base.get_output_embeddings()
     if decoder is None or type(head) is not nn.Linear:
@@ -129,19 +135,77 @@ def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     return decoder, head
 
 
-def completion_hidden_states(model: nn.Module, batch: PolicyBatch) -> torch.Tensor:
-    """``[b, Lc, H]`` last hidden states at the positions that predict the completion tokens."""
+@dataclasses.dataclass
+class ForwardInputs:
+    """What one forward over a batch receives, padded or packed, and how to read its outputs back."""
+
+    kwargs: dict  # for model(...) / decoder(...) / run_trunk(...): input_ids, positions, mask or packing
+    packed: PackedBatch | None  # None: the padded [b, Lp + Lc] layout
+    prompt_length: int  # Lp
+    completion_length: int  # Lc
+
+    def completion_positions(self, per_position: torch.Tensor) -> torch.Tensor:
+        """``[b, Lc, ...]`` the outputs at the positions that predict the completion tokens, from
+        ``[b, Lp + Lc, ...]`` (padded) or ``[1, N, ...]`` (packed; 0 where the padded layout has padding)."""
+        if self.packed is not None:
+            per_position = unpack(per_position, self.packed)
+        start = self.prompt_length - 1  # the last prompt position predicts the first completion token
+        return per_position[:, start : start + self.completion_length]
+
+
+def forward_inputs(batch: PolicyBatch, padding_free: bool = False) -> ForwardInputs:
+    """The batch's prompt + completion as model inputs: padded (``sequence_inputs``) or packed."""
+    inputs = sequence_inputs(batch)
+    lengths = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    if not padding_free:
+        return ForwardInputs({**inputs, "use_cache": False}, None, *lengths)
+    packed = pack(inputs["input_ids"], inputs["attention_mask"])
+    return ForwardInputs(packed.model_inputs(), packed, *lengths)
+
+
+def completion_hidden_states(
+    model: nn.Module, batch: PolicyBatch, padding_free: bool = False, shared: TrunkPass | None = None
+) -> torch.Tensor:
+    """``[b, Lc, H]`` last hidden states at the positions that predict the completion tokens; with
+    ``shared``, only the policy's own layers run, on that trunk pass's output."""
     decoder, _ = lm_parts(model)
-    hidden = decoder(**sequence_inputs(batch), use_cache=False).last_hidden_state
-    start = batch.prompt_ids.shape[1] - 1  # the last prompt position predicts the first completion token
-    return hidden[:, start : start + batch.completion_ids.shape[1]]
+    if shared is not None:
+        return shared.inputs.completion_positions(policy_top(model, shared.trunk))
+    inputs = forward_inputs(batch, padding_free)
+    return inputs.completion_positions(decoder(**inputs.kwargs).last_hidden_state)
 
 
-def completion_logits(model: nn.Module, batch: PolicyBatch) -> torch.Tensor:
+def completion_logits(model: nn.Module, batch: PolicyBatch, padding_free: bool = False) -> torch.Tensor:
     """``[b, Lc, V]`` logits that predict the completion tokens (plain path only)."""
+    inputs = forward_inputs(batch, padding_free)
+    if inputs.packed is not None:  # logits_to_keep counts from the end of the one packed row
+        return inputs.completion_positions(model(**inputs.kwargs).logits)
     length = batch.completion_ids.shape[1]
-    logits = model(**sequence_inputs(batch), use_cache=False, logits_to_keep=length + 1).logits
-    return logits[:, :-1]
+    return model(**inputs.kwargs, logits_to_keep=length + 1).logits[:, :-1]
+
+
+@dataclasses.dataclass
+class TrunkPass:
+    """One pass of the shared frozen trunk over a batch, and how to read the tops' outputs back."""
+
+    trunk: Trunk  # hidden states after layer K-1 ([b, L, H] padded, [1, N, H] packed)
+    inputs: ForwardInputs
+
+
+def trunk_pass(
+    model: nn.Module, batch: PolicyBatch, num_layers: int, padding_free: bool = False
+) -> TrunkPass:
+    """The shared frozen trunk (embedding + layers ``[0, num_layers)``) over the batch, once, for
+    every top that reads it (the policy's own layers, a shared-trunk reference, a trunk critic).
+    Nothing in it is trainable, so autograd records nothing here even outside ``no_grad``.
+
+    Example (PPO with a ``TrunkValueModel`` critic, one trunk for the loss and the values):
+        >>> shared = trunk_pass(policy, batch, K)
+        >>> loss, stats = policy_loss(policy, batch, settings, fused=True, chunk_bytes=n, shared=shared)
+        >>> values = shared.inputs.completion_positions(critic(shared.trunk))  # [b, Lc] fp32
+    """
+    inputs = forward_inputs(batch, padding_free)
+    return TrunkPass(run_trunk(model, num_layers=num_layers, **inputs.kwargs), inputs)
 
 
 def head_operands(
@@ -161,6 +225,17 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type, enabled=False)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Score without dropout, like the sampler; the previous mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def plain_token_logprobs(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -172,33 +247,54 @@ def plain_token_logprobs(
     return logp, entropy
 
 
+def head_logprobs(
+    head: nn.Linear,
+    hidden: torch.Tensor,  # [b, Lc, H] final (normed) hidden states predicting the completion
+    batch: PolicyBatch,
+    temperature: float,
+    *,
+    fused: bool,
+    chunk_bytes: int,
+) -> torch.Tensor:
+    """``[b, Lc]`` fp32 log-probs of the completion tokens from hidden states and an lm_head, 0 where
+    ``completion_mask`` is 0: chunked through the kernel (fused), or from full logits (plain)."""
+    mask = batch.completion_mask.bool()
+    hidden, weight, bias = head_operands(head, hidden)
+    if fused:
+        with _no_autocast(hidden.device.type):
+            return linear_token_logprobs(
+                hidden,
+                weight,
+                torch.where(mask, batch.completion_ids, -100),
+                bias=bias,
+                temperature=temperature,
+                chunk_bytes=chunk_bytes,
+            )
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    logp, _ = plain_token_logprobs(logits, batch.completion_ids, temperature)
+    return logp.masked_fill(~mask, 0.0)
+
+
 @torch.no_grad()
 def score_logprobs(
-    model: nn.Module, batch: PolicyBatch, temperature: float, *, fused: bool, chunk_bytes: int
+    model: nn.Module,
+    batch: PolicyBatch,
+    temperature: float,
+    *,
+    fused: bool,
+    chunk_bytes: int,
+    padding_free: bool = False,
 ) -> torch.Tensor:
     """``[b, Lc]`` fp32 log-probs of the completion tokens under ``model`` (old or reference scoring),
     0 where ``completion_mask`` is 0. Runs in eval mode (no dropout) like the sampler."""
-    was_training = model.training
-    model.eval()
-    try:
-        mask = batch.completion_mask.bool()
+    with eval_mode(model):
         if fused:
-            hidden = completion_hidden_states(model, batch)
             _, head = lm_parts(model)
-            hidden, weight, bias = head_operands(head, hidden)
-            with _no_autocast(hidden.device.type):
-                return linear_token_logprobs(
-                    hidden,
-                    weight,
-                    torch.where(mask, batch.completion_ids, -100),
-                    bias=bias,
-                    temperature=temperature,
-                    chunk_bytes=chunk_bytes,
-                )
-        logp, _ = plain_token_logprobs(completion_logits(model, batch), batch.completion_ids, temperature)
-        return logp.masked_fill(~mask, 0.0)
-    finally:
-        model.train(was_training)
+            hidden = completion_hidden_states(model, batch, padding_free)
+            return head_logprobs(head, hidden, batch, temperature, fused=True, chunk_bytes=chunk_bytes)
+        logits = completion_logits(model, batch, padding_free)
+        logp, _ = plain_token_logprobs(logits, batch.completion_ids, temperature)
+        return logp.masked_fill(~batch.completion_mask.bool(), 0.0)
 
 
 def policy_loss(
@@ -208,11 +304,15 @@ def policy_loss(
     *,
     fused: bool,
     chunk_bytes: int,
+    padding_free: bool = False,
+    shared: TrunkPass | None = None,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
     """Scalar clipped-ratio loss (+ beta * KL) of one minibatch and its statistics (with entropy).
 
     Without recorded ``old_logprobs`` the batch is on-policy: old = detached current log-probs, so
     the ratio is exactly 1 and only its gradient acts (the first update of a rollout, TRL #2769).
+    ``shared``: a ``trunk_pass`` of this batch (frozen trunk) that a critic reads too; the policy
+    then runs only its own layers.
     """
     if batch.advantages is None:
         raise ValueError("the batch has no advantages; compute them before the loss")
@@ -222,7 +322,7 @@ def policy_loss(
     old_recorded = None if batch.old_logprobs is None else batch.old_logprobs.masked_fill(~keep, 0.0)
     ref = None if batch.ref_logprobs is None else batch.ref_logprobs.masked_fill(~keep, 0.0)
     if fused:
-        hidden = completion_hidden_states(model, batch)
+        hidden = completion_hidden_states(model, batch, padding_free, shared)
         _, head = lm_parts(model)
         hidden, weight, bias = head_operands(head, hidden)
         with _no_autocast(hidden.device.type):
@@ -241,8 +341,13 @@ def policy_loss(
                 chunk_bytes=chunk_bytes,
                 **dataclasses.asdict(settings),
             )
+    if shared is None:
+        logits = completion_logits(model, batch, padding_free)
+    else:  # the trunk's tops apply the bare lm_head (no logit transforms: checked with the trunk)
+        _, head = lm_parts(model)
+        logits = head(completion_hidden_states(model, batch, shared=shared))
     logp, entropy = plain_token_logprobs(
-        completion_logits(model, batch), batch.completion_ids, settings.temperature, with_entropy=True
+        logits, batch.completion_ids, settings.temperature, with_entropy=True
     )
     old = logp.detach() if old_recorded is None else old_recorded
     return policy_objective(logp, old, batch.advantages, batch.loss_mask, settings, ref, entropy)

@@ -12,7 +12,7 @@ import pytest
 from fastppo import GRPOConfig
 
 # Our documented deviations from TRL's defaults (see fastppo/grpo_config.py's docstring).
-DEVIATIONS = {"bf16", "gradient_checkpointing", "use_bias_correction_kl"}
+DEVIATIONS = {"bf16", "gradient_checkpointing", "optim", "use_bias_correction_kl"}
 
 
 def make(**kwargs) -> GRPOConfig:

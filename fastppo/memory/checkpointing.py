@@ -9,21 +9,26 @@ whose inputs do not require grad. With the default non-reentrant checkpointing i
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .trunk import unwrap_peft
 
 
-def enable_gradient_checkpointing(model: nn.Module, *, use_reentrant: bool = False) -> nn.Module:
+def enable_gradient_checkpointing(
+    model: nn.Module, *, use_reentrant: bool = False, **checkpoint_kwargs: Any
+) -> nn.Module:
     """Checkpoint every decoder layer of ``model`` (a transformers causal LM, or a PEFT model).
 
     Non-reentrant (default): nothing is recorded for frozen layers in front of the first trainable
     one, so a frozen trunk costs no activation memory and no backward compute. Reentrant: the
     embedding output is made to require grad whenever the embedding is frozen (a frozen trunk,
-    LoRA), as the reentrant implementation needs.
+    LoRA), as the reentrant implementation needs. ``checkpoint_kwargs`` (e.g. ``preserve_rng_state``)
+    go to ``torch.utils.checkpoint.checkpoint`` as the user's ``gradient_checkpointing_kwargs``.
     """
     base = unwrap_peft(model)
-    kwargs = {"use_reentrant": use_reentrant}
+    kwargs = {"use_reentrant": use_reentrant, **checkpoint_kwargs}
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

@@ -55,6 +55,20 @@ def default_optim_name(device: torch.device | str | None = None) -> str:
     return "adamw_8bit" if bitsandbytes_problem(torch.device(device).type) is None else "adamw_torch"
 
 
+def resolve_config_optim(optim_name: str | None, device: torch.device | str) -> str:
+    """The optimizer a config will train with, resolved when the config is built (as ``bf16`` is):
+    ``None`` -> ``default_optim_name`` (warned once when CUDA is there but bitsandbytes cannot run),
+    an 8-bit name that cannot run here -> ``adamw_torch`` (warned once), anything else unchanged."""
+    device = torch.device(device)
+    if optim_name is None:
+        name = default_optim_name(device)
+        problem = bitsandbytes_problem(device.type)
+        if device.type == "cuda" and problem is not None:
+            warn_once(f"the default optim 'adamw_8bit' falls back to 'adamw_torch': {problem}")
+        return name
+    return resolve_optim_name(optim_name, device)
+
+
 def resolve_optim_name(optim_name: str, device: torch.device | str) -> str:
     """The optimizer that will actually run: 8-bit names fall back to ``adamw_torch`` (warned once)."""
     name = str(getattr(optim_name, "value", optim_name))  # transformers' OptimizerNames enum

@@ -31,7 +31,7 @@ from ..grpo_config import GRPOConfig
 from ..kernels.ppo_loss import PolicyLossStats
 from ..logging import MetricsBuffer, print_completions
 from ..modeling import eos_token_ids, load_causal_lm, load_tokenizer, prepare_policy
-from ..reference import build_reference
+from ..reference import SharedTrunkPolicyReference, build_reference
 from ..rewards import combine_rewards, load_rewards, score_completions
 from ..rollout import GenerateSampler, Rollout, Sampler, SamplingSettings, sample_rollout
 from ..scoring import PolicyBatch, policy_loss, score_logprobs
@@ -98,7 +98,13 @@ class GRPOTrainer(TrainerBase):
         init_kwargs = dict(args.model_init_kwargs or {})
         if quantization_config is not None:
             init_kwargs["quantization_config"] = quantization_config
-        policy = load_causal_lm(model, init_kwargs, args.trust_remote_code)
+        policy = load_causal_lm(
+            model,
+            init_kwargs,
+            args.trust_remote_code,
+            padding_free=args.padding_free,
+            device="cpu" if args.use_cpu else None,
+        )
         tokenizer = load_tokenizer(policy, processing_class, args.trust_remote_code)
         policy = prepare_policy(
             policy,
@@ -107,6 +113,7 @@ class GRPOTrainer(TrainerBase):
             gradient_checkpointing=args.gradient_checkpointing,
             gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
             disable_dropout=args.disable_dropout,
+            num_frozen_layers=args.num_frozen_layers,
         )
         super().__init__(args, policy, tokenizer, callbacks, optimizers)
         self.model.to(self.device)
@@ -126,6 +133,8 @@ class GRPOTrainer(TrainerBase):
             sync=args.sync_ref_model,
             fused=args.use_fused_kernels,
             chunk_bytes=args.kernel_chunk_bytes,
+            padding_free=args.padding_free,
+            num_frozen_layers=args.num_frozen_layers,
         )
         self.sampler = sampler or GenerateSampler(self.model, tokenizer.pad_token_id, self.eos_token_ids)
         self.loss_settings = args.loss_settings()
@@ -188,7 +197,8 @@ class GRPOTrainer(TrainerBase):
         """Step 2: rewards; reference and (when needed) old log-probs per minibatch, under no grad.
 
         The minibatches are drawn here once per rollout (as TRL does) and reused by every pass, so
-        old log-probs are taken on exactly the batches the first pass trains on.
+        old log-probs are taken on exactly the batches the first pass trains on. When both are needed
+        and the reference shares the policy's frozen trunk, one trunk pass serves the two.
         """
         args = self.args
         minibatches = PolicyBatch.from_rollout(rollout, args.mask_truncated_completions).split(
@@ -196,6 +206,11 @@ class GRPOTrainer(TrainerBase):
         )
         with self.accelerator.autocast():
             for mb in minibatches:
+                if args.records_old_logprobs and isinstance(self.reference, SharedTrunkPolicyReference):
+                    mb.old_logprobs, mb.ref_logprobs = self.reference.logprobs_with_policy(
+                        self.model, mb, args.temperature
+                    )
+                    continue
                 if args.records_old_logprobs:
                     mb.old_logprobs = score_logprobs(
                         self.model,
@@ -203,6 +218,7 @@ class GRPOTrainer(TrainerBase):
                         args.temperature,
                         fused=args.use_fused_kernels,
                         chunk_bytes=args.kernel_chunk_bytes,
+                        padding_free=args.padding_free,
                     )
                 if self.reference is not None:
                     mb.ref_logprobs = self.reference.logprobs(mb, args.temperature)
@@ -264,6 +280,7 @@ class GRPOTrainer(TrainerBase):
                         settings,
                         fused=args.use_fused_kernels,
                         chunk_bytes=args.kernel_chunk_bytes,
+                        padding_free=args.padding_free,
                     )
                 self.backward(loss * scale)
                 self.metrics.add("time/minibatch", time.perf_counter() - start)
