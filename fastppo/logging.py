@@ -38,14 +38,23 @@ class MetricsBuffer:
         self._weights.clear()
         return means
 
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        """The pending sums and weights (a checkpoint between two logs resumes the same means)."""
+        return {"sums": dict(self._sums), "weights": dict(self._weights)}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        self._sums = defaultdict(float, state["sums"])
+        self._weights = defaultdict(float, state["weights"])
+
 
 class JsonlWriter:
-    """One JSON object per log call, appended and flushed at once (readable while training runs)."""
+    """One JSON object per log call, appended and flushed at once (readable while training runs).
+    A file left by an earlier run is replaced (a resumed run rewrites its history first)."""
 
-    def __init__(self, path: str, fresh: bool = True) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if fresh and os.path.exists(path):
+        if os.path.exists(path):
             os.remove(path)
 
     def write(self, record: dict[str, Any]) -> None:

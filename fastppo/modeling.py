@@ -5,25 +5,34 @@ A missing model path is reported before anything is loaded or generated.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .memory.checkpointing import enable_gradient_checkpointing
 from .memory.packing import VARLEN_ATTENTION, pick_attn_implementation, register_varlen_attention
 from .memory.shared_reference import has_adapters
 from .memory.trunk import freeze_trunk
+from .rewards import check_vocab
 
 
 def check_model_source(name: str, trust_remote_code: bool = False) -> None:
     """ValueError unless ``name`` is a local model folder or a Hub id whose config can be fetched."""
     if os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
+        config = os.path.join(name, "config.json")
+        if not os.path.isfile(config):
             raise ValueError(
                 f"model folder {name!r} has no config.json (save the model with save_pretrained)"
             )
+        try:
+            with open(config, encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError) as exc:  # unreadable, or not JSON
+            raise ValueError(f"model folder {name!r}: config.json cannot be read as JSON ({exc})") from exc
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not a Hub id ("org/name")
         raise ValueError(f"model path {name!r} does not exist")
@@ -72,7 +81,10 @@ def load_causal_lm(
         kwargs["attn_implementation"] = pick_attn_implementation(padding_free, device)
     if kwargs["attn_implementation"] == VARLEN_ATTENTION:
         register_varlen_attention()  # a name transformers learns only at registration
-    return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    except (OSError, SafetensorError) as exc:  # weight files missing, unreadable or corrupt
+        raise ValueError(f"model {model!r} could not be loaded: {exc}") from exc
 
 
 def load_tokenizer(model: nn.Module, processing_class: Any, trust_remote_code: bool) -> Any:
@@ -125,6 +137,7 @@ def prepare_policy(
     Checkpointing goes through ``memory.checkpointing``: with the default non-reentrant
     implementation a frozen trunk (or LoRA's frozen embedding) is not recorded for backward at all.
     """
+    check_vocab(model, tokenizer, "policy")
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -70,6 +70,10 @@ class FrozenCopyReference(_Scorer):
     def logprobs(self, batch: PolicyBatch, temperature: float) -> torch.Tensor:
         return self.score(self.model, batch, temperature)
 
+    def own_weights(self) -> nn.Module:
+        """The weights this reference owns (checkpointed when sync_ref_model changes them)."""
+        return self.model
+
     @torch.no_grad()
     def sync(self, policy: nn.Module, alpha: float) -> None:
         for ref_param, param in zip(self.model.parameters(), policy.parameters(), strict=True):
@@ -164,6 +168,10 @@ class SharedTrunkPolicyReference(_Scorer):
 
     def sync(self, policy: nn.Module, alpha: float) -> None:
         self.module.sync(policy, alpha)
+
+    def own_weights(self) -> nn.Module:
+        """The weights this reference owns (checkpointed when sync_ref_model changes them)."""
+        return self.module
 
 
 def build_reference(

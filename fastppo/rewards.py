@@ -5,6 +5,14 @@ A reward function is called as ``func(prompts=..., completions=..., completion_i
 ``trainer_state``, ``log_metric`` and ``log_extra``) and returns one float or ``None`` per completion.
 ``None`` means "not applicable" and becomes NaN; the weighted sum over functions ignores NaN
 (``nansum``) and a completion no function scored stays NaN, so it gets advantage 0.
+
+Bad reward output is an error naming the function and the sample (``RewardFunctionError``): a
+function that raises, returns the wrong number of rewards, or a NaN/inf/non-number. With
+``skip_invalid=True`` (the configs' ``skip_invalid_rewards``) a sample whose reward is NaN/inf/not a
+number, or on which the function raises, is *invalid* instead: all its rewards become NaN (advantage
+0, left out of its group's statistics), ``RewardScores.valid`` marks it for the trainer to drop from
+the loss, and ``rewards/invalid_samples`` (per rollout) is logged. A wrong-length output is always an
+error: it cannot be pinned to samples.
 """
 
 from __future__ import annotations
@@ -21,6 +29,23 @@ import torch
 from torch import nn
 
 RewardFunc = Callable[..., Sequence[float | None]]
+INVALID_METRIC = "rewards/invalid_samples"
+
+
+class RewardFunctionError(ValueError):
+    """A reward function raised or returned something unusable; the message names it and the sample."""
+
+
+@dataclasses.dataclass
+class RewardScores:
+    """Rewards of N completions by F functions."""
+
+    per_func: torch.Tensor  # [N, F] fp32; NaN where a function returned None, whole row NaN if invalid
+    valid: torch.Tensor  # [N] bool; False: an invalid sample (skip_invalid) to drop from the loss
+
+    @property
+    def num_invalid(self) -> int:
+        return int((~self.valid).sum())
 
 
 def callable_name(func: Any) -> str:
@@ -110,6 +135,7 @@ def load_rewards(
                 tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
+            check_vocab(func, tokenizer, f"reward model {callable_name(func)!r}")
             func.config.pad_token_id = tokenizer.pad_token_id
             func = RewardModelScorer(func.to(device).eval(), tokenizer, dict(chat_template_kwargs or {}))
         elif not callable(func):
@@ -127,23 +153,39 @@ def load_rewards(
     return RewardSet(funcs, names, torch.tensor(list(weights), dtype=torch.float32))
 
 
-def check_reward_output(name: str, output: Any, expected: int) -> list[float]:
-    """One reward per completion, each a finite number or None (-> NaN); else a ValueError naming
-    the function and the sample index. (The reliability issue adds skipping of bad samples here.)"""
+def check_vocab(model: nn.Module, tokenizer: Any, what: str) -> None:
+    """ValueError when the tokenizer has ids the model's embedding table lacks (an index error, or a
+    device-side assert on GPU, mid-run otherwise). A larger table is normal (padded vocabularies)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"{what}: its tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
+            f"{rows} rows; use the tokenizer the model was trained with"
+        )
+
+
+def check_reward_output(
+    name: str, output: Any, expected: int, skip_invalid: bool = False
+) -> list[float | None]:
+    """One reward per completion: a finite number, or None -> NaN ("not applicable").
+
+    A NaN/inf/non-number at sample i is a ``RewardFunctionError`` naming ``name`` and i, or with
+    ``skip_invalid`` None in the returned list (an invalid sample). A wrong length always raises.
+    """
     if inspect.isawaitable(output):
         output = asyncio.run(_await(output))
     try:
         values = list(output)
     except TypeError:
-        raise ValueError(
+        raise RewardFunctionError(
             f"reward function {name!r} returned {type(output).__name__}, expected a list"
         ) from None
     if len(values) != expected:
-        raise ValueError(
+        raise RewardFunctionError(
             f"reward function {name!r} returned {len(values)} rewards for {expected} completions "
             "(one per prompt-completion pair expected)"
         )
-    checked = []
+    checked: list[float | None] = []
     for i, value in enumerate(values):
         if value is None:
             checked.append(math.nan)
@@ -151,15 +193,20 @@ def check_reward_output(name: str, output: Any, expected: int) -> list[float]:
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ValueError(
+            number = None
+        if number is not None and math.isfinite(number):
+            checked.append(number)
+        elif skip_invalid:
+            checked.append(None)
+        elif number is None:
+            raise RewardFunctionError(
                 f"reward function {name!r} returned {value!r} for sample {i}; expected a number or None"
-            ) from None
-        if not math.isfinite(number):
-            raise ValueError(
-                f"reward function {name!r} returned {number} for sample {i}; rewards must be finite "
-                "(return None for 'not applicable')"
             )
-        checked.append(number)
+        else:
+            raise RewardFunctionError(
+                f"reward function {name!r} returned {number} for sample {i}; rewards must be finite "
+                "(return None for 'not applicable', or set skip_invalid_rewards=True to drop such samples)"
+            )
     return checked
 
 
@@ -167,22 +214,73 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def score_completions(
+def _call_reward(
+    func: RewardFunc, name: str, kwargs: dict[str, Any], n: int, skip_invalid: bool
+) -> list[float | None]:
+    """``func`` on all n samples; when it raises, find the sample it raises on by calling it on one
+    sample at a time (the error path only), so the message can name it. With ``skip_invalid`` the
+    samples it raises on are invalid (None) and the others keep their one-sample rewards."""
+    try:
+        return check_reward_output(name, func(**kwargs), n, skip_invalid)
+    except RewardFunctionError:
+        raise
+    except Exception as batch_exc:
+        per_sample: list[float | None] = []
+        for i in range(n):
+            one = {k: v[i : i + 1] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()}
+            try:
+                output = func(**one)
+            except Exception as exc:
+                if skip_invalid:
+                    per_sample.append(None)
+                    continue
+                raise RewardFunctionError(
+                    f"reward function {name!r} raised {type(exc).__name__} on sample {i}: {exc}"
+                ) from exc
+            per_sample.extend(check_reward_output(name, output, 1, skip_invalid))
+        if not skip_invalid:  # every sample alone was fine: it fails on the batch only
+            raise RewardFunctionError(
+                f"reward function {name!r} raised {type(batch_exc).__name__} on the batch of {n} "
+                f"completions (each sample alone succeeds): {batch_exc}"
+            ) from batch_exc
+        return per_sample
+
+
+def score_rewards(
     rewards: RewardSet,
     prompts: list,  # [N] text or chat messages, repeated per completion
     completions: list,  # [N] text, or [{"role": "assistant", "content": ...}] for chat prompts
     completion_ids: list[list[int]],  # [N] unpadded token ids
     columns: dict[str, list],  # other dataset columns, [N] each
     extra: dict[str, Any],  # trainer_state, log_metric, log_extra
-) -> torch.Tensor:
-    """``[N, F]`` fp32 rewards per completion and function, NaN where a function returned None."""
-    out = torch.empty(len(prompts), len(rewards), dtype=torch.float32)
+    skip_invalid: bool = False,
+) -> RewardScores:
+    """Every reward function on every completion; see the module docstring for invalid samples.
+    With ``skip_invalid`` the count of invalid samples goes to ``extra["log_metric"]`` when given."""
+    n = len(prompts)
+    out = torch.empty(n, len(rewards), dtype=torch.float32)
+    valid = torch.ones(n, dtype=torch.bool)
+    kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns, **extra)
     for j, (func, name) in enumerate(zip(rewards.funcs, rewards.names, strict=True)):
-        output = func(
-            prompts=prompts, completions=completions, completion_ids=completion_ids, **columns, **extra
-        )
-        out[:, j] = torch.tensor(check_reward_output(name, output, len(prompts)), dtype=torch.float32)
-    return out
+        values = _call_reward(func, name, kwargs, n, skip_invalid)
+        valid &= torch.tensor([v is not None for v in values], dtype=torch.bool)
+        out[:, j] = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
+    out[~valid] = math.nan
+    if skip_invalid and "log_metric" in extra:
+        extra["log_metric"](INVALID_METRIC, float((~valid).sum()))
+    return RewardScores(out, valid)
+
+
+def score_completions(
+    rewards: RewardSet,
+    prompts: list,
+    completions: list,
+    completion_ids: list[list[int]],
+    columns: dict[str, list],
+    extra: dict[str, Any],
+) -> torch.Tensor:
+    """``[N, F]`` fp32 rewards, raising on any invalid one (``score_rewards`` with skip_invalid=False)."""
+    return score_rewards(rewards, prompts, completions, completion_ids, columns, extra).per_func
 
 
 def combine_rewards(per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -2,15 +2,23 @@
 the optimizer-step flow (log / save / evaluate / callbacks), metrics files and saving.
 
 Subclasses (GRPO, PPO) write ``train()`` as their numbered steps and call ``backward`` per
-minibatch and ``end_micro_step`` after it; this class decides when the optimizer steps. Losses are
-scaled by the subclass (the loss type owns its normaliser), never by accelerate.
+minibatch and ``end_micro_step`` after it; this class decides when the optimizer steps (and skips a
+step whose loss or gradient is not finite: ``fastppo.guards``). Losses are scaled by the subclass
+(the loss type owns its normaliser), never by accelerate.
+
+Checkpoints (``fastppo.checkpoint``) hold everything this class owns; a subclass adds its own state
+through three hooks, all called at an optimizer-step boundary:
+  ``generators()``          -> the ``torch.Generator``s it draws from (state saved and restored)
+  ``checkpoint_extras()``   -> a dict of tensors / numbers / strings / lists / dicts (rollout buffer,
+                               its position, value model, the reference's own layers, ...)
+  ``restore_extras(extras)`` <- that dict, tensors on the CPU (move them where they belong)
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import shutil
 import time
 from typing import Any
 
@@ -20,6 +28,8 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, get_scheduler
 from transformers.trainer_utils import TrainOutput, enable_full_determinism, set_seed
 
+from .. import checkpoint as ckpt
+from ..guards import NonFiniteGuard
 from ..logging import (
     METRICS_FILE,
     REWARD_PLOT_FILE,
@@ -29,6 +39,8 @@ from ..logging import (
     plot_reward_curve,
 )
 from ..memory.optim import create_optimizer
+
+logger = logging.getLogger("fastppo")
 
 
 def interval(value: float, total: int) -> int:
@@ -110,6 +122,7 @@ class TrainerBase:
         self._last_log_time = time.perf_counter()
         self._tokens_since_log = 0
         self._latest: dict[str, float] = {}  # the last logged values, shown by the progress bar
+        self.guard = NonFiniteGuard(getattr(args, "max_consecutive_nonfinite_steps", 3))
 
     def add_callback(self, callback: TrainerCallback | type) -> None:
         self.callbacks.callbacks.append(callback() if isinstance(callback, type) else callback)
@@ -146,8 +159,14 @@ class TrainerBase:
             scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or {},
         )
 
-    def begin_training(self, max_steps: int, description: str) -> None:
-        """Optimizer/scheduler, device placement, state, metrics file, progress bar, on_train_begin."""
+    def begin_training(self, max_steps: int, description: str, resume_from: str | None = None) -> None:
+        """Optimizer/scheduler, device placement, state, metrics file, progress bar, on_train_begin.
+
+        ``resume_from``: a checkpoint folder (``checkpoint.resolve_resume`` turns TRL's
+        ``resume_from_checkpoint`` into one); everything the base owns is restored from it and the
+        subclass's ``restore_extras`` is called, before on_train_begin. The metrics file is rewritten
+        from the checkpoint's log history (records a killed run wrote after its last checkpoint go).
+        """
         args = self.args
         if self.optimizer is None:
             self.optimizer = self.create_optimizer()
@@ -167,8 +186,14 @@ class TrainerBase:
         self.state.num_train_epochs = args.num_train_epochs
         self.state.log_history = []
         os.makedirs(args.output_dir, exist_ok=True)
+        ckpt.remove_stale_temps(args.output_dir)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
         self.log_writer = JsonlWriter(os.path.join(args.output_dir, METRICS_FILE))
+        for record in self.state.log_history:  # resumed: the file says what the checkpoint says
+            self.log_writer.write(record)
         self.progress = ProgressBar(max_steps, disable=bool(args.disable_tqdm), description=description)
+        self.progress.update(self.state.global_step, {})
         self._last_log_time = self._train_start = time.perf_counter()
         self.callbacks("on_train_begin")
         if args.eval_on_start and getattr(self, "eval_dataset", None) is not None:
@@ -183,22 +208,38 @@ class TrainerBase:
         self._window_loss += float(scaled_loss.detach())  # CPU sync: one scalar per minibatch
 
     def end_micro_step(self) -> bool:
-        """Count a minibatch; step the optimizer at the end of an accumulation window.
+        """Count a minibatch; step the optimizer at the end of an accumulation window, unless its loss
+        or gradient norm is not finite (then the step is skipped: ``fastppo.guards``).
         Returns True when training must stop (max_steps reached or a callback asked)."""
         self._micro_step += 1
         if self._micro_step % self.args.gradient_accumulation_steps != 0:
             return False
-        grad_norm = self.accelerator.clip_grad_norm_(
-            self.model.parameters(), self.args.max_grad_norm if self.args.max_grad_norm else float("inf")
+        params = [p for module in self.trained_modules() for p in module.parameters() if p.requires_grad]
+        grad_norm = float(  # CPU sync: one scalar per optimizer step
+            self.accelerator.clip_grad_norm_(
+                params, self.args.max_grad_norm if self.args.max_grad_norm else float("inf")
+            )
         )
-        self.optimizer.step()
-        self.lr_scheduler.step()
+        loss, scaler = self._window_loss, self.accelerator.scaler
+        verdict = self.guard.check(
+            loss, grad_norm, self.state.global_step + 1, scaler_overflow_ok=scaler is not None
+        )
+        if verdict.apply or (scaler is not None and math.isfinite(loss)):
+            # fp16 overflow: the GradScaler skips the update and lowers its scale inside step(), and
+            # accelerate's scheduler then skips its step too.
+            self.optimizer.step()
+            self.lr_scheduler.step()
+        if not verdict.apply:
+            logger.warning(
+                "optimizer step %d skipped: non-finite %s", self.state.global_step + 1, verdict.reason
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
-        self._steps_loss.append(self._window_loss)
-        self._loss_sum += self._window_loss
+        if math.isfinite(loss):  # a skipped NaN window must not turn the logged and final loss into NaN
+            self._steps_loss.append(loss)
+            self._loss_sum += loss
         self._window_loss = 0.0
-        self.metrics.add("grad_norm", float(grad_norm))
+        self.metrics.add("grad_norm", grad_norm)
         self.on_optimizer_step()
         return self._step_flow()
 
@@ -258,6 +299,7 @@ class TrainerBase:
             record["loss"] = sum(self._steps_loss) / len(self._steps_loss)
             self._steps_loss = []
         record.update(self.metrics.flush())
+        record["skipped_steps"] = self.guard.skipped  # run total of non-finite steps skipped
         if self.lr_scheduler is not None:
             record["learning_rate"] = float(self.lr_scheduler.get_last_lr()[0])
         if self._tokens_since_log:
@@ -299,30 +341,93 @@ class TrainerBase:
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
-    def save_checkpoint(self) -> str:
-        """``<output_dir>/checkpoint-<step>``: the policy, tokenizer and trainer state; older ones
-        beyond ``save_total_limit`` are removed."""
-        path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        self.save_model(path)
-        self.state.save_to_json(os.path.join(path, "trainer_state.json"))
-        with open(os.path.join(path, "training_args.json"), "w", encoding="utf-8") as f:
-            f.write(self.args.to_json_string())
-        self._rotate_checkpoints()
+    def save_checkpoint(self) -> str | None:
+        """``<output_dir>/checkpoint-<step>``, written atomically (``fastppo.checkpoint``): the policy,
+        tokenizer, trainer state and, unless ``save_only_model``, optimizer, scheduler, RNG states and
+        the subclass's ``checkpoint_extras()``. Older ones beyond ``save_total_limit`` are removed.
+
+        Returns None, writing nothing, when a trained weight holds NaN/inf: a checkpoint must never be
+        a worse resume point than the previous one.
+        """
+        bad = ckpt.nonfinite_parameters(self.trained_modules())
+        if bad:
+            logger.error(
+                "checkpoint at step %d NOT written: %d trained parameter(s) hold NaN/inf (first: %s)",
+                self.state.global_step,
+                len(bad),
+                bad[0],
+            )
+            return None
+        path = os.path.join(self.args.output_dir, f"{ckpt.PREFIX}{self.state.global_step}")
+        with ckpt.atomic_directory(path) as temp:
+            self.save_model(temp)
+            self.state.save_to_json(os.path.join(temp, ckpt.STATE_FILE))
+            with open(os.path.join(temp, ckpt.ARGS_FILE), "w", encoding="utf-8") as f:
+                f.write(self.args.to_json_string())
+            if not self.args.save_only_model:
+                ckpt.save_torch(self.optimizer.state_dict(), temp, ckpt.OPTIMIZER_FILE)
+                ckpt.save_torch(self.lr_scheduler.state_dict(), temp, ckpt.SCHEDULER_FILE)
+                ckpt.save_torch(ckpt.rng_state(self.generators()), temp, ckpt.RNG_FILE)
+                ckpt.save_torch(self._base_state(), temp, ckpt.BASE_FILE)
+                ckpt.save_torch(self.checkpoint_extras(), temp, ckpt.EXTRAS_FILE)
+        ckpt.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
         self.callbacks("on_save")
         return path
 
-    def _rotate_checkpoints(self) -> None:
-        limit = self.args.save_total_limit
-        if not limit:
-            return
-        root = self.args.output_dir
-        found = sorted(
-            (int(d.split("-")[1]), d)
-            for d in os.listdir(root)
-            if d.startswith("checkpoint-") and d.split("-")[1].isdigit()
-        )
-        for _, name in found[:-limit]:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    def load_checkpoint(self, path: str) -> None:
+        """Restore a ``save_checkpoint`` folder into this trainer (after ``begin_training`` built the
+        optimizer and scheduler): weights first (a checkpoint of another model shape is a ValueError
+        before anything changes), then optimizer, scheduler, state, RNGs, and ``restore_extras``."""
+        path = ckpt.resolve_resume(path, self.args.output_dir)
+        ckpt.load_pretrained_weights(self.accelerator.unwrap_model(self.model), path)
+        try:
+            self.optimizer.load_state_dict(ckpt.load_torch(path, ckpt.OPTIMIZER_FILE))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ValueError(
+                f"optimizer state in {path!r} does not fit this run's optimizer (different trainable "
+                f"parameters, optim or LoRA config?): {exc}"
+            ) from exc
+        self.lr_scheduler.load_state_dict(ckpt.load_torch(path, ckpt.SCHEDULER_FILE))
+        saved = TrainerState.load_from_json(os.path.join(path, ckpt.STATE_FILE))
+        self.state.global_step = saved.global_step
+        self.state.epoch = saved.epoch
+        self.state.log_history = saved.log_history
+        self.state.num_input_tokens_seen = saved.num_input_tokens_seen
+        self._load_base_state(ckpt.load_torch(path, ckpt.BASE_FILE))
+        ckpt.restore_rng_state(ckpt.load_torch(path, ckpt.RNG_FILE), self.generators())
+        self.restore_extras(ckpt.load_torch(path, ckpt.EXTRAS_FILE))
+
+    def _base_state(self) -> dict[str, Any]:
+        """Counters that make a resumed run log and stop exactly as an uninterrupted one."""
+        return {
+            "micro_step": self._micro_step,
+            "loss_sum": self._loss_sum,
+            "steps_loss": list(self._steps_loss),
+            "tokens_since_log": self._tokens_since_log,
+            "metrics": self.metrics.state_dict(),
+            "guard": self.guard.state_dict(),
+        }
+
+    def _load_base_state(self, state: dict[str, Any]) -> None:
+        self._micro_step = int(state["micro_step"])
+        self._loss_sum = float(state["loss_sum"])
+        self._steps_loss = [float(v) for v in state["steps_loss"]]
+        self._tokens_since_log = int(state["tokens_since_log"])
+        self.metrics.load_state_dict(state["metrics"])
+        self.guard.load_state_dict(state["guard"])
+
+    # --- subclass checkpoint hooks (see the module docstring) ----------------------------------------
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The trainer's own ``torch.Generator``s by name; their states travel in the checkpoint."""
+        return {}
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """Trainer-specific state (tensors, numbers, strings, lists, dicts only: loaded weights_only)."""
+        return {}
+
+    def restore_extras(self, extras: dict[str, Any]) -> None:
+        """Inverse of ``checkpoint_extras``; tensors arrive on the CPU."""
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:  # pragma: no cover - abstract
         raise NotImplementedError

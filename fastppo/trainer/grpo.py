@@ -27,12 +27,13 @@ from torch import nn
 from transformers.trainer_utils import TrainOutput
 
 from ..advantages import group_relative_advantages, nanstd, normalize_then_sum_advantages
+from ..checkpoint import resolve_resume
 from ..grpo_config import GRPOConfig
 from ..kernels.ppo_loss import PolicyLossStats
 from ..logging import MetricsBuffer, print_completions
 from ..modeling import eos_token_ids, load_causal_lm, load_tokenizer, prepare_policy
 from ..reference import SharedTrunkPolicyReference, build_reference
-from ..rewards import combine_rewards, load_rewards, score_completions
+from ..rewards import combine_rewards, load_rewards, score_completions, score_rewards
 from ..rollout import GenerateSampler, Rollout, Sampler, SamplingSettings, sample_rollout
 from ..scoring import PolicyBatch, policy_loss, score_logprobs
 from .base import TrainerBase, seed_everything
@@ -141,6 +142,11 @@ class GRPOTrainer(TrainerBase):
         self._shuffle = torch.Generator().manual_seed(args.seed)  # minibatch order, independent of sampling
         self._pending_extra: dict[str, list] = {}
         self._samples: list[dict[str, Any]] = []  # the last rollout's table rows (log_completions)
+        # Resume state (checkpoint_extras): rollouts drawn so far, and the one being optimised with
+        # the count of its minibatch passes done (a checkpoint can fall between two of them).
+        self._rollouts_drawn = 0
+        self._buffer: list[PolicyBatch] | None = None
+        self._buffer_done = 0
         self.callbacks("on_init_end")
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -148,16 +154,22 @@ class GRPOTrainer(TrainerBase):
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         """Run GRPO for ``max_steps`` optimizer steps (or ``num_train_epochs``); metrics go to
         ``self.metrics_file`` (JSONL) and the reward curve to ``self.reward_plot`` (PNG)."""
-        if resume_from_checkpoint:
-            raise ValueError("resume_from_checkpoint is not supported yet")
         if self.train_dataset is None:
             raise ValueError("train() needs a train_dataset with a 'prompt' column")
         args = self.args
+        resume = resolve_resume(resume_from_checkpoint, args.output_dir)
         rollouts_per_epoch = len(self.train_dataset) // self._prompts_per_rollout
-        self.begin_training(self._total_steps(rollouts_per_epoch), "GRPO")
+        self.begin_training(self._total_steps(rollouts_per_epoch), "GRPO", resume_from=resume)
+        batches = self._prompt_batches()
+        for _ in range(self._rollouts_drawn):  # prompts of the rollouts before the checkpoint
+            next(batches)
         stop = False
-        for rollout_index, rows in enumerate(self._prompt_batches()):
-            self.state.epoch = rollout_index / rollouts_per_epoch
+        if self._buffer is not None:  # the checkpoint fell inside a rollout's optimisation: finish it
+            stop = self._optimise(self._buffer, done=self._buffer_done)
+        while not stop:
+            rows = next(batches)  # endless: the step count ends training
+            self.state.epoch = self._rollouts_drawn / rollouts_per_epoch
+            self._rollouts_drawn += 1
             t0 = time.perf_counter()
             rollout = self._rollout(rows)  # 1
             t1 = time.perf_counter()
@@ -168,8 +180,6 @@ class GRPOTrainer(TrainerBase):
             if args.log_completions:
                 self._samples = self._completion_rows(rollout, scores, advantages.values)
             stop = self._optimise(scores.minibatches)  # 4 (+ 5, logging, at each optimizer step)
-            if stop:
-                break
         return self.end_training()
 
     def _rollout(self, rows: list[dict[str, Any]]) -> Rollout:
@@ -222,14 +232,18 @@ class GRPOTrainer(TrainerBase):
                     )
                 if self.reference is not None:
                     mb.ref_logprobs = self.reference.logprobs(mb, args.temperature)
-        per_func = score_completions(
+        scored = score_rewards(
             self.rewards,
             rollout.prompts,
             rollout.completions,
             rollout.completion_id_lists,
             rollout.columns,
             {"trainer_state": self.state, "log_metric": self.metrics.add, "log_extra": self._log_extra},
-        ).to(self.device)
+            skip_invalid=args.skip_invalid_rewards,
+        )
+        per_func, valid = scored.per_func.to(self.device), scored.valid.to(self.device)
+        for mb in minibatches:  # invalid samples (skip_invalid_rewards) leave the loss entirely
+            mb.loss_mask = mb.loss_mask * valid[mb.rows, None]
         return Scores(per_func, combine_rewards(per_func, self.rewards.weights), minibatches)
 
     def _advantages(self, scores: Scores) -> Advantages:
@@ -252,7 +266,7 @@ class GRPOTrainer(TrainerBase):
         )
         return Advantages(values, std)
 
-    def _optimise(self, minibatches: list[PolicyBatch]) -> bool:
+    def _optimise(self, minibatches: list[PolicyBatch], done: int = 0) -> bool:
         """Step 4: ``num_iterations`` passes over the minibatches; True when training must stop.
 
         Loss scaling under accumulation (TRL's normalisers, so 8 x 1 updates exactly like 4 x 2):
@@ -269,25 +283,56 @@ class GRPOTrainer(TrainerBase):
             scale = 1.0
         else:
             scale = 1.0 / args.gradient_accumulation_steps
-        self.add_tokens(sum(mb.num_tokens for mb in minibatches))
-        for _ in range(args.num_iterations):
-            for mb in minibatches:
-                start = time.perf_counter()
-                with self.accelerator.autocast():
-                    loss, stats = policy_loss(
-                        self.model,
-                        mb,
-                        settings,
-                        fused=args.use_fused_kernels,
-                        chunk_bytes=args.kernel_chunk_bytes,
-                        padding_free=args.padding_free,
-                    )
-                self.backward(loss * scale)
-                self.metrics.add("time/minibatch", time.perf_counter() - start)
-                self._record_loss_stats(stats, mb)
-                if self.end_micro_step():
-                    return True
+        if done == 0:  # a resumed rollout's tokens were counted before the checkpoint
+            self.add_tokens(sum(mb.num_tokens for mb in minibatches))
+        self._buffer = minibatches
+        passes = [mb for _ in range(args.num_iterations) for mb in minibatches]
+        for index in range(done, len(passes)):
+            mb = passes[index]
+            start = time.perf_counter()
+            with self.accelerator.autocast():
+                loss, stats = policy_loss(
+                    self.model,
+                    mb,
+                    settings,
+                    fused=args.use_fused_kernels,
+                    chunk_bytes=args.kernel_chunk_bytes,
+                    padding_free=args.padding_free,
+                )
+            self.backward(loss * scale)
+            self.metrics.add("time/minibatch", time.perf_counter() - start)
+            self._record_loss_stats(stats, mb)
+            self._buffer_done = index + 1  # before end_micro_step: a checkpoint there saves this position
+            if self.end_micro_step():
+                return True
+        self._buffer = None
         return False
+
+    # --- checkpoint hooks (TrainerBase) --------------------------------------------------------------
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"shuffle": self._shuffle}
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """Rollouts drawn, and the rollout under optimisation when a checkpoint falls inside it (TRL
+        does not save it: FIELD-NOTES 11); a synced reference's own weights."""
+        finished = self._buffer is None or self._buffer_done == len(self._buffer) * self.args.num_iterations
+        extras: dict[str, Any] = {
+            "rollouts_drawn": self._rollouts_drawn,
+            "buffer_done": 0 if finished else self._buffer_done,
+            "buffer": None if finished else [_batch_dict(mb) for mb in self._buffer],
+        }
+        if self.reference is not None and self.args.sync_ref_model:
+            extras["reference"] = self.reference.own_weights().state_dict()
+        return extras
+
+    def restore_extras(self, extras: dict[str, Any]) -> None:
+        self._rollouts_drawn = int(extras["rollouts_drawn"])
+        self._buffer_done = int(extras["buffer_done"])
+        buffer = extras["buffer"]
+        self._buffer = None if buffer is None else [_batch_from_dict(b, self.device) for b in buffer]
+        if "reference" in extras:
+            self.reference.own_weights().load_state_dict(extras["reference"])
 
     def on_optimizer_step(self) -> None:
         args = self.args
@@ -470,6 +515,14 @@ def reward_metrics(per_func: torch.Tensor, rewards: torch.Tensor, names: list[st
     metrics["reward"] = float(torch.nanmean(rewards))
     metrics["reward_std"] = float(nanstd(rewards))
     return metrics
+
+
+def _batch_dict(mb: PolicyBatch) -> dict[str, torch.Tensor | None]:
+    return {f.name: getattr(mb, f.name) for f in dataclasses.fields(mb)}
+
+
+def _batch_from_dict(values: dict[str, Any], device: torch.device) -> PolicyBatch:
+    return PolicyBatch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in values.items()})
 
 
 def _check_dataset(name: str, dataset: Any, args: GRPOConfig, required: bool) -> Any:

@@ -1,0 +1,286 @@
+"""Checkpoints that are either complete or absent, and what it takes to resume from one exactly.
+
+A checkpoint is written into a temporary folder beside its final place (same file system), every file
+and the folder are fsynced, and only then is it renamed to ``checkpoint-<step>`` with ``os.replace``.
+A run killed at any moment leaves either the previous checkpoints or the new complete one; a stale
+``.tmp-checkpoint-*`` folder from a killed run is never taken for a checkpoint and is removed at the
+next save or resume.
+
+Layout of ``checkpoint-<step>/`` (the weights as ``save_pretrained`` writes them, so a checkpoint is
+also a loadable model folder; the rest is what ``TrainerBase.load_checkpoint`` restores):
+
+    config.json, model.safetensors | adapter_model.safetensors, tokenizer files
+    trainer_state.json, training_args.json
+    optimizer.pt      optimizer.state_dict() (bitsandbytes' 8-bit state included: it lives there)
+    scheduler.pt      lr_scheduler.state_dict()
+    rng_state.pt      python / numpy / torch CPU / CUDA generators and the trainer's own generators
+    trainer_base.pt   the base trainer's counters (accumulation position, losses and metrics not yet logged)
+    extras.pt         the subclass's ``checkpoint_extras()`` (rollout buffer, value model, ...)
+
+Every ``.pt`` file holds only tensors, numbers, strings and containers of them: it loads with
+``torch.load(weights_only=True)``, so resuming never unpickles code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+PREFIX = "checkpoint-"
+TEMP_PREFIX = ".tmp-checkpoint-"
+_CHECKPOINT = re.compile(rf"^{PREFIX}(\d+)$")
+
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng_state.pt"
+BASE_FILE = "trainer_base.pt"
+EXTRAS_FILE = "extras.pt"
+STATE_FILE = "trainer_state.json"
+ARGS_FILE = "training_args.json"
+
+
+# --- finding checkpoints ----------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of every complete checkpoint in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """Path of the checkpoint with the highest step in ``output_dir`` (temp folders ignored), or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint to resume from: ``True`` = the latest in ``output_dir``, a path = that one.
+
+    ValueError when there is none, the path is missing, or the folder is not a fastppo checkpoint.
+    """
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is True:
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True but output_dir {output_dir!r} holds no checkpoint-<step> folder"
+            )
+        return path
+    path = str(resume_from_checkpoint)
+    if not os.path.isdir(path):
+        raise ValueError(f"resume_from_checkpoint: checkpoint path {path!r} does not exist")
+    missing = [f for f in (STATE_FILE, OPTIMIZER_FILE, RNG_FILE) if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise ValueError(
+            f"resume_from_checkpoint: {path!r} is not a complete fastppo checkpoint "
+            f"(missing {', '.join(missing)})"
+        )
+    return path
+
+
+def remove_stale_temps(output_dir: str) -> None:
+    """Delete temp folders left by a run killed while writing a checkpoint."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(TEMP_PREFIX):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def rotate_checkpoints(output_dir: str, limit: int | None) -> None:
+    """Keep the newest ``limit`` checkpoints (all when ``limit`` is falsy)."""
+    if not limit:
+        return
+    for _, path in list_checkpoints(output_dir)[:-limit]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --- writing atomically -----------------------------------------------------------------------------
+
+
+def _fsync_tree(root: str) -> None:
+    """fsync every file, then every folder bottom-up, so the rename publishes data already on disk."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):  # some file systems (and Windows) cannot open a folder
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(final_path: str) -> Iterator[str]:
+    """Yield a temp folder beside ``final_path``; on normal exit publish it there atomically.
+
+    An exception (or a kill) leaves ``final_path`` untouched and no partial folder under its name. An
+    existing ``final_path`` (the same step saved again) is replaced.
+    """
+    parent = os.path.dirname(os.path.abspath(final_path))
+    os.makedirs(parent, exist_ok=True)
+    temp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final_path)}-", dir=parent)
+    try:
+        yield temp
+        _fsync_tree(temp)
+        if os.path.exists(final_path):  # os.replace cannot overwrite a non-empty folder
+            old = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}old-", dir=parent)
+            os.replace(final_path, os.path.join(old, "previous"))
+            os.replace(temp, final_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temp, final_path)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def save_torch(obj: Any, folder: str, name: str) -> None:
+    torch.save(obj, os.path.join(folder, name))
+
+
+def load_torch(folder: str, name: str, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of a checkpoint file with ``weights_only=True`` (tensors and plain data only)."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {folder!r} has no {name}; it was not written by this fastppo version")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# --- weights ----------------------------------------------------------------------------------------
+
+
+def nonfinite_parameters(modules: Iterable[nn.Module]) -> list[str]:
+    """Names of trainable parameters holding NaN or inf (one CPU sync per parameter; only at save time)."""
+    bad = []
+    for module in modules:
+        for name, param in module.named_parameters():
+            if param.requires_grad and not bool(torch.isfinite(param).all()):
+                bad.append(name)
+    return bad
+
+
+def _saved_weights(path: str, adapter: bool) -> dict[str, torch.Tensor]:
+    """The tensors ``save_pretrained`` wrote into ``path`` (single file or shards)."""
+    from safetensors.torch import load_file
+
+    stem = "adapter_model" if adapter else "model"
+    single = os.path.join(path, f"{stem}.safetensors")
+    if os.path.isfile(single):
+        return load_file(single)
+    index = os.path.join(path, f"{stem}.safetensors.index.json")
+    if not os.path.isfile(index):
+        raise ValueError(f"checkpoint {path!r} has no {stem}.safetensors (nor a sharded index)")
+    with open(index, encoding="utf-8") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    weights: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        weights.update(load_file(os.path.join(path, shard)))
+    return weights
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def load_pretrained_weights(model: nn.Module, path: str) -> None:
+    """Restore the weights ``save_pretrained`` wrote to ``path`` into ``model`` in place.
+
+    Shapes are compared first, so a checkpoint of another model is a ValueError naming the first
+    mismatching tensor, not a half-loaded model. PEFT models load their adapters only.
+    """
+    if is_peft_model(model):
+        from peft import set_peft_model_state_dict
+
+        saved = _saved_weights(path, adapter=True)
+        result = set_peft_model_state_dict(model, saved)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise ValueError(
+                f"checkpoint {path!r} holds adapter weights this model lacks (a different LoRA config?): "
+                f"{unexpected[:3]}"
+            )
+        return
+    saved = _saved_weights(path, adapter=False)
+    own = model.state_dict()
+    unexpected = sorted(set(saved) - set(own))
+    if unexpected:
+        raise ValueError(
+            f"checkpoint {path!r} is from a different model: it holds {unexpected[:3]} which this model lacks"
+        )
+    for name, tensor in saved.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise ValueError(
+                f"checkpoint {path!r} is from a different model shape: {name} is {tuple(tensor.shape)} "
+                f"there and {tuple(own[name].shape)} here"
+            )
+    # save_pretrained leaves out tied copies (lm_head.weight = embed_tokens.weight): any tensor not in
+    # the file must share storage with one that is.
+    loaded_storage = {own[name].data_ptr() for name in saved}
+    missing = [n for n in own if n not in saved and own[n].data_ptr() not in loaded_storage]
+    if missing:
+        raise ValueError(f"checkpoint {path!r} lacks weights this model has: {missing[:3]}")
+    model.load_state_dict(saved, strict=False)
+
+
+# --- random number generators -----------------------------------------------------------------------
+
+
+def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """Every RNG a training step draws from: python, numpy, torch CPU/CUDA, and ``generators``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    """Inverse of ``rng_state``; ValueError when the checkpoint lacks one of ``generators``."""
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    missing = sorted(set(generators) - set(state["generators"]))
+    if missing:
+        raise ValueError(f"checkpoint has no state for the trainer's generator(s) {missing}")
+    for name, generator in generators.items():
+        generator.set_state(state["generators"][name])
+
+
+def _as_tuples(value: Any) -> Any:
+    """random.setstate needs tuples; a save/load round trip may hand lists back."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
