@@ -177,11 +177,24 @@ def completion_hidden_states(
 
 def completion_logits(model: nn.Module, batch: PolicyBatch, padding_free: bool = False) -> torch.Tensor:
     """``[b, Lc, V]`` logits that predict the completion tokens (plain path only)."""
+    return completion_logits_and_hidden(model, batch, padding_free, with_hidden=False)[0]
+
+
+def completion_logits_and_hidden(
+    model: nn.Module, batch: PolicyBatch, padding_free: bool = False, *, with_hidden: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Plain path: ``[b, Lc, V]`` logits predicting the completion tokens and, ``with_hidden``, the
+    final hidden states ``[b, Lc, H]`` at the same positions, from one forward (a critic's head
+    may read them)."""
     inputs = forward_inputs(batch, padding_free)
     if inputs.packed is not None:  # logits_to_keep counts from the end of the one packed row
-        return inputs.completion_positions(model(**inputs.kwargs).logits)
+        out = model(**inputs.kwargs, output_hidden_states=with_hidden)
+        hidden = inputs.completion_positions(out.hidden_states[-1]) if with_hidden else None
+        return inputs.completion_positions(out.logits), hidden
     length = batch.completion_ids.shape[1]
-    return model(**inputs.kwargs, logits_to_keep=length + 1).logits[:, :-1]
+    out = model(**inputs.kwargs, logits_to_keep=length + 1, output_hidden_states=with_hidden)
+    hidden = inputs.completion_positions(out.hidden_states[-1]) if with_hidden else None
+    return out.logits[:, :-1], hidden
 
 
 @dataclasses.dataclass
@@ -314,40 +327,64 @@ def policy_loss(
     ``shared``: a ``trunk_pass`` of this batch (frozen trunk) that a critic reads too; the policy
     then runs only its own layers.
     """
-    if batch.advantages is None:
-        raise ValueError("the batch has no advantages; compute them before the loss")
-    # Rows dropped from the loss (mask_truncated_completions) may hold any recorded log-prob; zero
-    # them so exp(logp - old) stays finite there (inf * weight 0 would be NaN).
-    keep = batch.loss_mask.bool()
-    old_recorded = None if batch.old_logprobs is None else batch.old_logprobs.masked_fill(~keep, 0.0)
-    ref = None if batch.ref_logprobs is None else batch.ref_logprobs.masked_fill(~keep, 0.0)
     if fused:
         hidden = completion_hidden_states(model, batch, padding_free, shared)
-        _, head = lm_parts(model)
-        hidden, weight, bias = head_operands(head, hidden)
-        with _no_autocast(hidden.device.type):
-            # old_recorded None: on-policy; the kernel uses the detached current log-probs (ratio 1)
-            # from its own scan, so no extra lm_head pass is spent on them.
-            return linear_ppo_loss(
-                hidden,
-                weight,
-                batch.completion_ids,
-                old_recorded,
-                batch.advantages,
-                batch.loss_mask,
-                bias=bias,
-                ref_logprobs=ref,
-                compute_entropy=True,
-                chunk_bytes=chunk_bytes,
-                **dataclasses.asdict(settings),
-            )
+        return fused_policy_loss_from_hidden(model, hidden, batch, settings, chunk_bytes)
     if shared is None:
         logits = completion_logits(model, batch, padding_free)
     else:  # the trunk's tops apply the bare lm_head (no logit transforms: checked with the trunk)
         _, head = lm_parts(model)
         logits = head(completion_hidden_states(model, batch, shared=shared))
+    return plain_policy_loss(logits, batch, settings)
+
+
+def _loss_inputs(batch: PolicyBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(old, ref) log-probs with the rows dropped from the loss zeroed: they may hold any recorded
+    value (mask_truncated_completions), and exp(logp - old) must stay finite there."""
+    if batch.advantages is None:
+        raise ValueError("the batch has no advantages; compute them before the loss")
+    keep = batch.loss_mask.bool()
+    old = None if batch.old_logprobs is None else batch.old_logprobs.masked_fill(~keep, 0.0)
+    ref = None if batch.ref_logprobs is None else batch.ref_logprobs.masked_fill(~keep, 0.0)
+    return old, ref
+
+
+def fused_policy_loss_from_hidden(
+    model: nn.Module,
+    hidden: torch.Tensor,  # [b, Lc, H] final hidden states predicting the completion tokens
+    batch: PolicyBatch,
+    settings: PolicyLossSettings,
+    chunk_bytes: int,
+) -> tuple[torch.Tensor, PolicyLossStats]:
+    """The fused path's loss from hidden states the caller already has (a critic may read them)."""
+    old, ref = _loss_inputs(batch)
+    _, head = lm_parts(model)
+    hidden, weight, bias = head_operands(head, hidden)
+    with _no_autocast(hidden.device.type):
+        # old None: on-policy; the kernel uses the detached current log-probs (ratio 1) from its own
+        # scan, so no extra lm_head pass is spent on them.
+        return linear_ppo_loss(
+            hidden,
+            weight,
+            batch.completion_ids,
+            old,
+            batch.advantages,
+            batch.loss_mask,
+            bias=bias,
+            ref_logprobs=ref,
+            compute_entropy=True,
+            chunk_bytes=chunk_bytes,
+            **dataclasses.asdict(settings),
+        )
+
+
+def plain_policy_loss(
+    logits: torch.Tensor, batch: PolicyBatch, settings: PolicyLossSettings
+) -> tuple[torch.Tensor, PolicyLossStats]:
+    """The plain path's loss from ``[b, Lc, V]`` logits: textbook log-softmax, then ``policy_objective``."""
+    old, ref = _loss_inputs(batch)
     logp, entropy = plain_token_logprobs(
         logits, batch.completion_ids, settings.temperature, with_entropy=True
     )
-    old = logp.detach() if old_recorded is None else old_recorded
+    old = logp.detach() if old is None else old
     return policy_objective(logp, old, batch.advantages, batch.loss_mask, settings, ref, entropy)
