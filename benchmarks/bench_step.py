@@ -4,7 +4,7 @@ update of the same size, which has no peer: TRL 1.16 ships no PPOTrainer).
 Both trainers get the same random-weight model (a real architecture config from ``models/``), the
 same tokenizer, prompts, reward, batch, lengths and seed, and run one after the other in this
 process, so the ratios come from one run on one machine. Generation has a fixed length: the
-tokenizer's end token lies outside the model's vocabulary, so no completion can stop early and
+end token is suppressed until the last position (``min_new_tokens``), so no completion stops early and
 every step trains exactly ``batch * (prompt_len + completion_len)`` tokens (checked afterwards
 against each trainer's own ``completions/mean_length`` metric).
 
@@ -73,7 +73,7 @@ class StepSettings:
     batch: int = 16  # completions per optimizer step (per_device_train_batch_size)
     num_generations: int = 8  # completions per prompt (the group)
     prompt_len: int = 128  # tokens per prompt (all prompts equal: no padding)
-    completion_len: int = 256  # tokens per completion (fixed: the end token cannot be sampled)
+    completion_len: int = 256  # tokens per completion (fixed: the end token is held back until then)
     beta: float = 0.04  # > 0, so a reference model is built and scored in both trainers
     loss_type: str = "dapo"  # TRL 1.16's default
     gradient_checkpointing: bool = True  # TRL's default on GPU
@@ -138,26 +138,26 @@ def model_config(name: str, quick: bool = False):
     if quick:
         raw.update(QUICK_SHAPE)
         raw.pop("layer_types", None)  # per-layer lists sized for the real depth
-    # The benchmark tokenizer has no BOS, and its end (and pad) token is id V, outside the
-    # vocabulary: generation cannot stop early. The checkpoint's own special ids would point into
-    # a real tokenizer's vocabulary (and outside a shrunk one).
-    raw.update(bos_token_id=None, pad_token_id=None, eos_token_id=raw["vocab_size"])
+    # The benchmark tokenizer has no BOS, and its end (and pad) token is the last id, V - 1. The
+    # checkpoint's own special ids would point into a real tokenizer's vocabulary (and outside a
+    # shrunk one).
+    raw.update(bos_token_id=None, pad_token_id=None, eos_token_id=raw["vocab_size"] - 1)
     return AutoConfig.for_model(model_type, **raw)
 
 
 def build_tokenizer(vocab_size: int):
-    """A word-level tokenizer over the names ``t0 .. t{V-1}`` plus an end token ``t{V}``.
+    """A word-level tokenizer over the names ``t0 .. t{V-1}``; the last, ``t{V-1}``, is the end token.
 
-    Built in code (nothing is downloaded). The end token (also the pad token) has the id V, which the
-    model's ``[V]`` logits can never sample: every completion runs to ``max_completion_length``.
+    Built in code (nothing is downloaded). The end token (also the pad token) is held back by
+    ``min_new_tokens`` in both trainers' generation_kwargs: every completion runs to its full length.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size + 1)}, unk_token="t0"))
+    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
-    end = f"t{vocab_size}"
+    end = f"t{vocab_size - 1}"
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=end, pad_token=end, unk_token="t0")
 
 
@@ -166,7 +166,7 @@ def prompts_dataset(settings: StepSettings, vocab_size: int, rows: int = 512):
     from datasets import Dataset
 
     gen = torch.Generator().manual_seed(settings.seed)
-    ids = torch.randint(0, vocab_size, (rows, settings.prompt_len), generator=gen)
+    ids = torch.randint(0, vocab_size - 1, (rows, settings.prompt_len), generator=gen)  # no end token
     return Dataset.from_dict({"prompt": [" ".join(f"t{i}" for i in row) for row in ids.tolist()]})
 
 
@@ -231,6 +231,7 @@ def grpo_arguments(settings: StepSettings, output_dir: Path, steps: int) -> dict
         report_to="none",
         save_strategy="no",
         log_level="error",
+        generation_kwargs={"min_new_tokens": settings.completion_len},  # no early end token
     )
 
 
@@ -321,9 +322,7 @@ def _instrument_fastppo_ppo(trainer, clock: PhaseClock) -> None:
     for step in ("_rollout", "_record", "_rewards_and_advantages"):
         clock.wrap(trainer, step, "rollout")
     clock.wrap(trainer.sampler, "generate", "generation")
-    clock.wrap(trainer, "_logprobs_and_values", "scoring", inside="rollout")
-    if trainer.reference is not None:
-        clock.wrap(trainer.reference, "logprobs", "scoring", inside="rollout")
+    clock.wrap(trainer, "_old_scores", "scoring", inside="rollout")  # old, reference log-probs and values
 
 
 def _missing(*modules: str, gpu: bool = False) -> Callable[[], str | None]:

@@ -157,7 +157,19 @@ def prepare_policy(
         kwargs = dict(gradient_checkpointing_kwargs or {})
         enable_gradient_checkpointing(model, use_reentrant=bool(kwargs.pop("use_reentrant", False)), **kwargs)
     if disable_dropout:
-        for module in model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
+        switch_off_dropout(model)
     return model
+
+
+def switch_off_dropout(model: nn.Module) -> None:
+    """Dropout modules, and the attention dropout transformers applies functionally (Llama, Qwen2:
+    ``config.attention_dropout`` read by each attention module), set to 0: with either left on, the
+    log-probs a trainer records would not be the ones it later trains against."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+        config = getattr(module, "config", None)
+        if isinstance(getattr(config, "attention_dropout", None), float):
+            config.attention_dropout = 0.0

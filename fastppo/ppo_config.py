@@ -1,14 +1,19 @@
 """PPOConfig: legacy TRL PPOConfig (``OnPolicyConfig`` + ``PPOConfig``, TRL 0.12-0.19) names and defaults.
 
-Written from knowledge of legacy TRL (the installed TRL 1.16 no longer ships PPOConfig, so there is no
-field-by-field test against it). Every ``transformers.TrainingArguments`` field exists; what fastppo
-implements is listed in ``SUPPORTED_PPO``; any other field set to a non-default value is rejected
-(``fastppo.config``). Deliberate differences: ``bf16`` / ``gradient_checkpointing`` resolve per machine
-(as in GRPOConfig); ``sft_model_path`` / ``reward_model_path`` default to ``None`` (fastppo never
-downloads; legacy TRL's scripts read them, its trainer did not).
+Checked against TRL v0.19.1's ``OnPolicyConfig`` and ``PPOConfig`` source (TRL 1.16 no longer ships
+them). Every ``transformers.TrainingArguments`` field exists; what fastppo implements is listed in
+``SUPPORTED_PPO``; any other field set to a non-default value is rejected (``fastppo.config``).
+Batch sizes follow v0.19's arithmetic (a rollout is per_device_train_batch_size x
+gradient_accumulation_steps rows per process, split into num_mini_batches optimizer steps); they are
+read-only properties here, not fields. Deliberate differences: ``bf16`` / ``gradient_checkpointing``
+/ ``optim`` resolve per machine (as in GRPOConfig); ``sft_model_path`` / ``reward_model_path``
+default to ``None`` (fastppo never downloads; legacy TRL's scripts read them, its trainer did not);
+``max_grad_norm`` defaults to 0 (no clipping, as legacy's loop never clipped).
 """
 
 from __future__ import annotations
+
+import math
 
 from transformers import TrainingArguments
 
@@ -16,6 +21,7 @@ from .config import (
     SUPPORTED_TRAINING_ARGUMENTS,
     check_choice,
     check_int,
+    check_memory_options,
     check_number,
     check_report_to,
     check_training_arguments,
@@ -24,10 +30,12 @@ from .config import (
     require,
     resolve_device_defaults,
     strict_config,
+    unsupported,
 )
 from .kernels.linear_ppo_loss.chunked import DEFAULT_CHUNK_BYTES
 
 KL_ESTIMATORS = ("k1", "k3")
+CRITICS = ("policy_head", "own_layers")
 
 # PPO fields implemented by PPOTrainer.
 SUPPORTED_PPO = frozenset(
@@ -36,8 +44,7 @@ SUPPORTED_PPO = frozenset(
     num_sample_generations response_length stop_token stop_token_id temperature missing_eos_penalty
     sft_model_path reward_model_path num_ppo_epochs whiten_rewards kl_coef kl_estimator cliprange vf_coef
     cliprange_value gamma lam remove_unused_columns generation_kwargs use_fused_kernels kernel_chunk_bytes
-    max_consecutive_nonfinite_steps
-    skip_invalid_rewards
+    max_consecutive_nonfinite_steps skip_invalid_rewards num_frozen_layers padding_free critic
     """.split()
 )
 
@@ -58,13 +65,19 @@ class PPOConfig(TrainingArguments):
     local_rollout_forward_batch_size: int = option(64, "Rows per forward pass while rolling out.")
     num_sample_generations: int = option(10, "Times to print sample completions (needs eval_dataset).")
     response_length: int = option(53, "Tokens generated per completion.")
-    stop_token: str | None = option(None, "'eos': truncate completions after the EOS token.")
-    stop_token_id: int | None = option(None, "Truncate completions after this token id.")
+    stop_token: str | None = option(
+        None,
+        "'eos': end completions at EOS (fastppo always does; legacy TRL without it ran to response_length).",
+    )
+    stop_token_id: int | None = option(None, "End completions at this token id too (as well as at EOS).")
     temperature: float = option(0.7, "Sampling temperature.")
     missing_eos_penalty: float | None = option(
         None, "Subtracted from the score of a completion that does not end with the stop token."
     )
     sft_model_path: str | None = option(None, "Policy path, for scripts (fastppo: None, never downloads).")
+    model_adapter_name: str | None = unsupported(None, "named PEFT adapters")
+    ref_adapter_name: str | None = unsupported(None, "named PEFT adapters")
+    ds3_gather_for_generation: bool = option(True, "DeepSpeed ZeRO-3 only (inert).")
     # --- PPOConfig --------------------------------------------------------------------------------
     reward_model_path: str | None = option(None, "Reward model path, for scripts (fastppo: None).")
     num_ppo_epochs: int = option(4, "Passes over each rollout batch.")
@@ -76,7 +89,27 @@ class PPOConfig(TrainingArguments):
     cliprange_value: float = option(0.2, "Clip range of the value prediction around its rollout value.")
     gamma: float = option(1.0, "Discount factor.")
     lam: float = option(0.95, "GAE lambda.")
+    # --- TrainingArguments defaults legacy TRL's PPO differs on -------------------------------------
+    max_grad_norm: float = option(0.0, "Gradient clipping norm; 0: none (legacy TRL PPO never clipped).")
+    logging_steps: float = option(10, "Log every X optimizer steps (a float < 1 is a fraction of max_steps).")
+    optim: str | None = option(
+        None, "AdamW implementation; None: 'adamw_8bit' on CUDA when bitsandbytes runs, else 'adamw_torch'."
+    )
     # --- fastppo ----------------------------------------------------------------------------------
+    critic: str = option(
+        "policy_head",
+        "fastppo, without value_model: 'policy_head' = a value head on the policy's final hidden states "
+        "(one pass, no extra layers); 'own_layers' = a trainable copy of the layers above the frozen "
+        "trunk (num_frozen_layers) with its own head, sharing the trunk's pass.",
+    )
+    num_frozen_layers: int | None = option(
+        None,
+        "fastppo: freeze the input embedding (and a tied lm_head) and the first K decoder layers; the "
+        "reference and an 'own_layers' critic share them. None: train every parameter.",
+    )
+    padding_free: bool = option(
+        False, "fastppo: score and train on packed rows (no padding tokens computed), as TRL's SFTConfig."
+    )
     remove_unused_columns: bool = option(
         False, "Keep the dataset's other columns: reward functions receive them as keyword lists."
     )
@@ -131,26 +164,43 @@ class PPOConfig(TrainingArguments):
         check_int("kernel_chunk_bytes", self.kernel_chunk_bytes, 1)
         check_int("max_consecutive_nonfinite_steps", self.max_consecutive_nonfinite_steps, 1)
         require(
-            self.batch_size % self.num_mini_batches == 0,
-            f"batch_size ({self.batch_size} = per_device_train_batch_size x gradient_accumulation_steps x "
-            f"num_mini_batches) must split into num_mini_batches={self.num_mini_batches}",
+            not (self.stop_token is not None and self.stop_token_id is not None),
+            f"set stop_token ({self.stop_token!r}) or stop_token_id ({self.stop_token_id}), not both",
         )
+        require(
+            self.gradient_accumulation_steps % self.num_mini_batches == 0,
+            f"num_mini_batches={self.num_mini_batches} must divide gradient_accumulation_steps="
+            f"{self.gradient_accumulation_steps}: a rollout of per_device_train_batch_size x "
+            "gradient_accumulation_steps rows splits into mini-batches of whole micro-batches",
+        )
+        check_choice("critic", self.critic, CRITICS)
+        require(
+            self.critic != "own_layers" or self.num_frozen_layers is not None,
+            "critic='own_layers' copies the layers above the frozen trunk: set num_frozen_layers",
+        )
+        check_memory_options(self)
 
-    # --- derived batch sizes (legacy TRL's names) -------------------------------------------------
+    # --- derived batch sizes (legacy TRL 0.19's names and arithmetic) -----------------------------
 
     @property
-    def local_mini_batch_size(self) -> int:
-        """Rows per optimizer step: per_device_train_batch_size x gradient_accumulation_steps."""
+    def local_batch_size(self) -> int:
+        """Rows per rollout on this process: per_device_train_batch_size x gradient_accumulation_steps."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
     @property
     def batch_size(self) -> int:
-        """Rows per rollout: one mini-batch per optimizer step, num_mini_batches of them."""
-        return self.local_mini_batch_size * self.num_mini_batches * self.world_size
+        """Rows per rollout over all processes."""
+        return self.local_batch_size * self.world_size
 
     @property
-    def micro_batch_size(self) -> int:
-        return self.per_device_train_batch_size * self.world_size
+    def local_mini_batch_size(self) -> int:
+        """Rows per optimizer step on this process: the rollout split into num_mini_batches."""
+        return self.local_batch_size // self.num_mini_batches
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches of per_device_train_batch_size rows accumulated into one optimizer step."""
+        return self.gradient_accumulation_steps // self.num_mini_batches
 
     def stop_id(self, eos_token_id: int | None) -> int | None:
         """The token that ends a completion: stop_token_id, or EOS with stop_token='eos', else None."""
@@ -159,4 +209,10 @@ class PPOConfig(TrainingArguments):
     def num_updates(self, dataset_rows: int) -> int:
         """Rollout batches in the run (legacy TRL's num_total_batches)."""
         episodes = self.total_episodes or int(self.num_train_epochs * dataset_rows)
-        return max(1, episodes // self.batch_size)
+        return max(1, math.ceil(episodes / self.batch_size))
+
+    def optimizer_steps(self, dataset_rows: int) -> int:
+        """Optimizer steps in the run: max_steps, else num_ppo_epochs x num_mini_batches per rollout."""
+        if self.max_steps > 0:
+            return self.max_steps
+        return self.num_updates(dataset_rows) * self.num_ppo_epochs * self.num_mini_batches

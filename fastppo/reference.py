@@ -60,11 +60,20 @@ class _Scorer:
 
 
 class FrozenCopyReference(_Scorer):
-    """A deep copy of the policy taken before training, frozen (no grad, eval mode)."""
+    """A frozen model (no grad, eval mode): a deep copy of the policy taken before training, or a
+    reference model the user passed (legacy PPO's ``ref_model``), frozen in place, never copied."""
 
-    def __init__(self, policy: nn.Module, *, fused: bool, chunk_bytes: int, padding_free: bool = False):
+    def __init__(
+        self,
+        policy: nn.Module,
+        *,
+        fused: bool,
+        chunk_bytes: int,
+        padding_free: bool = False,
+        copy_policy: bool = True,
+    ):
         super().__init__(fused=fused, chunk_bytes=chunk_bytes, padding_free=padding_free)
-        self.model = copy.deepcopy(policy).eval()
+        self.model = (copy.deepcopy(policy) if copy_policy else policy).eval()
         self.model.requires_grad_(False)
 
     def logprobs(self, batch: PolicyBatch, temperature: float) -> torch.Tensor:
@@ -140,6 +149,11 @@ class SharedTrunkPolicyReference(_Scorer):
     def logprobs(self, batch: PolicyBatch, temperature: float) -> torch.Tensor:
         with eval_mode(self.policy):  # the trunk is the policy's: no dropout in it either
             shared = trunk_pass(self.policy, batch, self.num_shared_layers, self.padding_free)
+        return self.logprobs_from_trunk(shared, batch, temperature)
+
+    @torch.no_grad()
+    def logprobs_from_trunk(self, shared: TrunkPass, batch: PolicyBatch, temperature: float) -> torch.Tensor:
+        """``[b, Lc]`` reference log-probs from a trunk pass already run for the policy (or a critic)."""
         hidden = shared.inputs.completion_positions(self.module.top(shared.trunk))
         return self._head_logprobs(self.module.head, hidden, batch, temperature)
 
@@ -159,11 +173,10 @@ class SharedTrunkPolicyReference(_Scorer):
             if shared is None:
                 shared = trunk_pass(policy, batch, self.num_shared_layers, self.padding_free)
             policy_hidden = completion_hidden_states(policy, batch, shared=shared)
-        ref_hidden = shared.inputs.completion_positions(self.module.top(shared.trunk))
         _, head = lm_parts(policy)
         return (
             self._head_logprobs(head, policy_hidden, batch, temperature),
-            self._head_logprobs(self.module.head, ref_hidden, batch, temperature),
+            self.logprobs_from_trunk(shared, batch, temperature),
         )
 
     def sync(self, policy: nn.Module, alpha: float) -> None:
@@ -183,15 +196,19 @@ def build_reference(
     chunk_bytes: int,
     padding_free: bool = False,
     num_frozen_layers: int | None = None,
+    ref_model: nn.Module | None = None,
 ) -> ReferencePolicy | None:
     """The reference for ``policy``, or None when ``beta == 0`` (no KL term: nothing is built).
 
-    PEFT policy: adapters disabled. ``num_frozen_layers`` set (the trunk already frozen by
-    ``modeling.prepare_policy``): shares that trunk. Otherwise: a frozen deep copy.
+    ``ref_model`` given: that model, frozen in place. PEFT policy: adapters disabled.
+    ``num_frozen_layers`` set (the trunk already frozen by ``modeling.prepare_policy``): shares that
+    trunk. Otherwise: a frozen deep copy.
     """
     if beta == 0.0:
         return None
     scoring = dict(fused=fused, chunk_bytes=chunk_bytes, padding_free=padding_free)
+    if ref_model is not None:
+        return FrozenCopyReference(ref_model, copy_policy=False, **scoring)
     if has_adapters(policy):
         if sync:
             raise ValueError(

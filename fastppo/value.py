@@ -7,11 +7,12 @@ import os
 from typing import NamedTuple, Protocol
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .advantages import masked_mean
-from .memory.critic import ValueHead
-from .scoring import PolicyBatch, sequence_inputs
+from .memory.critic import TrunkValueModel, ValueHead, fp32_linear
+from .scoring import PolicyBatch, TrunkPass, sequence_inputs, trunk_pass
 
 
 class ValueLoss(NamedTuple):
@@ -50,11 +51,18 @@ def clipped_value_loss(
 
 
 class Critic(Protocol):
-    """Per-token values of the completion positions; trained next to the policy by one optimizer."""
+    """Per-token values of the completion positions; trained next to the policy by one optimizer.
 
-    uses_policy_hidden: bool  # True: values are read off the policy's own hidden states (shared pass)
+    A critic may read what the policy's pass already computed: its final hidden states
+    (``reads_policy_hidden``) or the shared frozen trunk's pass (``reads_trunk``).
+    """
 
-    def values(self, batch: PolicyBatch, policy_hidden: torch.Tensor | None) -> torch.Tensor:
+    reads_policy_hidden: bool
+    reads_trunk: bool
+
+    def values(
+        self, batch: PolicyBatch, policy_hidden: torch.Tensor | None, shared: TrunkPass | None
+    ) -> torch.Tensor:
         """``[b, Lc]`` fp32 value of the state before each completion token."""
         ...
 
@@ -68,57 +76,101 @@ class PolicyValueHead:
     head"): no second model, and the values of a minibatch come from the same decoder pass as its
     log-probs; the value loss also trains the policy's body (weighted by ``vf_coef``)."""
 
-    uses_policy_hidden = True
+    reads_policy_hidden, reads_trunk = True, False
     FILE = "value_head.safetensors"
 
     def __init__(self, policy: nn.Module):
         embedding = policy.get_input_embeddings().weight
         init_std = getattr(policy.config, "initializer_range", 0.02)
-        self.head = ValueHead(embedding.shape[1], init_std=init_std, dtype=embedding.dtype).to(
-            embedding.device
-        )
+        head = ValueHead(embedding.shape[1], init_std=init_std, dtype=embedding.dtype)
+        self.head = head.to(embedding.device)
 
-    def values(self, batch: PolicyBatch, policy_hidden: torch.Tensor | None) -> torch.Tensor:
+    def values(self, batch, policy_hidden, shared=None) -> torch.Tensor:
         if policy_hidden is None:
             raise ValueError("PolicyValueHead reads the policy's hidden states; pass policy_hidden")
-        return self.head(policy_hidden.to(self.head.score.weight.dtype))
+        return self.head(policy_hidden)
 
     def trained_modules(self) -> list[nn.Module]:
         return [self.head]
 
     def save(self, output_dir: str) -> None:
-        from safetensors.torch import save_file
-
         save_file(self.head.state_dict(), os.path.join(output_dir, self.FILE))
+
+
+class OwnLayersCritic:
+    """``memory.TrunkValueModel``: its own trainable copy of the layers above the policy's frozen
+    trunk and a value head, reading the trunk pass the policy's loss already ran (``shared``)."""
+
+    reads_policy_hidden, reads_trunk = False, True
+    FILE = "critic.safetensors"
+
+    def __init__(self, policy: nn.Module, num_frozen_layers: int, padding_free: bool):
+        self.policy, self.padding_free = policy, padding_free
+        self.model = TrunkValueModel(policy, num_frozen_layers)
+
+    def values(self, batch, policy_hidden=None, shared=None) -> torch.Tensor:
+        if shared is None:
+            shared = trunk_pass(self.policy, batch, self.model.num_shared_layers, self.padding_free)
+        return shared.inputs.completion_positions(self.model(shared.trunk))
+
+    def trained_modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def save(self, output_dir: str) -> None:
+        save_file(
+            {k: v.contiguous() for k, v in self.model.state_dict().items()},
+            os.path.join(output_dir, self.FILE),
+        )
 
 
 class SeparateValueModel:
     """A critic of its own: the backbone of a sequence-classification model and its ``score`` head
     applied at every position (legacy TRL's ``value_model``, e.g. initialised from the reward model)."""
 
-    uses_policy_hidden = False
+    reads_policy_hidden, reads_trunk = False, False
     DIRECTORY = "value_model"
 
     def __init__(self, model: nn.Module):
-        prefix = getattr(model, "base_model_prefix", None)
-        backbone = getattr(model, prefix, None) if prefix else None
-        score = getattr(model, "score", None)
-        if backbone is None or not isinstance(score, nn.Linear) or score.out_features != 1:
-            raise ValueError(
-                f"value_model must be a sequence-classification model with a backbone and a one-output "
-                f"`score` head, like AutoModelForSequenceClassification(num_labels=1); got "
-                f"{type(model).__name__}"
-            )
-        self.model, self.backbone, self.score = model, backbone, score
+        self.model, self.backbone, self.score = model, *backbone_and_score(model, "value_model")
 
-    def values(self, batch: PolicyBatch, policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.backbone(**sequence_inputs(batch), use_cache=False).last_hidden_state
-        start = batch.prompt_ids.shape[1] - 1  # the state before completion token t is position start + t
-        hidden = hidden[:, start : start + batch.completion_ids.shape[1]]
-        return self.score(hidden).squeeze(-1).float()
+    def values(self, batch, policy_hidden=None, shared=None) -> torch.Tensor:
+        return per_position_scores(self.backbone, self.score, batch)
 
     def trained_modules(self) -> list[nn.Module]:
         return [self.model]
 
     def save(self, output_dir: str) -> None:
         self.model.save_pretrained(os.path.join(output_dir, self.DIRECTORY))
+
+
+def backbone_and_score(model: nn.Module, name: str) -> tuple[nn.Module, nn.Linear]:
+    """The backbone and one-output ``score`` head of a sequence-classification model."""
+    prefix = getattr(model, "base_model_prefix", None)
+    backbone = getattr(model, prefix, None) if prefix else None
+    score = getattr(model, "score", None)
+    if backbone is None or not isinstance(score, nn.Linear) or score.out_features != 1:
+        raise ValueError(
+            f"{name} must be a sequence-classification model with a backbone and a one-output `score` "
+            f"head, like AutoModelForSequenceClassification(num_labels=1); got {type(model).__name__}"
+        )
+    return backbone, score
+
+
+def per_position_scores(backbone: nn.Module, score: nn.Linear, batch: PolicyBatch) -> torch.Tensor:
+    """``[b, Lc]`` fp32 ``score(backbone(prompt + completion))`` at the positions before each
+    completion token (a critic), whose last real entry is a reward model's score of the whole
+    completion read one position later (``completion_scores``)."""
+    hidden = backbone(**sequence_inputs(batch), use_cache=False).last_hidden_state
+    start = batch.prompt_ids.shape[1] - 1  # the state before completion token t is position start + t
+    return fp32_linear(score, hidden[:, start : start + batch.completion_ids.shape[1]]).squeeze(-1)
+
+
+def completion_scores(reward_model: nn.Module, batch: PolicyBatch) -> torch.Tensor:
+    """``[b]`` a sequence-classification reward model's score of prompt + completion, read at the
+    completion's last token from the token ids themselves (legacy TRL's ``get_reward``): no decoding
+    and re-tokenising, which would drop special tokens such as EOS."""
+    backbone, score = backbone_and_score(reward_model, "reward_model")
+    hidden = backbone(**sequence_inputs(batch), use_cache=False).last_hidden_state  # [b, Lp + Lc, H]
+    last = batch.prompt_ids.shape[1] + batch.completion_mask.sum(1) - 1  # [b] position of the last token
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return fp32_linear(score, picked).squeeze(-1)

@@ -44,11 +44,18 @@ def test_legacy_trl_defaults():
 
 
 def test_derived_batch_sizes_and_stop_id():
-    c = make(per_device_train_batch_size=2, gradient_accumulation_steps=3, num_mini_batches=2)
-    assert (c.micro_batch_size, c.local_mini_batch_size, c.batch_size) == (2, 6, 12)
-    assert c.num_updates(dataset_rows=30) == 7  # num_train_epochs=3 (default) x 30 rows // 12 per rollout
+    c = make(per_device_train_batch_size=2, gradient_accumulation_steps=4, num_mini_batches=2)
+    assert (c.local_batch_size, c.local_mini_batch_size, c.batch_size, c.micro_batches_per_step) == (
+        8,
+        4,
+        8,
+        2,
+    )
+    assert (
+        c.num_updates(dataset_rows=30) == 12
+    )  # ceil(num_train_epochs=3 (default) x 30 rows / 8 per rollout)
     c = make(total_episodes=100, per_device_train_batch_size=4, gradient_accumulation_steps=8)
-    assert c.num_updates(dataset_rows=7) == 3  # total_episodes wins: 100 // 32 rows per rollout
+    assert c.num_updates(dataset_rows=7) == 4  # total_episodes wins: ceil(100 / 32 rows per rollout)
     assert make(stop_token="eos").stop_id(eos_token_id=5) == 5
     assert make(stop_token_id=9).stop_id(eos_token_id=5) == 9
     assert make().stop_id(eos_token_id=5) is None

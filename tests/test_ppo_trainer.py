@@ -8,6 +8,7 @@ their largest entry (accumulation order differs).
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -16,13 +17,15 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from fastppo import PPOConfig, PPOTrainer
 from fastppo.demo import build_dataset, build_policy, build_tokenizer, run_demo, says_word
-from fastppo.value import SeparateValueModel
+from fastppo.scoring import PolicyBatch
+from fastppo.value import SeparateValueModel, completion_scores
 
 
 def config(tmp_path, **overrides) -> PPOConfig:
     kwargs = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
         num_mini_batches=2,
         num_ppo_epochs=2,
         response_length=4,
@@ -216,16 +219,17 @@ def test_tokenised_input_ids_dataset_and_reward_model(tmp_path):
 def test_missing_eos_penalty_lowers_the_score_of_unfinished_completions(tmp_path):
     t = trainer(tmp_path, missing_eos_penalty=1.0, response_length=1)
     rollout = t._rollout([t.train_dataset[i] for i in range(16)])
-    scores = t._scores(rollout)
+    scores, valid = t._scores(rollout, PolicyBatch.from_rollout(rollout, mask_truncated=False))
+    assert bool(valid.all())
     raw = torch.tensor(says_word(rollout.completions, rollout.columns["word"]))
     torch.testing.assert_close(scores.cpu(), raw - rollout.is_truncated.float().cpu())
 
 
-def test_reference_with_kl_coef_zero_is_not_built(tmp_path):
+def test_reference_with_kl_coef_zero_is_not_built_and_kl_not_reported(tmp_path):
     t = trainer(tmp_path, kl_coef=0.0, max_steps=1)
     assert t.reference is None
     t.train()
-    assert t.state.log_history[0]["objective/kl"] == 0.0
+    assert "objective/kl" not in t.state.log_history[0]  # nothing to measure against: not a fake 0
 
 
 @pytest.mark.parametrize(
@@ -265,3 +269,120 @@ def test_reference_with_another_vocabulary_is_refused(tmp_path):
             reward_model=says_word,
             train_dataset=build_dataset(size=32),
         )
+
+
+def test_recording_ignores_attention_dropout(tmp_path):
+    """Llama applies attention dropout functionally (config.attention_dropout): left on in train
+    mode it would make the first update's ratio drift from 1."""
+    tokenizer = build_tokenizer()
+    policy = build_policy(tokenizer, seed=1)
+    policy.config.attention_dropout = 0.3
+    for layer in policy.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    t = PPOTrainer(
+        config(tmp_path, max_steps=1),
+        tokenizer,
+        policy,
+        reward_model=says_word,
+        train_dataset=build_dataset(size=32, seed=2),
+    )
+    t.train()
+    assert abs(t.state.log_history[0]["val/ratio"] - 1.0) < 1e-6
+
+
+def test_later_minibatches_train_against_the_recorded_logprobs(tmp_path):
+    """After the first optimizer step the policy has moved: a minibatch of the second epoch must see
+    ratios away from 1 (if training fell back to on-policy old log-probs, it would stay exactly 1)."""
+    t = trainer(tmp_path, max_steps=4, learning_rate=0.05)
+    t.train()
+    last = t.state.log_history[-1]
+    assert last["policy/approxkl_avg"] > 1e-6
+    assert abs(last["val/ratio"] - 1.0) > 1e-6 or last["policy/clipfrac_avg"] > 0
+
+
+def test_batch_arithmetic_follows_legacy_trl(tmp_path):
+    cfg = config(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=4, num_mini_batches=2)
+    assert (cfg.local_batch_size, cfg.batch_size, cfg.local_mini_batch_size) == (16, 16, 8)
+    assert cfg.micro_batches_per_step == 2
+    cfg = config(tmp_path, max_steps=-1, total_episodes=40, num_train_epochs=1)
+    assert cfg.num_updates(1000) == 3  # ceil(40 / 16), as legacy's num_total_batches
+    assert cfg.optimizer_steps(1000) == 3 * 2 * 2  # updates x num_ppo_epochs x num_mini_batches
+    with pytest.raises(ValueError, match="num_mini_batches=3 must divide gradient_accumulation_steps=2"):
+        config(tmp_path, num_mini_batches=3)
+    with pytest.raises(ValueError, match="not both"):
+        config(tmp_path, stop_token="eos", stop_token_id=1)
+
+
+def test_steps_per_rollout_and_options_whiten_k3_stop_token(tmp_path):
+    tokenizer = build_tokenizer()
+    t = trainer(
+        tmp_path,
+        tokenizer=tokenizer,
+        max_steps=-1,
+        total_episodes=32,
+        whiten_rewards=True,
+        kl_estimator="k3",
+        stop_token_id=tokenizer.convert_tokens_to_ids("cat"),
+    )
+    t.train()
+    assert t.state.global_step == 2 * 2 * 2  # 2 rollouts x 2 epochs x 2 mini-batches
+    assert all(math.isfinite(r["loss"]) for r in t.state.log_history if "loss" in r)
+    assert t.state.log_history[-1]["episode"] == 32
+
+
+def test_reward_model_scores_the_token_ids_at_the_last_token(tmp_path):
+    tokenizer = build_tokenizer()
+    reward = value_model(tokenizer).eval()
+    t = PPOTrainer(
+        config(tmp_path),
+        tokenizer,
+        build_policy(tokenizer, seed=1),
+        reward_model=reward,
+        train_dataset=build_dataset(size=32, seed=2),
+    )
+    rollout = t._rollout([t.train_dataset[i] for i in range(6)])
+    batch = PolicyBatch.from_rollout(rollout, mask_truncated=False)
+    scores = completion_scores(reward, batch)
+    for i in range(6):  # each row alone, unpadded: prompt ids + completion ids (EOS kept)
+        prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
+        ids = torch.cat([prompt, torch.tensor(rollout.completion_id_lists[i])])[None]
+        with torch.no_grad():  # the head on the last token (not the model's own pooling, which would
+            # stop at a sampled <pad> token: a completion may contain that id)
+            expected = reward.score(reward.model(ids).last_hidden_state[0, -1])[0]
+        torch.testing.assert_close(scores[i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_inside_a_rollout_continues_exactly(tmp_path):
+    """A checkpoint after step 2 of a 4-step rollout (2 epochs x 2 mini-batches): the resumed run
+    replays the same micro-batches against the same record and logs the same values."""
+    from transformers import TrainerCallback
+
+    class StopAfterTwo(TrainerCallback):  # the run is interrupted; its schedule is the 6-step one
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    full = trainer(tmp_path / "full", max_steps=6, save_strategy="no")
+    full.train()
+    first = trainer(tmp_path / "resumed", max_steps=6, save_strategy="steps", save_steps=2)
+    first.add_callback(StopAfterTwo)
+    first.train()
+    assert first.state.global_step == 2
+    resumed = trainer(tmp_path / "resumed", max_steps=6, save_strategy="no")
+    resumed.train(resume_from_checkpoint=True)
+
+    def values(history):
+        return [
+            {
+                k: v
+                for k, v in r.items()
+                if not k.startswith("time/") and k not in ("tokens/s", "train_runtime")
+            }
+            for r in history
+        ]
+
+    expected, got = values(full.state.log_history), values(resumed.state.log_history)
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 7))
+    for want, have in zip(expected, got, strict=True):
+        assert have.keys() == want.keys()
+        for key, value in want.items():
+            assert have[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (want["step"], key)

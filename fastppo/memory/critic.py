@@ -26,8 +26,15 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.score.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # fp32 out: values feed GAE and the value loss, which need the precision (autocast gives bf16)
-        return self.score(hidden).squeeze(-1).float()
+        return fp32_linear(self.score, hidden).squeeze(-1)
+
+
+def fp32_linear(linear: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """``linear(hidden)`` in fp32 whatever autocast says: values feed GAE, value clipping and the
+    value loss, and bf16 rounding of a value of ~20 is already ~0.1."""
+    bias = None if linear.bias is None else linear.bias.float()
+    with torch.autocast(hidden.device.type, enabled=False):
+        return torch.nn.functional.linear(hidden.float(), linear.weight.float(), bias)
 
 
 class TrunkValueModel(nn.Module):

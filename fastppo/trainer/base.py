@@ -133,6 +133,11 @@ class TrainerBase:
 
     # --- optimisation -------------------------------------------------------------------------------
 
+    @property
+    def micro_steps_per_update(self) -> int:
+        """Minibatches backpropagated per optimizer step (PPO: a mini-batch's micro-batches)."""
+        return self.args.gradient_accumulation_steps
+
     def trained_modules(self) -> list[nn.Module]:
         """Modules whose trainable parameters the optimizer steps (PPO adds its critic)."""
         return [self.model]
@@ -201,8 +206,8 @@ class TrainerBase:
 
     def backward(self, scaled_loss: torch.Tensor) -> None:
         """Backpropagate one minibatch's already-scaled loss; the optimizer steps every
-        ``gradient_accumulation_steps`` minibatches (see ``end_micro_step``)."""
-        if self._micro_step % self.args.gradient_accumulation_steps == 0:
+        ``micro_steps_per_update`` minibatches (see ``end_micro_step``)."""
+        if self._micro_step % self.micro_steps_per_update == 0:
             self.callbacks("on_step_begin")
         self.accelerator.backward(scaled_loss)
         self._window_loss += float(scaled_loss.detach())  # CPU sync: one scalar per minibatch
@@ -212,7 +217,7 @@ class TrainerBase:
         or gradient norm is not finite (then the step is skipped: ``fastppo.guards``).
         Returns True when training must stop (max_steps reached or a callback asked)."""
         self._micro_step += 1
-        if self._micro_step % self.args.gradient_accumulation_steps != 0:
+        if self._micro_step % self.micro_steps_per_update != 0:
             return False
         params = [p for module in self.trained_modules() for p in module.parameters() if p.requires_grad]
         grad_norm = float(  # CPU sync: one scalar per optimizer step

@@ -12,19 +12,20 @@ One update, as ``train()`` reads it:
                 clipped value loss
   5. log      - legacy TRL's metric names, averaged over every minibatch of the logging window
 
-Deliberate differences from legacy TRL: the score lands on the last token of the completion (legacy
-put it one position later when that fitted, on a padding token); masked means leave padding out of
-every statistic (legacy averaged entropy and ratios over padding too); a completion ends at EOS or
-``stop_token_id``, whichever comes first.
+Batch sizes follow TRL 0.19: a rollout is ``per_device_train_batch_size x gradient_accumulation_steps``
+rows per process, split into ``num_mini_batches`` mini-batches, one optimizer step each, of
+``gradient_accumulation_steps / num_mini_batches`` micro-batches. Deliberate differences from legacy
+TRL: ``max_steps``, ``logging_steps``, ``save_steps`` and the LR schedule count optimizer steps (as
+transformers' Trainer), not rollouts; the score lands on the last token of the completion (legacy put
+it one position later when that fitted, on a padding token); masked means leave padding out of every
+statistic; a completion ends at EOS or ``stop_token_id``, whichever comes first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,23 +40,43 @@ from ..advantages import (
     masked_whiten,
     shaped_rewards,
 )
-from ..kernels import linear_ppo_loss, linear_token_logprobs
-from ..kernels.ppo_loss import PolicyLossSettings, PolicyLossStats, policy_objective
+from ..checkpoint import resolve_resume
+from ..distributed import rank_rows
+from ..kernels.ppo_loss import PolicyLossSettings, PolicyLossStats
 from ..logging import print_completions
-from ..modeling import eos_token_ids, load_causal_lm, load_tokenizer, prepare_policy
+from ..modeling import (
+    check_model_source,
+    eos_token_ids,
+    load_causal_lm,
+    load_tokenizer,
+    prepare_policy,
+    switch_off_dropout,
+)
 from ..ppo_config import PPOConfig
-from ..reference import build_reference
-from ..rewards import combine_rewards, load_rewards, score_completions
+from ..reference import SharedTrunkPolicyReference, build_reference
+from ..rewards import check_vocab, combine_rewards, load_rewards, score_rewards
 from ..rollout import GenerateSampler, Rollout, Sampler, SamplingSettings, prompt_batches, sample_rollout
 from ..scoring import (
     PolicyBatch,
     completion_hidden_states,
-    head_operands,
+    completion_logits_and_hidden,
+    eval_mode,
+    fused_policy_loss_from_hidden,
+    head_logprobs,
     lm_parts,
+    plain_policy_loss,
     plain_token_logprobs,
-    sequence_inputs,
+    trunk_pass,
 )
-from ..value import Critic, PolicyValueHead, SeparateValueModel, clipped_value_loss
+from ..value import (
+    Critic,
+    OwnLayersCritic,
+    PolicyValueHead,
+    SeparateValueModel,
+    ValueLoss,
+    clipped_value_loss,
+    completion_scores,
+)
 from .base import TrainerBase, seed_everything
 
 
@@ -68,7 +89,15 @@ class RolloutRecord:
     returns: torch.Tensor  # [B, Lc] GAE returns (advantages before whitening + values)
     scores: torch.Tensor  # [B] score of each completion (after the missing-EOS penalty)
     kl: torch.Tensor  # [B, Lc] per-token KL estimate to the reference, 0 outside the mask
-    non_score_rewards: torch.Tensor  # [B, Lc] -kl_coef * kl
+
+
+@dataclasses.dataclass
+class RolloutBuffer:
+    """A rollout being optimised: its record and the rows of every micro-batch of every epoch, in
+    order (drawn when the rollout was made, so a resumed run replays the same order)."""
+
+    record: RolloutRecord
+    passes: list[torch.Tensor]  # [micro-batches] row indices into record.batch
 
 
 class PPOTrainer(TrainerBase):
@@ -96,14 +125,19 @@ class PPOTrainer(TrainerBase):
             raise ValueError("reward_model is required: a sequence-classification model or a reward function")
         if data_collator is not None:
             raise ValueError("data_collator is not used: prompts are padded by the rollout engine; pass None")
-        if ref_model is not None and peft_config is not None:
+        if ref_model is not None and (peft_config is not None or args.num_frozen_layers is not None):
             raise ValueError(
-                "pass either ref_model or peft_config: with PEFT the reference is the base model"
+                "ref_model cannot be combined with peft_config or num_frozen_layers: those build the "
+                "reference from the policy (adapters disabled / shared trunk)"
             )
+        if args.eval_strategy != "no" and eval_dataset is None:
+            raise ValueError(f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset")
         seed_everything(args)
         self.train_dataset = check_prompt_dataset("train_dataset", train_dataset, args.batch_size)
         self.eval_dataset = check_prompt_dataset("eval_dataset", eval_dataset, 1, required=False)
-        policy = load_causal_lm(model, {}, False)
+        policy = load_causal_lm(
+            model, {}, False, padding_free=args.padding_free, device="cpu" if args.use_cpu else None
+        )
         tokenizer = load_tokenizer(policy, processing_class, False)
         policy = prepare_policy(
             policy,
@@ -112,72 +146,90 @@ class PPOTrainer(TrainerBase):
             gradient_checkpointing=args.gradient_checkpointing,
             gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
             disable_dropout=True,  # legacy TRL: dropout would make the recorded log-probs stale
+            num_frozen_layers=args.num_frozen_layers,
         )
         super().__init__(args, policy, tokenizer, callbacks, optimizers)
         self.model.to(self.device)
         self.critic: Critic = self._build_critic(value_model)
+        self.eos_only = eos_token_ids(policy, tokenizer)  # what missing_eos_penalty looks for
         stop_id = args.stop_id(tokenizer.eos_token_id)
-        self.eos_token_ids = sorted(
-            {*eos_token_ids(policy, tokenizer), *([] if stop_id is None else [stop_id])}
+        self.eos_token_ids = sorted({*self.eos_only, *([] if stop_id is None else [stop_id])})  # end tokens
+        self.reward_model, self.rewards = self._build_rewards(reward_model, tokenizer)
+        if ref_model is not None:
+            check_same_vocab(self.model, ref_model)
+            switch_off_dropout(ref_model)
+        self.reference = build_reference(
+            self.model,
+            beta=args.kl_coef,
+            sync=False,
+            fused=args.use_fused_kernels,
+            chunk_bytes=args.kernel_chunk_bytes,
+            padding_free=args.padding_free,
+            num_frozen_layers=args.num_frozen_layers,
+            ref_model=None if ref_model is None else ref_model.to(self.device),
         )
-        self.rewards = load_rewards(
-            reward_model,
-            weights=None,
-            reward_processing_classes=tokenizer,
-            device=self.device,
-        )
-        self.reference = self._build_reference(ref_model)
         self.sampler = sampler or GenerateSampler(self.model, tokenizer.pad_token_id, self.eos_token_ids)
         self.loss_settings = PolicyLossSettings(
             clip_low=args.cliprange, beta=0.0, loss_type="bnpo", temperature=args.temperature
         )
         self._shuffle = torch.Generator().manual_seed(args.seed)  # minibatch order, apart from sampling
-        self._episode = 0
-        self._ratio_means: list[float] = []  # per minibatch, for val/ratio_var
+        self._ratio_means: list[float] = []  # per micro-batch, for val/ratio_var
+        self._rollout_metrics: dict[str, float] = {}  # the last rollout's objective/*, in every log
+        # Resume state (checkpoint_extras): rollouts drawn, and the one under optimisation.
+        self._rollouts_drawn = 0
+        self._buffer: RolloutBuffer | None = None
+        self._buffer_done = 0
         self.callbacks("on_init_end")
 
     def _build_critic(self, value_model: nn.Module | None) -> Critic:
-        if value_model is None:
-            return PolicyValueHead(self.model)
-        for module in value_model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
-        return SeparateValueModel(value_model.to(self.device))
-
-    def _build_reference(self, ref_model: nn.Module | None) -> Any:
         args = self.args
-        if ref_model is None:
-            source = self.model
-        else:
-            check_same_vocab(self.model, ref_model)
-            source = ref_model.to(self.device)
-        return build_reference(
-            source,
-            beta=args.kl_coef,
-            sync=False,
-            fused=args.use_fused_kernels,
-            chunk_bytes=args.kernel_chunk_bytes,
-        )
+        if value_model is not None:
+            switch_off_dropout(value_model)
+            return SeparateValueModel(value_model.to(self.device))
+        if args.critic == "own_layers":
+            return OwnLayersCritic(self.model, args.num_frozen_layers, args.padding_free)
+        return PolicyValueHead(self.model)
+
+    def _build_rewards(self, reward_model: Any, tokenizer: Any) -> tuple[nn.Module | None, Any]:
+        """A sequence-classification model (module or path) scores the token ids themselves, as
+        legacy TRL did; functions (or a list of them) follow GRPO's reward-function convention."""
+        if isinstance(reward_model, str):
+            from transformers import AutoModelForSequenceClassification
+
+            check_model_source(reward_model)
+            reward_model = AutoModelForSequenceClassification.from_pretrained(reward_model, num_labels=1)
+        if isinstance(reward_model, nn.Module):
+            check_vocab(reward_model, tokenizer, "reward_model")
+            switch_off_dropout(reward_model)
+            return reward_model.to(self.device).eval().requires_grad_(False), None
+        return None, load_rewards(reward_model, weights=None, device=self.device)
 
     def trained_modules(self) -> list[nn.Module]:
         return [self.model, *self.critic.trained_modules()]
+
+    @property
+    def micro_steps_per_update(self) -> int:
+        return self.args.micro_batches_per_step
 
     # --- the loop -----------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         """Run PPO for ``max_steps`` optimizer steps, or over ``total_episodes`` completions."""
-        if resume_from_checkpoint:
-            raise ValueError("resume_from_checkpoint is not supported yet")
         args = self.args
+        resume = resolve_resume(resume_from_checkpoint, args.output_dir)
         updates = args.num_updates(len(self.train_dataset))
-        steps = (
-            args.max_steps if args.max_steps > 0 else updates * args.num_ppo_epochs * args.num_mini_batches
-        )
-        self.begin_training(steps, "PPO")
+        self.begin_training(args.optimizer_steps(len(self.train_dataset)), "PPO", resume_from=resume)
         sample_every = max(1, updates // args.num_sample_generations) if args.num_sample_generations else 0
         batches = prompt_batches(self.train_dataset, args.batch_size, args.data_seed or args.seed)
-        for update, rows in enumerate(batches):
-            self.state.epoch = update * args.batch_size / len(self.train_dataset)
+        for _ in range(self._rollouts_drawn):  # prompts of the rollouts before the checkpoint
+            next(batches)
+        stop = False
+        if self._buffer is not None:  # the checkpoint fell inside a rollout's optimisation: finish it
+            stop = self._optimise(self._buffer, done=self._buffer_done)
+        while not stop:
+            rows = next(batches)[rank_rows(args.batch_size, self.accelerator, "batch_size")]
+            self.state.epoch = self._rollouts_drawn * args.batch_size / len(self.train_dataset)
+            self._rollouts_drawn += 1
             t0 = time.perf_counter()
             rollout = self._rollout(rows)  # 1
             t1 = time.perf_counter()
@@ -185,17 +237,18 @@ class PPOTrainer(TrainerBase):
             self._rewards_and_advantages(record)  # 3
             self.metrics.add("time/rollout", t1 - t0)
             self.metrics.add("time/score", time.perf_counter() - t1)
-            self._episode = (update + 1) * args.batch_size  # completions sampled so far (legacy "episode")
             self._log_rollout(rollout, record)
-            if sample_every and self.eval_dataset is not None and update % sample_every == 0:
+            if (
+                sample_every
+                and self.eval_dataset is not None
+                and (self._rollouts_drawn - 1) % sample_every == 0
+            ):
                 self.print_samples()
-            if self._optimise(record):  # 4 (+ 5 at each optimizer step)
-                break
+            stop = self._optimise(RolloutBuffer(record, self._passes(record)))  # 4 (+ 5 at each step)
         return self.end_training()
 
     def _rollout(self, rows: list[dict[str, Any]]) -> Rollout:
         """Step 1: one completion per prompt with the current policy."""
-        args = self.args
         with self.accelerator.autocast():
             return sample_rollout(
                 self.sampler,
@@ -205,57 +258,111 @@ class PPOTrainer(TrainerBase):
                 self._sampling(),
                 self.eos_token_ids,
                 self.device,
-                keep_columns=not args.remove_unused_columns,
+                keep_columns=not self.args.remove_unused_columns,
             )
 
     @torch.no_grad()
     def _record(self, rollout: Rollout) -> RolloutRecord:
-        """Step 2: what the old policy and critic said about the samples, in forward chunks of
-        ``local_rollout_forward_batch_size`` rows, and the scores."""
+        """Step 2: what the old policy, the critic and the reference said about the samples, in
+        forward chunks of ``local_rollout_forward_batch_size`` rows (eval mode), and the scores."""
         args = self.args
         batch = PolicyBatch.from_rollout(rollout, mask_truncated=False)
         size = batch.completion_ids.shape
         old_logprobs = torch.zeros(size, device=self.device)
         values = torch.zeros(size, device=self.device)
         ref_logprobs = torch.zeros(size, device=self.device) if self.reference is not None else None
-        with self._evaluating(), self.accelerator.autocast():
-            for chunk in batch.split(args.local_rollout_forward_batch_size):
-                width = chunk.completion_ids.shape[1]
-                logp, value = self._logprobs_and_values(chunk)
-                old_logprobs[chunk.rows, :width] = logp
-                values[chunk.rows, :width] = value
-                if ref_logprobs is not None:
-                    ref_logprobs[chunk.rows, :width] = self.reference.logprobs(chunk, args.temperature)
+        modules = self.trained_modules()
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            with self.accelerator.autocast():
+                for chunk in batch.split(args.local_rollout_forward_batch_size):
+                    width = chunk.completion_ids.shape[1]
+                    logp, value, ref = self._old_scores(chunk)
+                    old_logprobs[chunk.rows, :width] = logp
+                    values[chunk.rows, :width] = value
+                    if ref_logprobs is not None:
+                        ref_logprobs[chunk.rows, :width] = ref
+        finally:
+            for m, mode in zip(modules, modes, strict=True):
+                m.train(mode)
+        scores, valid = self._scores(rollout, batch)
+        batch.loss_mask = batch.loss_mask * valid[:, None]  # skip_invalid_rewards: out of every loss
         mask = batch.loss_mask.float()
         batch.old_logprobs = old_logprobs * mask
-        scores = self._scores(rollout)
-        kl = (
-            torch.zeros_like(mask)
-            if ref_logprobs is None
-            else kl_per_token(batch.old_logprobs, ref_logprobs * mask, args.kl_estimator) * mask
-        )
-        return RolloutRecord(batch, values * mask, torch.zeros_like(mask), scores, kl, -args.kl_coef * kl)
+        kl = torch.zeros_like(mask)
+        if ref_logprobs is not None:
+            kl = kl_per_token(batch.old_logprobs, ref_logprobs * mask, args.kl_estimator) * mask
+        return RolloutRecord(batch, values * mask, torch.zeros_like(mask), scores, kl)
 
-    def _scores(self, rollout: Rollout) -> torch.Tensor:
-        """``[B]`` the reward model's (or functions') score of each completion, with the penalty."""
-        per_func = score_completions(
-            self.rewards,
-            rollout.prompts,
-            rollout.completions,
-            rollout.completion_id_lists,
-            rollout.columns,
-            {"trainer_state": self.state, "log_metric": self.metrics.add, "log_extra": lambda *a, **k: None},
-        )
-        scores = combine_rewards(per_func, self.rewards.weights).to(self.device)
-        unscored = torch.isnan(scores)
-        if bool(unscored.any()):
-            raise ValueError(
-                f"the reward returned None for completion {int(unscored.nonzero()[0])}: PPO needs a score "
-                "for every completion"
+    def _old_scores(self, chunk: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``[b, Lc]`` log-probs of the sampled tokens, values, and reference log-probs of one chunk:
+        one policy pass feeds the log-probs and a head critic; a shared trunk pass feeds the policy,
+        a trunk critic and a shared-trunk reference."""
+        args = self.args
+        shared = None
+        if args.num_frozen_layers is not None and args.use_fused_kernels:
+            shared = trunk_pass(self.model, chunk, args.num_frozen_layers, args.padding_free)
+        if args.use_fused_kernels:
+            hidden = completion_hidden_states(self.model, chunk, args.padding_free, shared)
+            _, head = lm_parts(self.model)
+            logp = head_logprobs(
+                head, hidden, chunk, args.temperature, fused=True, chunk_bytes=args.kernel_chunk_bytes
             )
-        if self.args.missing_eos_penalty is not None:
-            scores = scores - self.args.missing_eos_penalty * rollout.is_truncated.float()
-        return scores
+        else:
+            logits, hidden = completion_logits_and_hidden(
+                self.model, chunk, args.padding_free, with_hidden=self.critic.reads_policy_hidden
+            )
+            logp = plain_token_logprobs(logits, chunk.completion_ids, args.temperature)[0]
+            logp = logp.masked_fill(~chunk.completion_mask.bool(), 0.0)
+        values = self.critic.values(chunk, hidden, shared)
+        if self.reference is None:
+            return logp, values, None
+        if shared is not None and isinstance(self.reference, SharedTrunkPolicyReference):
+            return logp, values, self.reference.logprobs_from_trunk(shared, chunk, args.temperature)
+        return logp, values, self.reference.logprobs(chunk, args.temperature)
+
+    def _scores(self, rollout: Rollout, batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B], [B] bool)``: each completion's score, with the missing-EOS penalty, and whether it
+        is valid (False only for samples ``skip_invalid_rewards`` dropped; their score is 0)."""
+        args = self.args
+        if self.reward_model is not None:
+            with eval_mode(self.reward_model), self.accelerator.autocast():
+                scores = completion_scores(self.reward_model, batch)
+            valid = torch.isfinite(scores)
+            if not args.skip_invalid_rewards and not bool(valid.all()):
+                raise ValueError(
+                    f"the reward model scored completion {int((~valid).nonzero()[0])} as "
+                    f"{float(scores[~valid][0])}; set skip_invalid_rewards=True to drop such samples"
+                )
+        else:
+            scored = score_rewards(
+                self.rewards,
+                rollout.prompts,
+                rollout.completions,
+                rollout.completion_id_lists,
+                rollout.columns,
+                {
+                    "trainer_state": self.state,
+                    "log_metric": self.metrics.add,
+                    "log_extra": lambda *a, **k: None,
+                },
+                skip_invalid=args.skip_invalid_rewards,
+            )
+            scores = combine_rewards(scored.per_func, self.rewards.weights).to(self.device)
+            valid = scored.valid.to(self.device) & ~torch.isnan(scores)
+            if not args.skip_invalid_rewards and not bool(valid.all()):
+                raise ValueError(
+                    f"the reward returned None for completion {int((~valid).nonzero()[0])}: PPO needs a "
+                    "score for every completion (or skip_invalid_rewards=True to drop such samples)"
+                )
+        scores = torch.where(valid, scores, torch.zeros_like(scores))
+        if args.missing_eos_penalty is not None:
+            ended = torch.isin(batch.completion_ids, torch.tensor(self.eos_only, device=self.device))
+            has_eos = (ended & batch.completion_mask.bool()).any(dim=1)
+            scores = scores - args.missing_eos_penalty * (~has_eos).float()
+        return scores, valid
 
     def _rewards_and_advantages(self, record: RolloutRecord) -> None:
         """Step 3: KL-shaped per-token rewards, GAE, whitened advantages (into ``record.batch``)."""
@@ -264,6 +371,7 @@ class PPOTrainer(TrainerBase):
         mask = batch.loss_mask.float()
         last = (batch.completion_mask.sum(1) - 1).clamp(min=0)  # [B] the completion's last token
         rewards, _ = shaped_rewards(record.kl, record.scores, last, args.kl_coef)
+        rewards = rewards * mask
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         advantages, record.returns = generalized_advantage_estimation(
@@ -271,109 +379,103 @@ class PPOTrainer(TrainerBase):
         )
         batch.advantages = masked_whiten(advantages, mask) * mask
 
-    def _optimise(self, record: RolloutRecord) -> bool:
-        """Step 4: ``num_ppo_epochs`` shuffled passes; the base steps the optimizer every
-        ``gradient_accumulation_steps`` micro-batches, i.e. once per mini-batch. True: stop."""
+    def _passes(self, record: RolloutRecord) -> list[torch.Tensor]:
+        """Row indices of every micro-batch, epoch after epoch: each epoch a fresh shuffle split into
+        ``num_mini_batches`` mini-batches of whole micro-batches (legacy TRL's loops)."""
         args = self.args
-        scale = 1.0 / args.gradient_accumulation_steps  # each micro-batch loss is a masked mean
-        self.add_tokens(record.batch.num_tokens * args.num_ppo_epochs)
+        passes = []
         for _ in range(args.num_ppo_epochs):
-            for mb in record.batch.split(args.per_device_train_batch_size, self._shuffle):
-                start = time.perf_counter()
-                width = mb.completion_ids.shape[1]
-                with self.accelerator.autocast():
-                    pg_loss, stats, values = self._loss_and_values(mb)
-                    value_loss = clipped_value_loss(
-                        values,
-                        record.values[mb.rows, :width],
-                        record.returns[mb.rows, :width],
-                        mb.loss_mask,
-                        args.cliprange_value,
-                    )
-                self.backward((pg_loss + args.vf_coef * value_loss.loss) * scale)
-                self.metrics.add("time/minibatch", time.perf_counter() - start)
-                self._record_minibatch(mb, stats, pg_loss, value_loss)
-                if self.end_micro_step():
-                    return True
-        return False
+            order = torch.randperm(record.batch.completion_ids.shape[0], generator=self._shuffle)
+            passes += list(order.split(args.per_device_train_batch_size))
+        return passes
 
-    # --- forwards -----------------------------------------------------------------------------------
-
-    def _logprobs_and_values(self, chunk: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[b, Lc]`` log-probs of the sampled tokens and values, from one policy pass when the
-        critic reads the policy's hidden states."""
+    def _optimise(self, buffer: RolloutBuffer, done: int = 0) -> bool:
+        """Step 4: the buffer's micro-batches from ``done`` on; the base steps the optimizer every
+        ``micro_batches_per_step`` of them, i.e. once per mini-batch. True: stop."""
         args = self.args
-        mask = chunk.completion_mask.bool()
-        if args.use_fused_kernels:
-            hidden = completion_hidden_states(self.model, chunk)
-            logp = hidden_token_logprobs(self.model, hidden, chunk, args.temperature, args.kernel_chunk_bytes)
-        else:
-            logits, hidden = completion_logits_and_hidden(self.model, chunk, self.critic.uses_policy_hidden)
-            logp = plain_token_logprobs(logits, chunk.completion_ids, args.temperature)[0].masked_fill(
-                ~mask, 0.0
-            )
-        return logp, self.critic.values(chunk, hidden if self.critic.uses_policy_hidden else None)
+        record = buffer.record
+        scale = 1.0 / self.micro_steps_per_update  # each micro-batch loss is a masked mean
+        if done == 0:  # a resumed rollout's tokens were counted before the checkpoint
+            self.add_tokens(record.batch.num_tokens * args.num_ppo_epochs)
+        self._buffer = buffer
+        for index in range(done, len(buffer.passes)):
+            mb = record.batch.select(buffer.passes[index].to(self.device))
+            start = time.perf_counter()
+            width = mb.completion_ids.shape[1]
+            with self.accelerator.autocast():
+                pg_loss, stats, values = self._loss_and_values(mb)
+                value_loss = clipped_value_loss(
+                    values,
+                    record.values[mb.rows, :width],
+                    record.returns[mb.rows, :width],
+                    mb.loss_mask,
+                    args.cliprange_value,
+                )
+            self.backward((pg_loss + args.vf_coef * value_loss.loss) * scale)
+            self.metrics.add("time/minibatch", time.perf_counter() - start)
+            self._record_minibatch(mb, stats, pg_loss, value_loss)
+            self._buffer_done = index + 1  # before end_micro_step: a checkpoint there saves this position
+            if self.end_micro_step():
+                return True
+        self._buffer = None
+        return False
 
     def _loss_and_values(self, mb: PolicyBatch) -> tuple[torch.Tensor, PolicyLossStats, torch.Tensor]:
         """The clipped surrogate of a micro-batch (ratio against the recorded log-probs), its stats,
-        and the critic's values, with grad."""
+        and the critic's values, with grad, from one pass (the trunk pass shared when there is one)."""
         args = self.args
-        settings = self.loss_settings
         if args.use_fused_kernels:
-            hidden = completion_hidden_states(self.model, mb)
-            loss, stats = hidden_policy_loss(self.model, hidden, mb, settings, args.kernel_chunk_bytes)
-        else:
-            logits, hidden = completion_logits_and_hidden(self.model, mb, self.critic.uses_policy_hidden)
-            logp, entropy = plain_token_logprobs(
-                logits, mb.completion_ids, settings.temperature, with_entropy=True
+            shared = None
+            if args.num_frozen_layers is not None:
+                shared = trunk_pass(self.model, mb, args.num_frozen_layers, args.padding_free)
+            hidden = completion_hidden_states(self.model, mb, args.padding_free, shared)
+            loss, stats = fused_policy_loss_from_hidden(
+                self.model, hidden, mb, self.loss_settings, args.kernel_chunk_bytes
             )
-            loss, stats = policy_objective(
-                logp, mb.old_logprobs, mb.advantages, mb.loss_mask, settings, None, entropy
-            )
-        return loss, stats, self.critic.values(mb, hidden if self.critic.uses_policy_hidden else None)
-
-    @contextlib.contextmanager
-    def _evaluating(self) -> Iterator[None]:
-        """Eval mode (no dropout, no checkpointing) for the policy and critic while recording."""
-        modules = self.trained_modules()
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        try:
-            yield
-        finally:
-            for m, mode in zip(modules, modes, strict=True):
-                m.train(mode)
+            return loss, stats, self.critic.values(mb, hidden, shared)
+        logits, hidden = completion_logits_and_hidden(
+            self.model, mb, args.padding_free, with_hidden=self.critic.reads_policy_hidden
+        )
+        loss, stats = plain_policy_loss(logits, mb, self.loss_settings)
+        return loss, stats, self.critic.values(mb, hidden, None)
 
     # --- metrics ------------------------------------------------------------------------------------
 
     def _log_rollout(self, rollout: Rollout, record: RolloutRecord) -> None:
-        """Legacy TRL's objective/* metrics (per-sequence sums averaged over the rollout), val/*."""
+        """Legacy TRL's objective/* metrics (per-sequence sums averaged over the rollout), val/*; they
+        describe the rollout, so every log record carries the latest rollout's values."""
         batch = record.batch
         mask = batch.loss_mask.float()
-        non_score = record.non_score_rewards.sum(1).mean()
-        self.metrics.add("objective/kl", float(record.kl.sum(1).mean()))
-        self.metrics.add("objective/entropy", float((-batch.old_logprobs * mask).sum(1).mean()))
-        self.metrics.add("objective/non_score_reward", float(non_score))
-        self.metrics.add("objective/rlhf_reward", float(non_score + record.scores.mean()))
-        self.metrics.add("objective/scores", float(record.scores.mean()))
-        self.metrics.add("val/explained_variance", explained_variance(record.values, record.returns, mask))
-        is_eos = torch.isin(batch.completion_ids, torch.tensor(self.eos_token_ids, device=self.device))
-        self.metrics.add("val/num_eos_tokens", float((is_eos & batch.completion_mask.bool()).sum()))
-        self.metrics.add("completions/mean_length", float(rollout.lengths.float().mean()))
-        self.metrics.add("completions/clipped_ratio", float(rollout.is_truncated.float().mean()))
-        self.metrics.add("episode", float(self._episode))
+        non_score = float((-self.args.kl_coef * record.kl).sum(1).mean())
+        metrics = {
+            "objective/entropy": float((-batch.old_logprobs * mask).sum(1).mean()),
+            "objective/non_score_reward": non_score,
+            "objective/rlhf_reward": non_score + float(record.scores.mean()),
+            "objective/scores": float(record.scores.mean()),
+            "val/explained_variance": explained_variance(record.values, record.returns, mask),
+            "val/num_eos_tokens": float(
+                (
+                    torch.isin(batch.completion_ids, torch.tensor(self.eos_only, device=self.device))
+                    & (mask > 0)
+                ).sum()
+            ),
+            "completions/mean_length": float(rollout.lengths.float().mean()),
+            "completions/clipped_ratio": float(rollout.is_truncated.float().mean()),
+            "episode": float(self._rollouts_drawn * self.args.batch_size),
+        }
+        if self.reference is not None:  # without a reference (kl_coef == 0) there is no KL to report
+            metrics["objective/kl"] = float(record.kl.sum(1).mean())
+        self._rollout_metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
 
     def _record_minibatch(
-        self, mb: PolicyBatch, stats: PolicyLossStats, pg_loss: torch.Tensor, value_loss
+        self, mb: PolicyBatch, stats: PolicyLossStats, pg_loss: torch.Tensor, value_loss: ValueLoss
     ) -> None:
         tokens = float(mb.loss_mask.sum())
         log_ratio = (stats.logprobs - mb.old_logprobs) * mb.loss_mask
         ratio_mean = float(stats.ratio_mean)
         self._ratio_means.append(ratio_mean)
-        self.metrics.add(
-            "policy/approxkl_avg", float(0.5 * masked_mean(log_ratio.square(), mb.loss_mask)), tokens
-        )
+        approx_kl = float(0.5 * masked_mean(log_ratio.square(), mb.loss_mask))
+        self.metrics.add("policy/approxkl_avg", approx_kl, tokens)
         self.metrics.add("policy/clipfrac_avg", float(stats.clip_region), tokens)
         self.metrics.add("policy/entropy_avg", float(stats.entropy_mean), tokens)
         self.metrics.add("loss/policy_avg", float(pg_loss.detach()), tokens)
@@ -382,15 +484,16 @@ class PPOTrainer(TrainerBase):
         self.metrics.add("val/ratio", ratio_mean, tokens)
 
     def log(self, logs: dict[str, float], training: bool = True) -> None:
-        """Adds legacy TRL's ``lr`` and ``val/ratio_var`` (variance of the minibatch mean ratios)."""
+        """Adds the latest rollout's metrics, legacy TRL's ``lr`` and ``val/ratio_var`` (variance of
+        the micro-batch mean ratios of the window)."""
         if training:
-            logs = {**logs, "lr": float(self.lr_scheduler.get_last_lr()[0])}
+            logs = {**self._rollout_metrics, **logs, "lr": float(self.lr_scheduler.get_last_lr()[0])}
             if len(self._ratio_means) > 1:
                 logs["val/ratio_var"] = float(torch.tensor(self._ratio_means).var())
             self._ratio_means = []
         super().log(logs, training)
 
-    # --- evaluation, samples, saving ----------------------------------------------------------------
+    # --- evaluation, samples, saving, checkpoints ---------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self, *args: Any, metric_key_prefix: str = "eval", **kwargs: Any) -> dict[str, float]:
@@ -424,7 +527,7 @@ class PPOTrainer(TrainerBase):
                     self.device,
                     keep_columns=not self.args.remove_unused_columns,
                 )
-            scores = self._scores(rollout)
+            scores, _ = self._scores(rollout, PolicyBatch.from_rollout(rollout, mask_truncated=False))
             rows += [
                 {"prompt": p, "completion": c, "score": float(s)}
                 for p, c, s in zip(rollout.prompts, rollout.completions, scores, strict=True)
@@ -435,7 +538,36 @@ class PPOTrainer(TrainerBase):
         """The policy and tokenizer (``save_pretrained``), and the critic next to them (field note 9)."""
         output_dir = output_dir or self.args.output_dir
         super().save_model(output_dir, _internal_call)
-        self.critic.save(output_dir)
+        if self.accelerator.is_main_process:
+            self.critic.save(output_dir)
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"shuffle": self._shuffle}
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """Rollouts drawn, the rollout under optimisation when a checkpoint falls inside it (record
+        and micro-batch order), the critic's weights and the last rollout's metrics."""
+        buffer = self._buffer
+        finished = buffer is None or self._buffer_done == len(buffer.passes)
+        extras: dict[str, Any] = {
+            "rollouts_drawn": self._rollouts_drawn,
+            "buffer_done": 0 if finished else self._buffer_done,
+            "buffer": None if finished else _buffer_dict(buffer),
+            "critic": [m.state_dict() for m in self.critic.trained_modules()],
+            "rollout_metrics": dict(self._rollout_metrics),
+            "ratio_means": list(self._ratio_means),
+        }
+        return extras
+
+    def restore_extras(self, extras: dict[str, Any]) -> None:
+        self._rollouts_drawn = int(extras["rollouts_drawn"])
+        self._buffer_done = int(extras["buffer_done"])
+        buffer = extras["buffer"]
+        self._buffer = None if buffer is None else _buffer_from_dict(buffer, self.device)
+        for module, state in zip(self.critic.trained_modules(), extras["critic"], strict=True):
+            module.load_state_dict(state)
+        self._rollout_metrics = dict(extras["rollout_metrics"])
+        self._ratio_means = list(extras["ratio_means"])
 
     def _sampling(self, do_sample: bool = True) -> SamplingSettings:
         args = self.args
@@ -448,57 +580,25 @@ class PPOTrainer(TrainerBase):
         )
 
 
-# --- helpers shared by the forwards (scoring.py's fused and plain branches, from hidden states) ------
+def _buffer_dict(buffer: RolloutBuffer) -> dict[str, Any]:
+    record = buffer.record
+    return {
+        "batch": {f.name: getattr(record.batch, f.name) for f in dataclasses.fields(record.batch)},
+        **{name: getattr(record, name) for name in ("values", "returns", "scores", "kl")},
+        "passes": list(buffer.passes),
+    }
 
 
-def hidden_token_logprobs(
-    model: nn.Module, hidden: torch.Tensor, batch: PolicyBatch, temperature: float, chunk_bytes: int
-) -> torch.Tensor:
-    """``[b, Lc]`` fp32 log-probs of the completion tokens from completion hidden states ``[b, Lc, H]``
-    through the chunked fused kernel; 0 where ``completion_mask`` is 0."""
-    _, head = lm_parts(model)
-    hidden, weight, bias = head_operands(head, hidden)
-    labels = torch.where(batch.completion_mask.bool(), batch.completion_ids, -100)
-    with torch.autocast(hidden.device.type, enabled=False):
-        return linear_token_logprobs(
-            hidden, weight, labels, bias=bias, temperature=temperature, chunk_bytes=chunk_bytes
-        )
+def _buffer_from_dict(values: dict[str, Any], device: torch.device) -> RolloutBuffer:
+    def on(x: Any) -> Any:
+        return x.to(device) if torch.is_tensor(x) else x
+
+    batch = PolicyBatch(**{k: on(v) for k, v in values["batch"].items()})
+    record = RolloutRecord(batch, *(on(values[n]) for n in ("values", "returns", "scores", "kl")))
+    return RolloutBuffer(record, list(values["passes"]))
 
 
-def hidden_policy_loss(
-    model: nn.Module, hidden: torch.Tensor, batch: PolicyBatch, settings: PolicyLossSettings, chunk_bytes: int
-) -> tuple[torch.Tensor, PolicyLossStats]:
-    """The clipped-ratio loss from completion hidden states through the chunked fused kernel."""
-    _, head = lm_parts(model)
-    hidden, weight, bias = head_operands(head, hidden)
-    keep = batch.loss_mask.bool()
-    old = None if batch.old_logprobs is None else batch.old_logprobs.masked_fill(~keep, 0.0)
-    with torch.autocast(hidden.device.type, enabled=False):
-        return linear_ppo_loss(
-            hidden,
-            weight,
-            batch.completion_ids,
-            old,
-            batch.advantages,
-            batch.loss_mask,
-            bias=bias,
-            compute_entropy=True,
-            chunk_bytes=chunk_bytes,
-            **dataclasses.asdict(settings),
-        )
-
-
-def completion_logits_and_hidden(
-    model: nn.Module, batch: PolicyBatch, with_hidden: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Plain path: ``[b, Lc, V]`` logits predicting the completion tokens and, when asked, the final
-    hidden states ``[b, Lc, H]`` at the same positions."""
-    length = batch.completion_ids.shape[1]
-    out = model(
-        **sequence_inputs(batch), use_cache=False, output_hidden_states=with_hidden, logits_to_keep=length + 1
-    )
-    hidden = out.hidden_states[-1][:, -(length + 1) : -1] if with_hidden else None
-    return out.logits[:, :-1], hidden
+# --- helpers ---------------------------------------------------------------------------------------
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -539,6 +639,6 @@ def check_prompt_dataset(name: str, dataset: Any, min_rows: int, required: bool 
     if len(dataset) < min_rows:
         raise ValueError(
             f"{name} has {len(dataset)} rows but one rollout needs batch_size = "
-            f"per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches = {min_rows}"
+            f"per_device_train_batch_size x gradient_accumulation_steps x processes = {min_rows}"
         )
     return dataset
