@@ -17,8 +17,9 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from fastppo import PPOConfig, PPOTrainer
 from fastppo.demo import build_dataset, build_policy, build_tokenizer, run_demo, says_word
+from fastppo.reference import SharedTrunkPolicyReference
 from fastppo.scoring import PolicyBatch
-from fastppo.value import SeparateValueModel, completion_scores
+from fastppo.value import OwnLayersCritic, SeparateValueModel, completion_scores
 
 
 def config(tmp_path, **overrides) -> PPOConfig:
@@ -93,17 +94,30 @@ def loss_and_grads(t: PPOTrainer, record, fused: bool):
     return loss.detach(), stats, grads
 
 
-@pytest.mark.parametrize("critic", ["policy_head", "value_model"])
-def test_fused_and_plain_paths_give_the_same_record_loss_and_gradients(tmp_path, critic):
+@pytest.mark.parametrize(
+    "critic, memory",
+    [
+        ("policy_head", {}),
+        ("value_model", {}),
+        ("own_layers", {"num_frozen_layers": 1}),  # shared-trunk reference and critic, one trunk pass
+        ("policy_head", {"num_frozen_layers": 1, "padding_free": True}),
+    ],
+)
+def test_fused_and_plain_paths_give_the_same_record_loss_and_gradients(tmp_path, critic, memory):
     tokenizer = build_tokenizer()
+    own = {"critic": "own_layers"} if critic == "own_layers" else {}
     t = PPOTrainer(
-        config(tmp_path),
+        config(tmp_path, **memory, **own),
         tokenizer,
         build_policy(tokenizer, seed=1),
         reward_model=says_word,
         train_dataset=build_dataset(size=32, seed=2),
         value_model=value_model(tokenizer) if critic == "value_model" else None,
     )
+    if memory:
+        assert isinstance(t.reference, SharedTrunkPolicyReference)
+    if critic == "own_layers":
+        assert isinstance(t.critic, OwnLayersCritic)
     rollout = t._rollout([t.train_dataset[i] for i in range(16)])
     records = {}
     for fused in (True, False):
