@@ -191,6 +191,10 @@ def resolve_device_defaults(config: Any) -> None:
     ``gradient_checkpointing``: ``None`` means on with CUDA (TRL's default), off on CPU where memory
     is not the limit and recomputation only costs time.
     """
+    if not torch.cuda.is_available():
+        # No GPU: say so to transformers, which otherwise sets up a single-process state even under
+        # a multi-process launch (accelerate then sees one process, not MULTI_CPU).
+        config.use_cpu = True
     cuda = torch.cuda.is_available() and not config.use_cpu
     cuda_bf16 = cuda and torch.cuda.is_bf16_supported()
     if config.bf16 is None:

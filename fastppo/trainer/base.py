@@ -23,12 +23,19 @@ import time
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, get_scheduler
 from transformers.trainer_utils import TrainOutput, enable_full_determinism, set_seed
 
 from .. import checkpoint as ckpt
+from ..distributed import (
+    all_reduce_gradients,
+    broadcast_parameters,
+    check_distributed_type,
+    merge_metric_sums,
+    sum_over_processes,
+)
 from ..guards import NonFiniteGuard
 from ..logging import (
     METRICS_FILE,
@@ -98,9 +105,14 @@ class TrainerBase:
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
         # gradient_accumulation_steps=1: accelerate would divide every loss by the accumulation count,
         # which is wrong for dapo (normalised by the token count of the whole accumulated batch).
-        self.accelerator = Accelerator(cpu=args.use_cpu, mixed_precision=precision)
-        if self.accelerator.num_processes > 1:
-            raise ValueError("multi-process training is not supported yet; run a single process")
+        # split_batches: the trainers split their own batches across processes, and with it the
+        # prepared LR scheduler steps once per optimizer step instead of once per process.
+        self.accelerator = Accelerator(
+            cpu=args.use_cpu,
+            mixed_precision=precision,
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+        )
+        check_distributed_type(self.accelerator)
         self.model = model
         self.processing_class = processing_class
         self.optimizer, self.lr_scheduler = optimizers
@@ -177,10 +189,10 @@ class TrainerBase:
             self.optimizer = self.create_optimizer()
         if self.lr_scheduler is None:
             self.lr_scheduler = self.create_scheduler(max_steps)
-        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            self.model, self.optimizer, self.lr_scheduler
-        )
-        self.model = self.accelerator.unwrap_model(self.model)  # single process: the module itself
+        # The model is not wrapped (no DDP: see fastppo.distributed); every process starts from rank
+        # 0's weights, and end_micro_step averages the gradients.
+        self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.optimizer, self.lr_scheduler)
+        broadcast_parameters(self.trained_modules(), self.accelerator)
         self.model.train()
         self.control = TrainerControl()
         self.state.max_steps = max_steps
@@ -193,11 +205,21 @@ class TrainerBase:
         os.makedirs(args.output_dir, exist_ok=True)
         ckpt.remove_stale_temps(args.output_dir)
         if resume_from is not None:
+            if self.accelerator.num_processes > 1:
+                raise ValueError(
+                    "resume_from_checkpoint with several processes is not supported yet: a checkpoint holds "
+                    "the main process's rollout buffer and RNG states only; resume with one process"
+                )
             self.load_checkpoint(resume_from)
-        self.log_writer = JsonlWriter(os.path.join(args.output_dir, METRICS_FILE))
-        for record in self.state.log_history:  # resumed: the file says what the checkpoint says
+        main = self.accelerator.is_main_process  # one metrics file and one progress bar per run
+        self.log_writer = JsonlWriter(os.path.join(args.output_dir, METRICS_FILE)) if main else None
+        for record in (
+            self.state.log_history if main else []
+        ):  # resumed: the file says what the checkpoint says
             self.log_writer.write(record)
-        self.progress = ProgressBar(max_steps, disable=bool(args.disable_tqdm), description=description)
+        self.progress = ProgressBar(
+            max_steps, disable=bool(args.disable_tqdm) or not main, description=description
+        )
         self.progress.update(self.state.global_step, {})
         self._last_log_time = self._train_start = time.perf_counter()
         self.callbacks("on_train_begin")
@@ -219,6 +241,7 @@ class TrainerBase:
         self._micro_step += 1
         if self._micro_step % self.micro_steps_per_update != 0:
             return False
+        all_reduce_gradients(self.trained_modules(), self.accelerator)  # data parallel: the mean gradient
         params = [p for module in self.trained_modules() for p in module.parameters() if p.requires_grad]
         grad_norm = float(  # CPU sync: one scalar per optimizer step
             self.accelerator.clip_grad_norm_(
@@ -300,16 +323,20 @@ class TrainerBase:
 
     def _add_training_metrics(self, record: dict[str, float]) -> None:
         now = time.perf_counter()
-        if self._steps_loss:
-            record["loss"] = sum(self._steps_loss) / len(self._steps_loss)
+        accelerator = self.accelerator
+        if self._steps_loss:  # each process's loss is a mean over its rows: their mean is the batch's
+            mean = sum(self._steps_loss) / len(self._steps_loss)
+            record["loss"] = sum_over_processes(mean, accelerator) / accelerator.num_processes
             self._steps_loss = []
+        self.metrics.load_state_dict(merge_metric_sums(self.metrics.state_dict(), accelerator))
         record.update(self.metrics.flush())
         record["skipped_steps"] = self.guard.skipped  # run total of non-finite steps skipped
         if self.lr_scheduler is not None:
             record["learning_rate"] = float(self.lr_scheduler.get_last_lr()[0])
-        if self._tokens_since_log:
-            record["tokens/s"] = self._tokens_since_log / max(now - self._last_log_time, 1e-9)
-            record["num_tokens"] = self.state.num_input_tokens_seen
+        tokens = sum_over_processes(self._tokens_since_log, accelerator)
+        if tokens:
+            record["tokens/s"] = tokens / max(now - self._last_log_time, 1e-9)
+            record["num_tokens"] = sum_over_processes(self.state.num_input_tokens_seen, accelerator)
         self._tokens_since_log, self._last_log_time = 0, now
 
     def end_training(self) -> TrainOutput:
@@ -338,7 +365,10 @@ class TrainerBase:
     # --- saving -------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``save_pretrained`` of the policy (adapters only for PEFT) and its tokenizer."""
+        """``save_pretrained`` of the policy (adapters only for PEFT) and its tokenizer (by the main
+        process: the weights are the same on every process)."""
+        if not self.accelerator.is_main_process:
+            return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
@@ -354,6 +384,9 @@ class TrainerBase:
         Returns None, writing nothing, when a trained weight holds NaN/inf: a checkpoint must never be
         a worse resume point than the previous one.
         """
+        if not self.accelerator.is_main_process:  # the weights are the same on every process
+            self.callbacks("on_save")
+            return None
         bad = ckpt.nonfinite_parameters(self.trained_modules())
         if bad:
             logger.error(

@@ -28,6 +28,7 @@ from transformers.trainer_utils import TrainOutput
 
 from ..advantages import group_relative_advantages, nanstd, normalize_then_sum_advantages
 from ..checkpoint import resolve_resume
+from ..distributed import gather_rows, rank_rows, sum_over_processes
 from ..grpo_config import GRPOConfig
 from ..kernels.ppo_loss import PolicyLossStats
 from ..logging import MetricsBuffer, print_completions
@@ -168,6 +169,7 @@ class GRPOTrainer(TrainerBase):
             stop = self._optimise(self._buffer, done=self._buffer_done)
         while not stop:
             rows = next(batches)  # endless: the step count ends training
+            rows = rows[rank_rows(len(rows), self.accelerator, "prompts per rollout")]  # whole groups
             self.state.epoch = self._rollouts_drawn / rollouts_per_epoch
             self._rollouts_drawn += 1
             t0 = time.perf_counter()
@@ -247,23 +249,30 @@ class GRPOTrainer(TrainerBase):
         return Scores(per_func, combine_rewards(per_func, self.rewards.weights), minibatches)
 
     def _advantages(self, scores: Scores) -> Advantages:
-        """Step 3: group-relative advantages, attached to each minibatch; reward metrics."""
+        """Step 3: group-relative advantages, attached to each minibatch; reward metrics.
+
+        Over the whole generation batch: with several processes the rewards of every process are
+        gathered first (batch-level scaling and the metrics need all of them; groups never straddle
+        processes), and each process keeps the advantages of its own rows.
+        """
         args = self.args
+        per_func = gather_rows(scores.rewards_per_func, self.accelerator)  # [B_global, F]
+        rewards = combine_rewards(per_func, self.rewards.weights)
         if args.multi_objective_aggregation == "normalize_then_sum":
             values, std = normalize_then_sum_advantages(
-                scores.rewards_per_func, self.rewards.weights.to(self.device), args.num_generations
+                per_func, self.rewards.weights.to(self.device), args.num_generations
             )
         else:
-            values, std = group_relative_advantages(scores.rewards, args.num_generations, args.scale_rewards)
-        for mb in scores.minibatches:
-            mb.advantages = values[mb.rows]
-        for name, value in reward_metrics(
-            scores.rewards_per_func, scores.rewards, self.rewards.names
-        ).items():
+            values, std = group_relative_advantages(rewards, args.num_generations, args.scale_rewards)
+        for name, value in reward_metrics(per_func, rewards, self.rewards.names).items():
             self.metrics.add(name, value)
         self.metrics.add(
             "frac_reward_zero_std", float(torch.isclose(std, torch.zeros_like(std)).float().mean())
         )
+        mine = rank_rows(values.shape[0], self.accelerator, "completions per rollout")
+        values, std = values[mine], std[mine]
+        for mb in scores.minibatches:
+            mb.advantages = values[mb.rows]
         return Advantages(values, std)
 
     def _optimise(self, minibatches: list[PolicyBatch], done: int = 0) -> bool:
@@ -278,6 +287,9 @@ class GRPOTrainer(TrainerBase):
         settings = self.loss_settings
         if settings.loss_type == "dapo":
             tokens = float(sum(mb.loss_mask.sum() for mb in minibatches))  # CPU sync
+            # every process normalises by the mean window over processes, so the averaged gradient
+            # is the whole batch's token sum over its token count (one process: its own)
+            tokens = sum_over_processes(tokens, self.accelerator) / self.accelerator.num_processes
             window = tokens * args.gradient_accumulation_steps / args.steps_per_generation
             settings = dataclasses.replace(settings, num_items_in_batch=max(window, 1.0))
             scale = 1.0

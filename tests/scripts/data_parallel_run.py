@@ -1,0 +1,113 @@
+"""A short GRPO run on the demo task, for tests/test_multiprocess.py: started once as one process and
+once under ``accelerate launch --num_processes 2 --cpu`` with the same global batch.
+
+Sampling is made independent of how rows are split across processes (a deterministic sampler: each
+completion is a function of its prompt and its index in the group), so both runs train on the very
+same completions and must agree on every logged loss and on the final weights.
+
+PPO (``ALGO=ppo``) whitens advantages per process, as legacy TRL did, so it is not expected to equal
+one process; every process must still end with the same weights (the gradients are averaged).
+
+Usage: python data_parallel_run.py OUT_DIR PER_DEVICE_BATCH [grpo|ppo]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from fastppo import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
+from fastppo.demo import build_dataset, build_policy, build_tokenizer, says_word
+
+NUM_GENERATIONS = 4
+
+
+class PromptHashSampler:
+    """Completion ``j`` of a prompt: ``[(last prompt token + j) % V, (3 * last + j) % V, eos]``."""
+
+    def __init__(self, vocab_size: int, eos_id: int):
+        self.vocab_size, self.eos_id = vocab_size, eos_id
+
+    def generate(self, prompt_ids, prompt_mask, n, settings):
+        last = prompt_ids[:, -1].repeat_interleave(n)  # [P * n]
+        j = torch.arange(n, device=prompt_ids.device).repeat(prompt_ids.shape[0])
+        first = (last + j) % self.vocab_size
+        second = (3 * last + j) % self.vocab_size
+        eos = torch.full_like(first, self.eos_id)
+        return torch.stack([first, second, eos], dim=1)
+
+
+def grpo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler) -> GRPOTrainer:
+    config = GRPOConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=per_device_batch,
+        num_generations=NUM_GENERATIONS,
+        max_completion_length=3,
+        max_steps=3,
+        learning_rate=1e-2,
+        beta=0.01,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    )
+    return GRPOTrainer(
+        model=build_policy(tokenizer, seed=0),
+        reward_funcs=says_word,
+        args=config,
+        train_dataset=build_dataset(size=64, seed=0),
+        processing_class=tokenizer,
+        sampler=sampler,
+    )
+
+
+def ppo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler) -> PPOTrainer:
+    config = PPOConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=2,
+        num_mini_batches=2,
+        num_ppo_epochs=2,
+        response_length=3,
+        max_steps=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    )
+    return PPOTrainer(
+        config,
+        tokenizer,
+        build_policy(tokenizer, seed=0),
+        reward_model=says_word,
+        train_dataset=build_dataset(size=64, seed=0),
+        sampler=sampler,
+    )
+
+
+def main(out_dir: str, per_device_batch: int, algo: str) -> None:
+    tokenizer = build_tokenizer()
+    sampler = PromptHashSampler(len(tokenizer), tokenizer.eos_token_id)
+    build = grpo_trainer if algo == "grpo" else ppo_trainer
+    trainer = build(out_dir, per_device_batch, tokenizer, sampler)
+    trainer.train()
+    modules = trainer.trained_modules()
+    checksum = sum(float(p.detach().double().sum()) for m in modules for p in m.parameters())
+    rank = trainer.accelerator.process_index
+    with open(f"{out_dir}/checksum-{rank}.json", "w") as f:
+        json.dump(checksum, f)
+    if trainer.accelerator.is_main_process:
+        losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        reward_key = "reward" if algo == "grpo" else "objective/scores"
+        rewards = [r[reward_key] for r in trainer.state.log_history if reward_key in r]
+        with open(f"{out_dir}/summary.json", "w") as f:
+            json.dump({"losses": losses, "rewards": rewards, "checksum": checksum}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "grpo")
