@@ -315,6 +315,8 @@ def _instrument_fastppo(trainer, clock: PhaseClock) -> None:
     clock.wrap(trainer.sampler, "generate", "generation")
     if trainer.reference is not None:
         clock.wrap(trainer.reference, "logprobs", "scoring", inside="rollout")
+        if hasattr(trainer.reference, "logprobs_with_policy"):  # shared trunk: old + reference in one
+            clock.wrap(trainer.reference, "logprobs_with_policy", "scoring", inside="rollout")
     clock.wrap(grpo, "score_logprobs", "scoring", inside="rollout")  # old log-probs (module-level; restored)
 
 

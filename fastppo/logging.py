@@ -103,21 +103,27 @@ class ProgressBar:
             self._progress = None
 
 
-def plot_reward_curve(records: Iterable[dict[str, Any]], path: str, title: str = "reward") -> str | None:
-    """Reward (mean +- std band) per step, and KL beside it when logged. Returns the path, or None
-    when no record holds a reward."""
+def plot_reward_curve(
+    records: Iterable[dict[str, Any]],
+    path: str,
+    title: str = "reward",
+    metric: str = "reward",
+    kl_metric: str = "kl",
+) -> str | None:
+    """Reward (mean, with a +- std band when ``<metric>_std`` is logged) per step, and KL beside it
+    when logged. Returns the path, or None when no record holds the reward metric."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never open a window (CI, SSH)
     import matplotlib.pyplot as plt
 
-    records = [r for r in records if "reward" in r and "step" in r]
+    records = [r for r in records if metric in r and "step" in r]
     if not records:
         return None
     steps = [r["step"] for r in records]
-    reward = [r["reward"] for r in records]
-    std = [r.get("reward_std", 0.0) or 0.0 for r in records]
-    kl = [(r["step"], r["kl"]) for r in records if "kl" in r]
+    reward = [r[metric] for r in records]
+    std = [r.get(f"{metric}_std", 0.0) or 0.0 for r in records]
+    kl = [(r["step"], r[kl_metric]) for r in records if kl_metric in r]
     fig, axes = plt.subplots(1, 2 if kl else 1, figsize=(10 if kl else 6, 4), squeeze=False)
     ax = axes[0][0]
     ax.plot(steps, reward, color="tab:blue", label="reward")

@@ -182,6 +182,7 @@ def test_score_rises_on_the_demo_task(tmp_path):
     summary = run_demo(output_dir=str(tmp_path), algo="ppo", max_steps=100, progress=False)
     assert summary["reward_start"] < 0.45
     assert summary["reward_end"] > summary["reward_start"] + 0.25
+    assert os.path.getsize(summary["reward_plot"]) > 0  # the curve of objective/scores
 
 
 def test_separate_value_model_trains_and_is_saved(tmp_path):

@@ -93,6 +93,9 @@ class TrainerBase:
     """Shared machinery; see the module docstring. ``self.model`` is the trained policy (unwrapped).
     Subclasses call ``seed_everything(args)`` before building their models."""
 
+    REWARD_METRIC = "reward"  # what the reward curve plots (PPO: objective/scores)
+    KL_METRIC = "kl"
+
     def __init__(
         self,
         args: Any,
@@ -347,6 +350,8 @@ class TrainerBase:
             self.state.log_history,
             os.path.join(self.args.output_dir, REWARD_PLOT_FILE),
             title=f"{type(self).__name__} reward",
+            metric=self.REWARD_METRIC,
+            kl_metric=self.KL_METRIC,
         )
         self.callbacks("on_train_end")
         runtime = time.perf_counter() - self._train_start

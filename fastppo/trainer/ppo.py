@@ -103,6 +103,8 @@ class RolloutBuffer:
 class PPOTrainer(TrainerBase):
     """Proximal Policy Optimization with a critic (Ouyang et al. 2022), legacy TRL's signature."""
 
+    REWARD_METRIC, KL_METRIC = "objective/scores", "objective/kl"
+
     def __init__(
         self,
         args: PPOConfig,
