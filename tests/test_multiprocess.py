@@ -60,3 +60,20 @@ def test_ppo_trains_data_parallel_with_the_same_weights_on_every_process(tmp_pat
     assert len(summary["losses"]) == 4 and all(math.isfinite(v) for v in summary["losses"])
     checksums = [json.loads((tmp_path / f"checksum-{rank}.json").read_text()) for rank in (0, 1)]
     assert checksums[0] == checksums[1]  # bit-identical: same start (broadcast), same averaged steps
+
+
+def test_sharded_launches_are_refused_and_rows_split_evenly():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from fastppo.distributed import check_distributed_type, rank_rows
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ValueError, match="FSDP and DeepSpeed need model wrappers"):
+            check_distributed_type(SimpleNamespace(distributed_type=kind))
+    check_distributed_type(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+    second = SimpleNamespace(num_processes=2, process_index=1)
+    assert rank_rows(16, second, "rows") == slice(8, 16)
+    with pytest.raises(ValueError, match="rows \\(15\\) must split evenly across the 2 processes"):
+        rank_rows(15, second, "rows")
