@@ -401,3 +401,26 @@ def test_resume_inside_a_rollout_continues_exactly(tmp_path):
         assert have.keys() == want.keys()
         for key, value in want.items():
             assert have[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (want["step"], key)
+
+
+def test_a_given_optimizer_also_steps_the_critic(tmp_path):
+    tokenizer = build_tokenizer()
+    policy = build_policy(tokenizer, seed=1)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="added the critic's 2 trainable tensors"):
+        t = PPOTrainer(
+            config(tmp_path, max_steps=1),
+            tokenizer,
+            policy,
+            reward_model=says_word,
+            train_dataset=build_dataset(size=32, seed=2),
+            optimizers=(optimizer, None),
+        )
+    before = t.critic.head.score.weight.detach().clone()
+    t.train()
+    assert not torch.equal(before, t.critic.head.score.weight)
+
+
+def test_generation_kwargs_cannot_change_the_sampling_distribution(tmp_path):
+    with pytest.raises(ValueError, match=r"generation_kwargs must not set \['temperature'\]"):
+        config(tmp_path, generation_kwargs={"temperature": 0.5, "max_time": 10})

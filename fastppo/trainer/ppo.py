@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -153,6 +154,7 @@ class PPOTrainer(TrainerBase):
         super().__init__(args, policy, tokenizer, callbacks, optimizers)
         self.model.to(self.device)
         self.critic: Critic = self._build_critic(value_model)
+        add_critic_to_optimizer(optimizers[0], self.critic)
         self.eos_only = eos_token_ids(policy, tokenizer)  # what missing_eos_penalty looks for
         stop_id = args.stop_id(tokenizer.eos_token_id)
         self.eos_token_ids = sorted({*self.eos_only, *([] if stop_id is None else [stop_id])})  # end tokens
@@ -610,6 +612,28 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
         return math.nan
     var_returns = masked_var(returns, mask)
     return float(1 - masked_var(returns - values, mask) / var_returns) if var_returns > 0 else math.nan
+
+
+def add_critic_to_optimizer(optimizer: torch.optim.Optimizer | None, critic: Critic) -> None:
+    """A user-built optimizer (``optimizers=``) cannot know the critic the trainer builds: its
+    trainable parameters join as one more param group with the optimizer's defaults (said once),
+    or the value loss would train nothing."""
+    if optimizer is None:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [
+        p
+        for module in critic.trained_modules()
+        for p in module.parameters()
+        if p.requires_grad and id(p) not in stepped
+    ]
+    if missing:
+        warnings.warn(
+            f"optimizers: added the critic's {len(missing)} trainable tensors as a new param group",
+            UserWarning,
+            stacklevel=3,
+        )
+        optimizer.add_param_group({"params": missing})
 
 
 def check_same_vocab(policy: nn.Module, other: nn.Module, name: str = "ref_model") -> None:
