@@ -173,3 +173,35 @@ def switch_off_dropout(model: nn.Module) -> None:
         config = getattr(module, "config", None)
         if isinstance(getattr(config, "attention_dropout", None), float):
             config.attention_dropout = 0.0
+
+
+def build_policy(
+    model: str | nn.Module,
+    processing_class: Any,
+    args: Any,
+    *,
+    init_kwargs: dict[str, Any],
+    trust_remote_code: bool,
+    peft_config: Any,
+    disable_dropout: bool,
+) -> tuple[nn.Module, Any]:
+    """The trainers' policy and tokenizer from a config (GRPOConfig or PPOConfig): loaded with the
+    attention the config's packing needs, then prepared (LoRA, frozen trunk, checkpointing, dropout)."""
+    policy = load_causal_lm(
+        model,
+        init_kwargs,
+        trust_remote_code,
+        padding_free=args.padding_free,
+        device="cpu" if args.use_cpu else None,
+    )
+    tokenizer = load_tokenizer(policy, processing_class, trust_remote_code)
+    policy = prepare_policy(
+        policy,
+        tokenizer,
+        peft_config=peft_config,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+        disable_dropout=disable_dropout,
+        num_frozen_layers=args.num_frozen_layers,
+    )
+    return policy, tokenizer

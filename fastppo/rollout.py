@@ -8,7 +8,7 @@ text or chat messages (rendered with the tokenizer's chat template), left-padded
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -135,16 +135,27 @@ def encode_prompts(
         if not isinstance(text, str):
             raise ValueError(f"prompt {i} is {type(text).__name__}; expected text or a list of chat messages")
     encoded = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+    return truncate_and_pad(
+        encoded,
+        max_prompt_length,
+        tokenizer.pad_token_id,
+        lambda i: f"prompt {i} ({prompts[i]!r}) encodes to",
+    )
+
+
+def truncate_and_pad(
+    encoded: list[list[int]], max_prompt_length: int | None, pad_id: int, describe: Callable[[int], str]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Keep each prompt's last ``max_prompt_length`` tokens (the end is what the completion continues),
+    refuse empty ones (``describe(i)`` names prompt i), left-pad. Returns ``(ids, mask, truncated)``."""
     truncated = 0
     if max_prompt_length is not None:
         truncated = sum(len(ids) > max_prompt_length for ids in encoded)
         encoded = [ids[-max_prompt_length:] for ids in encoded]
     for i, ids in enumerate(encoded):
         if not ids:
-            raise ValueError(
-                f"prompt {i} ({prompts[i]!r}) encodes to no tokens; the policy needs a prompt to continue"
-            )
-    ids, mask = left_pad(encoded, tokenizer.pad_token_id)
+            raise ValueError(f"{describe(i)} no tokens; the policy needs a prompt to continue")
+    ids, mask = left_pad(encoded, pad_id)
     return ids, mask, truncated
 
 
@@ -161,15 +172,11 @@ def encode_rows(
         prompts = [row["prompt"] for row in rows]
         return (prompts, *encode_prompts(tokenizer, prompts, max_prompt_length, chat_template_kwargs))
     encoded = [list(row["input_ids"]) for row in rows]
-    truncated = 0
-    if max_prompt_length is not None:
-        truncated = sum(len(ids) > max_prompt_length for ids in encoded)
-        encoded = [ids[-max_prompt_length:] for ids in encoded]
-    for i, ids in enumerate(encoded):
-        if not ids:
-            raise ValueError(f"row {i} has empty input_ids; the policy needs a prompt to continue")
-    ids, mask = left_pad(encoded, tokenizer.pad_token_id)
-    return tokenizer.batch_decode(encoded, skip_special_tokens=True), ids, mask, truncated
+    ids, mask, truncated = truncate_and_pad(
+        encoded, max_prompt_length, tokenizer.pad_token_id, lambda i: f"row {i}'s input_ids hold"
+    )
+    kept = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+    return tokenizer.batch_decode(kept, skip_special_tokens=True), ids, mask, truncated
 
 
 def completion_mask(

@@ -32,7 +32,7 @@ from ..distributed import gather_rows, rank_rows, sum_over_processes
 from ..grpo_config import GRPOConfig
 from ..kernels.ppo_loss import PolicyLossStats
 from ..logging import MetricsBuffer, print_completions
-from ..modeling import eos_token_ids, load_causal_lm, load_tokenizer, prepare_policy
+from ..modeling import build_policy, eos_token_ids
 from ..reference import SharedTrunkPolicyReference, build_reference
 from ..rewards import combine_rewards, load_rewards, score_completions, score_rewards
 from ..rollout import GenerateSampler, Rollout, Sampler, SamplingSettings, sample_rollout
@@ -100,22 +100,14 @@ class GRPOTrainer(TrainerBase):
         init_kwargs = dict(args.model_init_kwargs or {})
         if quantization_config is not None:
             init_kwargs["quantization_config"] = quantization_config
-        policy = load_causal_lm(
+        policy, tokenizer = build_policy(
             model,
-            init_kwargs,
-            args.trust_remote_code,
-            padding_free=args.padding_free,
-            device="cpu" if args.use_cpu else None,
-        )
-        tokenizer = load_tokenizer(policy, processing_class, args.trust_remote_code)
-        policy = prepare_policy(
-            policy,
-            tokenizer,
+            processing_class,
+            args,
+            init_kwargs=init_kwargs,
+            trust_remote_code=args.trust_remote_code,
             peft_config=peft_config,
-            gradient_checkpointing=args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
             disable_dropout=args.disable_dropout,
-            num_frozen_layers=args.num_frozen_layers,
         )
         super().__init__(args, policy, tokenizer, callbacks, optimizers)
         self.model.to(self.device)

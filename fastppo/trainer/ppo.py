@@ -45,14 +45,7 @@ from ..checkpoint import resolve_resume
 from ..distributed import rank_rows
 from ..kernels.ppo_loss import PolicyLossSettings, PolicyLossStats
 from ..logging import print_completions
-from ..modeling import (
-    check_model_source,
-    eos_token_ids,
-    load_causal_lm,
-    load_tokenizer,
-    prepare_policy,
-    switch_off_dropout,
-)
+from ..modeling import build_policy, check_model_source, eos_token_ids, switch_off_dropout
 from ..ppo_config import PPOConfig
 from ..reference import SharedTrunkPolicyReference, build_reference
 from ..rewards import check_vocab, combine_rewards, load_rewards, score_rewards
@@ -138,18 +131,14 @@ class PPOTrainer(TrainerBase):
         seed_everything(args)
         self.train_dataset = check_prompt_dataset("train_dataset", train_dataset, args.batch_size)
         self.eval_dataset = check_prompt_dataset("eval_dataset", eval_dataset, 1, required=False)
-        policy = load_causal_lm(
-            model, {}, False, padding_free=args.padding_free, device="cpu" if args.use_cpu else None
-        )
-        tokenizer = load_tokenizer(policy, processing_class, False)
-        policy = prepare_policy(
-            policy,
-            tokenizer,
+        policy, tokenizer = build_policy(
+            model,
+            processing_class,
+            args,
+            init_kwargs={},
+            trust_remote_code=False,
             peft_config=peft_config,
-            gradient_checkpointing=args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
             disable_dropout=True,  # legacy TRL: dropout would make the recorded log-probs stale
-            num_frozen_layers=args.num_frozen_layers,
         )
         super().__init__(args, policy, tokenizer, callbacks, optimizers)
         self.model.to(self.device)
