@@ -142,23 +142,41 @@ def atomic_directory(final_path: str) -> Iterator[str]:
     An exception (or a kill) leaves ``final_path`` untouched and no partial folder under its name. An
     existing ``final_path`` (the same step saved again) is replaced.
     """
-    parent = os.path.dirname(os.path.abspath(final_path))
-    os.makedirs(parent, exist_ok=True)
-    temp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final_path)}-", dir=parent)
+    temp = temp_directory(final_path)
     try:
         yield temp
-        _fsync_tree(temp)
-        if os.path.exists(final_path):  # os.replace cannot overwrite a non-empty folder
-            old = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}old-", dir=parent)
-            os.replace(final_path, os.path.join(old, "previous"))
-            os.replace(temp, final_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temp, final_path)
-        _fsync_dir(parent)
+        publish(temp, final_path)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+def temp_directory(final_path: str) -> str:
+    """A fresh temp folder beside ``final_path`` (``remove_stale_temps`` clears one a kill left)."""
+    parent = os.path.dirname(os.path.abspath(final_path))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final_path)}-", dir=parent)
+
+
+def publish(temp: str, final_path: str) -> None:
+    """fsync everything in ``temp``, then rename it to ``final_path`` (replacing one saved before)."""
+    parent = os.path.dirname(os.path.abspath(final_path))
+    _fsync_tree(temp)
+    if os.path.exists(final_path):  # os.replace cannot overwrite a non-empty folder
+        old = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}old-", dir=parent)
+        os.replace(final_path, os.path.join(old, "previous"))
+        os.replace(temp, final_path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temp, final_path)
+    _fsync_dir(parent)
+
+
+def rank_file(name: str, rank: int) -> str:
+    """Per-process files (RNG, counters, rollout buffer): ``name`` for process 0, ``<stem>-<rank>.pt``
+    for the others, so a one-process checkpoint keeps the plain names."""
+    stem, ext = os.path.splitext(name)
+    return name if rank == 0 else f"{stem}-{rank}{ext}"
 
 
 def save_torch(obj: Any, folder: str, name: str) -> None:

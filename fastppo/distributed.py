@@ -7,12 +7,15 @@ explicitly, once per optimizer step (``all_reduce_gradients``, one flat buffer p
 clipping. That is one collective per step instead of DDP's overlap with backward: correct for every
 path, slower across many GPUs. FSDP and DeepSpeed shard the model and need their wrappers, which
 the trainers do not apply yet; ``check_distributed_type`` refuses them with that reason.
+Checkpoints hold each process's RNG states, counters and rollout buffer next to the shared weights,
+so a multi-process run resumes exactly with the same number of processes.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -83,6 +86,15 @@ def broadcast_parameters(modules: Iterable[nn.Module], accelerator: Accelerator)
     for module in modules:
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
+
+
+def broadcast_object(value: Any, accelerator: Accelerator) -> Any:
+    """The main process's ``value`` on every process (e.g. the temp folder a checkpoint goes to)."""
+    if accelerator.num_processes == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_rows(tensor: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:

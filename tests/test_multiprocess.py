@@ -19,13 +19,15 @@ import pytest
 SCRIPT = Path(__file__).parent / "scripts" / "data_parallel_run.py"
 
 
-def launch(out: Path, per_device_batch: int, algo: str, port: int) -> dict:
+def launch(out: Path, per_device_batch: int, algo: str, port: int, phase: str = "") -> dict:
     """The script under ``accelerate launch`` with two processes."""
     launcher = str(Path(sys.executable).with_name("accelerate"))
     command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
     # --multi_gpu: data parallel; on a machine without CUDA accelerate runs it on CPU with gloo
-    return run([*command, str(SCRIPT), str(out), str(per_device_batch), algo], out)
+    return run(
+        [*command, str(SCRIPT), str(out), str(per_device_batch), algo, *([phase] if phase else [])], out
+    )
 
 
 def run(command: list[str], out: Path) -> dict:
@@ -77,3 +79,18 @@ def test_sharded_launches_are_refused_and_rows_split_evenly():
     assert rank_rows(16, second, "rows") == slice(8, 16)
     with pytest.raises(ValueError, match="rows \\(15\\) must split evenly across the 2 processes"):
         rank_rows(15, second, "rows")
+
+
+def test_two_process_run_resumes_exactly_from_inside_a_rollout(tmp_path):
+    """Each process checkpoints its own RNG, counters and rollout buffer next to the shared weights:
+    stopped after step 1 (between the two passes over a rollout) and resumed, the run logs what an
+    uninterrupted one logs."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    full.mkdir(), split.mkdir()
+    expected = launch(full, 8, "grpo", 29519, "full")
+    launch(split, 8, "grpo", 29520, "first")
+    assert (split / "checkpoint-1" / "extras-1.pt").is_file()  # the second process's buffer
+    resumed = launch(split, 8, "grpo", 29521, "second")
+    assert len(expected["losses"]) == len(resumed["losses"]) == 4
+    assert resumed["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-7)
+    assert resumed["checksum"] == pytest.approx(expected["checksum"], rel=1e-6)

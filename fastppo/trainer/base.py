@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -31,6 +32,7 @@ from transformers.trainer_utils import TrainOutput, enable_full_determinism, set
 from .. import checkpoint as ckpt
 from ..distributed import (
     all_reduce_gradients,
+    broadcast_object,
     broadcast_parameters,
     check_distributed_type,
     merge_metric_sums,
@@ -208,11 +210,6 @@ class TrainerBase:
         os.makedirs(args.output_dir, exist_ok=True)
         ckpt.remove_stale_temps(args.output_dir)
         if resume_from is not None:
-            if self.accelerator.num_processes > 1:
-                raise ValueError(
-                    "resume_from_checkpoint with several processes is not supported yet: a checkpoint holds "
-                    "the main process's rollout buffer and RNG states only; resume with one process"
-                )
             self.load_checkpoint(resume_from)
         main = self.accelerator.is_main_process  # one metrics file and one progress bar per run
         self.log_writer = JsonlWriter(os.path.join(args.output_dir, METRICS_FILE)) if main else None
@@ -389,10 +386,7 @@ class TrainerBase:
         Returns None, writing nothing, when a trained weight holds NaN/inf: a checkpoint must never be
         a worse resume point than the previous one.
         """
-        if not self.accelerator.is_main_process:  # the weights are the same on every process
-            self.callbacks("on_save")
-            return None
-        bad = ckpt.nonfinite_parameters(self.trained_modules())
+        bad = ckpt.nonfinite_parameters(self.trained_modules())  # the same on every process
         if bad:
             logger.error(
                 "checkpoint at step %d NOT written: %d trained parameter(s) hold NaN/inf (first: %s)",
@@ -401,19 +395,32 @@ class TrainerBase:
                 bad[0],
             )
             return None
+        accelerator = self.accelerator
+        main, rank = accelerator.is_main_process, accelerator.process_index
         path = os.path.join(self.args.output_dir, f"{ckpt.PREFIX}{self.state.global_step}")
-        with ckpt.atomic_directory(path) as temp:
-            self.save_model(temp)
-            self.state.save_to_json(os.path.join(temp, ckpt.STATE_FILE))
-            with open(os.path.join(temp, ckpt.ARGS_FILE), "w", encoding="utf-8") as f:
-                f.write(self.args.to_json_string())
-            if not self.args.save_only_model:
-                ckpt.save_torch(self.optimizer.state_dict(), temp, ckpt.OPTIMIZER_FILE)
-                ckpt.save_torch(self.lr_scheduler.state_dict(), temp, ckpt.SCHEDULER_FILE)
-                ckpt.save_torch(ckpt.rng_state(self.generators()), temp, ckpt.RNG_FILE)
-                ckpt.save_torch(self._base_state(), temp, ckpt.BASE_FILE)
-                ckpt.save_torch(self.checkpoint_extras(), temp, ckpt.EXTRAS_FILE)
-        ckpt.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        temp = broadcast_object(ckpt.temp_directory(path) if main else None, accelerator)
+        try:
+            if main:  # weights, optimizer and schedule are the same on every process
+                self.save_model(temp)
+                self.state.save_to_json(os.path.join(temp, ckpt.STATE_FILE))
+                with open(os.path.join(temp, ckpt.ARGS_FILE), "w", encoding="utf-8") as f:
+                    f.write(self.args.to_json_string())
+                if not self.args.save_only_model:
+                    ckpt.save_torch(self.optimizer.state_dict(), temp, ckpt.OPTIMIZER_FILE)
+                    ckpt.save_torch(self.lr_scheduler.state_dict(), temp, ckpt.SCHEDULER_FILE)
+            if not self.args.save_only_model:  # each process's own data, RNG and buffers
+                ckpt.save_torch(ckpt.rng_state(self.generators()), temp, ckpt.rank_file(ckpt.RNG_FILE, rank))
+                ckpt.save_torch(self._base_state(), temp, ckpt.rank_file(ckpt.BASE_FILE, rank))
+                ckpt.save_torch(self.checkpoint_extras(), temp, ckpt.rank_file(ckpt.EXTRAS_FILE, rank))
+            accelerator.wait_for_everyone()
+            if main:
+                ckpt.publish(temp, path)
+                ckpt.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        except BaseException:
+            if main:
+                shutil.rmtree(temp, ignore_errors=True)
+            raise
+        accelerator.wait_for_everyone()
         self.callbacks("on_save")
         return path
 
@@ -436,9 +443,17 @@ class TrainerBase:
         self.state.epoch = saved.epoch
         self.state.log_history = saved.log_history
         self.state.num_input_tokens_seen = saved.num_input_tokens_seen
-        self._load_base_state(ckpt.load_torch(path, ckpt.BASE_FILE))
-        ckpt.restore_rng_state(ckpt.load_torch(path, ckpt.RNG_FILE), self.generators())
-        self.restore_extras(ckpt.load_torch(path, ckpt.EXTRAS_FILE))
+        rank = self.accelerator.process_index
+        base = ckpt.load_torch(path, ckpt.rank_file(ckpt.BASE_FILE, rank))
+        saved_processes = base.get("num_processes", 1)
+        if saved_processes != self.accelerator.num_processes:
+            raise ValueError(
+                f"{path!r} was saved by {saved_processes} process(es) but this run has "
+                f"{self.accelerator.num_processes}: resume with the same number of processes"
+            )
+        self._load_base_state(base)
+        ckpt.restore_rng_state(ckpt.load_torch(path, ckpt.rank_file(ckpt.RNG_FILE, rank)), self.generators())
+        self.restore_extras(ckpt.load_torch(path, ckpt.rank_file(ckpt.EXTRAS_FILE, rank)))
 
     def _base_state(self) -> dict[str, Any]:
         """Counters that make a resumed run log and stop exactly as an uninterrupted one."""
@@ -449,6 +464,7 @@ class TrainerBase:
             "tokens_since_log": self._tokens_since_log,
             "metrics": self.metrics.state_dict(),
             "guard": self.guard.state_dict(),
+            "num_processes": self.accelerator.num_processes,
         }
 
     def _load_base_state(self, state: dict[str, Any]) -> None:

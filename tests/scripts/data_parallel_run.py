@@ -8,7 +8,11 @@ same completions and must agree on every logged loss and on the final weights.
 PPO (``ALGO=ppo``) whitens advantages per process, as legacy TRL did, so it is not expected to equal
 one process; every process must still end with the same weights (the gradients are averaged).
 
-Usage: python data_parallel_run.py OUT_DIR PER_DEVICE_BATCH [grpo|ppo]
+PHASE (GRPO, 4 steps of 2 passes over each rollout): ``full`` runs them all; ``first`` stops after
+step 1, inside a rollout, with a checkpoint there; ``second`` resumes from it. ``first`` then
+``second`` must log what ``full`` logs.
+
+Usage: python data_parallel_run.py OUT_DIR PER_DEVICE_BATCH [grpo|ppo] [PHASE]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import sys
 
 import torch
+from transformers import TrainerCallback
 
 from fastppo import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
 from fastppo.demo import build_dataset, build_policy, build_tokenizer, says_word
@@ -39,20 +44,19 @@ class PromptHashSampler:
         return torch.stack([first, second, eos], dim=1)
 
 
-def grpo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler) -> GRPOTrainer:
+def grpo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler, phase: str = "") -> GRPOTrainer:
+    resume_test = dict(num_iterations=2, max_steps=4, save_strategy="steps", save_steps=1) if phase else {}
     config = GRPOConfig(
         output_dir=out_dir,
         per_device_train_batch_size=per_device_batch,
         num_generations=NUM_GENERATIONS,
-        max_completion_length=3,
-        max_steps=3,
         learning_rate=1e-2,
         beta=0.01,
         logging_steps=1,
-        save_strategy="no",
         report_to="none",
         disable_tqdm=True,
         seed=0,
+        **{"max_completion_length": 3, "max_steps": 3, "save_strategy": "no", **resume_test},
     )
     return GRPOTrainer(
         model=build_policy(tokenizer, seed=0),
@@ -90,12 +94,21 @@ def ppo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler) -> PPOT
     )
 
 
-def main(out_dir: str, per_device_batch: int, algo: str) -> None:
+class StopAfterFirstStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = True
+
+
+def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
     tokenizer = build_tokenizer()
     sampler = PromptHashSampler(len(tokenizer), tokenizer.eos_token_id)
-    build = grpo_trainer if algo == "grpo" else ppo_trainer
-    trainer = build(out_dir, per_device_batch, tokenizer, sampler)
-    trainer.train()
+    if algo == "grpo":
+        trainer = grpo_trainer(out_dir, per_device_batch, tokenizer, sampler, phase)
+    else:
+        trainer = ppo_trainer(out_dir, per_device_batch, tokenizer, sampler)
+    if phase == "first":
+        trainer.add_callback(StopAfterFirstStep)
+    trainer.train(resume_from_checkpoint=phase == "second")
     modules = trainer.trained_modules()
     checksum = sum(float(p.detach().double().sum()) for m in modules for p in m.parameters())
     rank = trainer.accelerator.process_index
@@ -110,4 +123,4 @@ def main(out_dir: str, per_device_batch: int, algo: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "grpo")
+    main(sys.argv[1], int(sys.argv[2]), *(sys.argv[3:] + ["grpo", ""][len(sys.argv) - 3 :]))
