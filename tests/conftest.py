@@ -29,3 +29,23 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_model(tmp_path_factory):
+    """``save(layers=2, hidden_size=32) -> path``: the demo's tokenizer and a tiny random Llama saved
+    with save_pretrained, as a user's local checkpoint (one folder per shape for the session)."""
+    from fastppo.demo import build_policy, build_tokenizer
+
+    saved: dict[tuple[int, int], str] = {}
+
+    def save(layers: int = 2, hidden_size: int = 32) -> str:
+        if (layers, hidden_size) not in saved:
+            path = tmp_path_factory.mktemp(f"tiny-llama-{layers}x{hidden_size}")
+            tokenizer = build_tokenizer()
+            build_policy(tokenizer, seed=0, hidden_size=hidden_size, layers=layers).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            saved[layers, hidden_size] = str(path)
+        return saved[layers, hidden_size]
+
+    return save

@@ -20,12 +20,8 @@ PROMPTS = ["say : cat", "say : dog", "say : bird", "say : sun"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tokenizer()
-    build_policy(tokenizer, hidden_size=32).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+def model_dir(saved_tiny_model):
+    return saved_tiny_model()
 
 
 def config(tmp_path, **overrides) -> GRPOConfig:

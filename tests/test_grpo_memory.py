@@ -46,11 +46,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama-4")
-    build_policy(tokenizer, seed=0, hidden_size=32, layers=LAYERS).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+def model_dir(saved_tiny_model):
+    return saved_tiny_model(layers=LAYERS)
 
 
 def config(tmp_path, **overrides) -> GRPOConfig:

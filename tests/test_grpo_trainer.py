@@ -28,13 +28,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama and its tokenizer saved with save_pretrained, as a user's local checkpoint."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tokenizer()
-    build_policy(tokenizer, seed=0, hidden_size=32).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+def model_dir(saved_tiny_model):
+    return saved_tiny_model()
 
 
 def config(tmp_path, **overrides) -> GRPOConfig:
