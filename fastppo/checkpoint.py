@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .sharding import OPTIMIZER_DIR, is_sharded, load_full_state_dict, local
+
 PREFIX = "checkpoint-"
 TEMP_PREFIX = ".tmp-checkpoint-"
 _CHECKPOINT = re.compile(rf"^{PREFIX}(\d+)$")
@@ -88,7 +90,11 @@ def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str) -
     path = str(resume_from_checkpoint)
     if not os.path.isdir(path):
         raise ValueError(f"resume_from_checkpoint: checkpoint path {path!r} does not exist")
-    missing = [f for f in (STATE_FILE, OPTIMIZER_FILE, RNG_FILE) if not os.path.isfile(os.path.join(path, f))]
+    missing = [f for f in (STATE_FILE, RNG_FILE) if not os.path.isfile(os.path.join(path, f))]
+    if not os.path.isfile(os.path.join(path, OPTIMIZER_FILE)) and not os.path.isdir(
+        os.path.join(path, OPTIMIZER_DIR)  # written sharded (fsdp)
+    ):
+        missing.append(OPTIMIZER_FILE)
     if missing:
         raise ValueError(
             f"resume_from_checkpoint: {path!r} is not a complete fastppo checkpoint "
@@ -199,7 +205,7 @@ def nonfinite_parameters(modules: Iterable[nn.Module]) -> list[str]:
     bad = []
     for module in modules:
         for name, param in module.named_parameters():
-            if param.requires_grad and not bool(torch.isfinite(param).all()):
+            if param.requires_grad and not bool(torch.isfinite(local(param)).all()):  # own shard
                 bad.append(name)
     return bad
 
@@ -260,11 +266,14 @@ def load_pretrained_weights(model: nn.Module, path: str) -> None:
             )
     # save_pretrained leaves out tied copies (lm_head.weight = embed_tokens.weight): any tensor not in
     # the file must share storage with one that is.
-    loaded_storage = {own[name].data_ptr() for name in saved}
-    missing = [n for n in own if n not in saved and own[n].data_ptr() not in loaded_storage]
+    loaded_storage = {local(own[name]).data_ptr() for name in saved}
+    missing = [n for n in own if n not in saved and local(own[n]).data_ptr() not in loaded_storage]
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks weights this model has: {missing[:3]}")
-    model.load_state_dict(saved, strict=False)
+    if is_sharded(model):  # every process reads the whole file and keeps its shard
+        load_full_state_dict(model, saved)
+    else:
+        model.load_state_dict(saved, strict=False)
 
 
 # --- random number generators -----------------------------------------------------------------------

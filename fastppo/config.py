@@ -51,6 +51,8 @@ SUPPORTED_TRAINING_ARGUMENTS = frozenset(
     activation_checkpointing_kwargs report_to disable_tqdm
     """.split()
 )
+# Sharding (fastppo.sharding): GRPOTrainer shards with FSDP2; PPOTrainer does not yet.
+SHARDING_ARGUMENTS = frozenset({"fsdp", "fsdp_config"})
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -211,9 +213,10 @@ def resolve_device_defaults(config: Any) -> None:
         config.gradient_checkpointing = cuda
     # optim: None (fastppo's default) -> 8-bit AdamW where bitsandbytes runs (CUDA), else adamw_torch;
     # an 8-bit name that cannot run here falls back now, so the saved config says what trained.
-    config.optim = resolve_config_optim(
-        getattr(config.optim, "value", config.optim), "cuda" if cuda else "cpu"
-    )
+    optim = getattr(config.optim, "value", config.optim)
+    if optim is None and config.fsdp:  # bitsandbytes' 8-bit state is not sharded (fastppo.sharding)
+        optim = "adamw_torch"
+    config.optim = resolve_config_optim(optim, "cuda" if cuda else "cpu")
     if hasattr(config, "activation_checkpointing"):
         # transformers >= 5.2x renamed gradient_checkpointing* (TRL's names) to activation_checkpointing*
         # and warns on the old names; move TRL's spelling over so a TRL user's config stays quiet.

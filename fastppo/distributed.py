@@ -5,8 +5,8 @@ not wrapped in DistributedDataParallel: the fused path runs the decoder and the 
 outside ``model.forward`` and the critic may be a separate module, so gradients are averaged
 explicitly, once per optimizer step (``all_reduce_gradients``, one flat buffer per dtype), before
 clipping. That is one collective per step instead of DDP's overlap with backward: correct for every
-path, slower across many GPUs. FSDP and DeepSpeed shard the model and need their wrappers, which
-the trainers do not apply yet; ``check_distributed_type`` refuses them with that reason.
+path, slower across many GPUs. Sharded training (FSDP2) lives in ``fastppo.sharding``; DeepSpeed is
+refused by ``check_distributed_type``.
 Checkpoints hold each process's RNG states, counters and rollout buffer next to the shared weights,
 so a multi-process run resumes exactly with the same number of processes.
 """
@@ -23,18 +23,27 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from torch import nn
 
-SUPPORTED_TYPES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+SUPPORTED_TYPES = (
+    DistributedType.NO,
+    DistributedType.MULTI_CPU,
+    DistributedType.MULTI_GPU,
+    DistributedType.FSDP,  # FSDP2 only, applied by the trainer (fastppo.sharding checks the version)
+)
 
 
 def check_distributed_type(accelerator: Accelerator) -> None:
-    """ValueError for a launch the trainers cannot run (anything but plain data parallelism)."""
+    """ValueError for a launch the trainers cannot run (DeepSpeed, TPU, Megatron ...)."""
     kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise ValueError(
+            "accelerate is configured for DeepSpeed; fastppo shards with FSDP2 instead: launch without "
+            "the DeepSpeed config and set fsdp=True in the config (or use an accelerate FSDP config with "
+            "fsdp_version: 2)"
+        )
     if kind not in SUPPORTED_TYPES:
         raise ValueError(
-            f"accelerate is configured for {kind.value}; fastppo's trainers run data-parallel "
-            "(MULTI_GPU / MULTI_CPU) or single-process only: FSDP and DeepSpeed need model wrappers the "
-            "trainers do not apply yet. Use `accelerate launch --num_processes N` without an FSDP or "
-            "DeepSpeed config"
+            f"accelerate is configured for {kind.value}; fastppo's trainers run single-process, "
+            "data-parallel (MULTI_GPU / MULTI_CPU) or sharded with FSDP2"
         )
 
 

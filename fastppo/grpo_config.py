@@ -23,6 +23,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .config import (
+    SHARDING_ARGUMENTS,
     SUPPORTED_TRAINING_ARGUMENTS,
     check_choice,
     check_int,
@@ -249,7 +250,7 @@ class GRPOConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
-        check_unsupported(self, SUPPORTED_TRAINING_ARGUMENTS | SUPPORTED_GRPO)
+        check_unsupported(self, SUPPORTED_TRAINING_ARGUMENTS | SHARDING_ARGUMENTS | SUPPORTED_GRPO)
         check_report_to(self.report_to)
         resolve_device_defaults(self)
         super().__post_init__()

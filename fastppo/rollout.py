@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .sharding import gathered, is_sharded
+
 # Columns that hold the prompt itself (or what the rollout produces), not extra reward-function inputs.
 PROMPT_COLUMNS = ("prompt", "input_ids", "attention_mask", "completion", "completion_ids")
 
@@ -82,9 +84,16 @@ class GenerateSampler:
         was_training = self.model.training
         self.model.eval()
         try:
-            sequences = self.model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=GenerationConfig(**kwargs)
-            )
+            # sharded (FSDP): gathered once for the whole call, so no collective runs while decoding and
+            # processes may stop at different lengths (synced_gpus would make them wait for each other)
+            sync = {"synced_gpus": False} if is_sharded(self.model) else {}
+            with gathered(self.model):
+                sequences = self.model.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    generation_config=GenerationConfig(**kwargs),
+                    **sync,
+                )
         finally:
             self.model.train(was_training)
         return sequences[:, prompt_ids.shape[1] :]

@@ -27,6 +27,7 @@ from .kernels.ppo_loss import PolicyLossSettings, PolicyLossStats, policy_object
 from .memory.packing import PackedBatch, pack, unpack
 from .memory.trunk import Trunk, policy_top, run_trunk, unwrap_peft
 from .rollout import Rollout
+from .sharding import is_sharded, reshard
 
 # Config attributes that rescale logits after lm_head (Gemma-2 soft-capping, Cohere/Granite scales):
 # the fused path multiplies hidden states by the bare lm_head weight, so it would silently differ.
@@ -172,6 +173,15 @@ def completion_hidden_states(
     if shared is not None:
         return shared.inputs.completion_positions(policy_top(model, shared.trunk))
     inputs = forward_inputs(batch, padding_free)
+    if is_sharded(model):
+        # The embedding and final norm live in the root FSDP unit, which only the model's own forward
+        # gathers: run it with no logits kept. The root is then gathered (again, after a no-grad
+        # forward resharded it) for the lm_head weight the kernel reads; backward or
+        # ``score_logprobs`` frees it.
+        no_logits = torch.empty(0, dtype=torch.long, device=batch.completion_ids.device)
+        out = model(**inputs.kwargs, logits_to_keep=no_logits, output_hidden_states=True)
+        model.unshard()  # the root unit only (not recursive)
+        return inputs.completion_positions(out.hidden_states[-1])
     return inputs.completion_positions(decoder(**inputs.kwargs).last_hidden_state)
 
 
@@ -299,15 +309,19 @@ def score_logprobs(
     padding_free: bool = False,
 ) -> torch.Tensor:
     """``[b, Lc]`` fp32 log-probs of the completion tokens under ``model`` (old or reference scoring),
-    0 where ``completion_mask`` is 0. Runs in eval mode (no dropout) like the sampler."""
+    0 where ``completion_mask`` is 0. Runs in eval mode (no dropout) like the sampler; a sharded
+    model's gathered root is freed after (no backward follows to free it)."""
     with eval_mode(model):
-        if fused:
-            _, head = lm_parts(model)
-            hidden = completion_hidden_states(model, batch, padding_free)
-            return head_logprobs(head, hidden, batch, temperature, fused=True, chunk_bytes=chunk_bytes)
-        logits = completion_logits(model, batch, padding_free)
-        logp, _ = plain_token_logprobs(logits, batch.completion_ids, temperature)
-        return logp.masked_fill(~batch.completion_mask.bool(), 0.0)
+        try:
+            if fused:
+                _, head = lm_parts(model)
+                hidden = completion_hidden_states(model, batch, padding_free)
+                return head_logprobs(head, hidden, batch, temperature, fused=True, chunk_bytes=chunk_bytes)
+            logits = completion_logits(model, batch, padding_free)
+            logp, _ = plain_token_logprobs(logits, batch.completion_ids, temperature)
+            return logp.masked_fill(~batch.completion_mask.bool(), 0.0)
+        finally:
+            reshard(model)
 
 
 def policy_loss(

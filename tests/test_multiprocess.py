@@ -1,5 +1,6 @@
 """Data-parallel training through ``accelerate launch`` on CPU (gloo): two processes with half the
-rows each must train exactly as one process with the whole global batch.
+rows each must train exactly as one process with the whole global batch, and sharded (fsdp=True,
+FSDP2) exactly as unsharded.
 
 Tolerance: losses and rewards to 1e-5 relative; the final weights' checksum to 1e-6 relative (the
 gradient all-reduce adds two halves where one process sums the whole batch: rounding only).
@@ -19,24 +20,35 @@ import pytest
 SCRIPT = Path(__file__).parent / "scripts" / "data_parallel_run.py"
 
 
-def launch(out: Path, per_device_batch: int, algo: str, port: int, phase: str = "") -> dict:
-    """The script under ``accelerate launch`` with two processes."""
+def launch(
+    out: Path,
+    per_device_batch: int,
+    algo: str,
+    port: int,
+    phase: str = "",
+    env: dict | None = None,
+    use_fsdp: bool = False,
+) -> dict:
+    """The script under ``accelerate launch`` with two processes (``env``: SHARDED / SAMPLER;
+    ``use_fsdp``: launched as accelerate's FSDP2 instead of plain data parallel)."""
     launcher = str(Path(sys.executable).with_name("accelerate"))
-    command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    kind = ["--use_fsdp", "--fsdp_version", "2"] if use_fsdp else ["--multi_gpu"]
+    command = [launcher, "launch", *kind, "--num_processes", "2", "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
     # --multi_gpu: data parallel; on a machine without CUDA accelerate runs it on CPU with gloo
     return run(
-        [*command, str(SCRIPT), str(out), str(per_device_batch), algo, *([phase] if phase else [])], out
+        [*command, str(SCRIPT), str(out), str(per_device_batch), algo, *([phase] if phase else [])], out, env
     )
 
 
-def run(command: list[str], out: Path) -> dict:
+def run(command: list[str], out: Path, extra_env: dict | None = None) -> dict:
     # CPU processes even on a GPU machine (one GPU cannot host two NCCL ranks)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "CUDA_VISIBLE_DEVICES": "",
+        **(extra_env or {}),
     }
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=out)
@@ -64,17 +76,19 @@ def test_ppo_trains_data_parallel_with_the_same_weights_on_every_process(tmp_pat
     assert checksums[0] == checksums[1]  # bit-identical: same start (broadcast), same averaged steps
 
 
-def test_sharded_launches_are_refused_and_rows_split_evenly():
+def test_deepspeed_launches_are_refused_and_rows_split_evenly():
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
     from fastppo.distributed import check_distributed_type, rank_rows
 
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(ValueError, match="FSDP and DeepSpeed need model wrappers"):
-            check_distributed_type(SimpleNamespace(distributed_type=kind))
-    check_distributed_type(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+    with pytest.raises(ValueError, match="DeepSpeed; fastppo shards with FSDP2 instead"):
+        check_distributed_type(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+    with pytest.raises(ValueError, match="configured for XLA"):
+        check_distributed_type(SimpleNamespace(distributed_type=DistributedType.XLA))
+    for kind in (DistributedType.MULTI_GPU, DistributedType.FSDP):  # FSDP: version checked by sharding
+        check_distributed_type(SimpleNamespace(distributed_type=kind))
     second = SimpleNamespace(num_processes=2, process_index=1)
     assert rank_rows(16, second, "rows") == slice(8, 16)
     with pytest.raises(ValueError, match="rows \\(15\\) must split evenly across the 2 processes"):
@@ -92,5 +106,37 @@ def test_two_process_run_resumes_exactly_from_inside_a_rollout(tmp_path):
     assert (split / "checkpoint-1" / "extras-1.pt").is_file()  # the second process's buffer
     resumed = launch(split, 8, "grpo", 29521, "second")
     assert len(expected["losses"]) == len(resumed["losses"]) == 4
+    assert resumed["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-7)
+    assert resumed["checksum"] == pytest.approx(expected["checksum"], rel=1e-6)
+
+
+def test_sharded_training_matches_unsharded_data_parallel(tmp_path):
+    """fsdp=True (FSDP2 over two gloo processes, a sharded frozen reference copy, the fused path reading
+    the gathered lm_head, generation with every unit gathered) trains as the unsharded two-process run
+    on the same rows: each process samples its rows with the same RNG in both runs."""
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    plain.mkdir(), sharded.mkdir()
+    expected = launch(plain, 8, "grpo", 29522, env={"SAMPLER": "generate"})
+    got = launch(sharded, 8, "grpo", 29523, env={"SAMPLER": "generate", "SHARDED": "1"})
+    assert got["sharded"] and not expected["sharded"]
+    assert len(got["losses"]) == 3
+    assert got["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-7)
+    assert got["rewards"] == pytest.approx(expected["rewards"], rel=1e-5)
+    assert got["checksum"] == pytest.approx(expected["checksum"], rel=1e-6)
+
+
+def test_sharded_run_resumes_exactly_from_inside_a_rollout(tmp_path):
+    """Sharded optimizer state (torch.distributed.checkpoint), gathered weights, each process's shard
+    of a synced reference, RNGs and rollout buffer: stopped after step 1 and resumed, the run logs
+    what an uninterrupted sharded one logs. Sharded through the launcher this time
+    (``accelerate launch --use_fsdp --fsdp_version 2``), not the config."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    full.mkdir(), split.mkdir()
+    env = {"SAMPLER": "generate"}
+    expected = launch(full, 8, "grpo", 29524, "full", env, use_fsdp=True)
+    launch(split, 8, "grpo", 29525, "first", env, use_fsdp=True)
+    assert (split / "checkpoint-1" / "optimizer_sharded").is_dir()
+    resumed = launch(split, 8, "grpo", 29526, "second", env, use_fsdp=True)
+    assert resumed["sharded"] and len(expected["losses"]) == len(resumed["losses"]) == 4
     assert resumed["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-7)
     assert resumed["checksum"] == pytest.approx(expected["checksum"], rel=1e-6)

@@ -25,11 +25,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import gather_object
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, get_scheduler
 from transformers.trainer_utils import TrainOutput, enable_full_determinism, set_seed
 
 from .. import checkpoint as ckpt
+from .. import sharding
 from ..distributed import (
     all_reduce_gradients,
     broadcast_object,
@@ -47,7 +49,7 @@ from ..logging import (
     ProgressBar,
     plot_reward_curve,
 )
-from ..memory.optim import create_optimizer
+from ..memory.optim import BNB_OPTIMIZERS, create_optimizer, warn_once
 
 logger = logging.getLogger("fastppo")
 
@@ -118,6 +120,8 @@ class TrainerBase:
             dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
         check_distributed_type(self.accelerator)
+        # FSDP2 when the run asked for it (fastppo.sharding); None: every process holds whole models
+        self.sharding = sharding.sharding_settings(args, self.accelerator)
         self.model = model
         self.processing_class = processing_class
         self.optimizer, self.lr_scheduler = optimizers
@@ -159,13 +163,27 @@ class TrainerBase:
         """Modules whose trainable parameters the optimizer steps (PPO adds its critic)."""
         return [self.model]
 
+    def shard_models(self, *modules: nn.Module) -> None:
+        """Shard the given models in place when the run asked for FSDP (``fastppo.sharding``), after
+        every process took the main process's weights. Called by subclasses before the optimizer
+        exists, so it is built over the shards."""
+        if self.sharding is None:
+            return
+        broadcast_parameters(modules, self.accelerator)
+        for module in modules:
+            sharding.shard(module, self.sharding)
+
     def create_optimizer(self) -> torch.optim.Optimizer:
         """AdamW (``args.optim``: torch, fused, or bitsandbytes 8-bit) over the trainable parameters of
         ``trained_modules()``; no weight decay on biases and norm weights (as Trainer)."""
         args = self.args
+        name = str(getattr(args.optim, "value", args.optim))
+        if self.sharding is not None and name in BNB_OPTIMIZERS:
+            warn_once(f"optim={name!r} with fsdp: bitsandbytes does not shard its state here; adamw_torch")
+            name = "adamw_torch"
         return create_optimizer(
             self.trained_modules(),
-            str(getattr(args.optim, "value", args.optim)),
+            name,
             lr=args.learning_rate,
             weight_decay=args.weight_decay,
             betas=(args.adam_beta1, args.adam_beta2),
@@ -195,9 +213,11 @@ class TrainerBase:
         if self.lr_scheduler is None:
             self.lr_scheduler = self.create_scheduler(max_steps)
         # The model is not wrapped (no DDP: see fastppo.distributed); every process starts from rank
-        # 0's weights, and end_micro_step averages the gradients.
-        self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.optimizer, self.lr_scheduler)
-        broadcast_parameters(self.trained_modules(), self.accelerator)
+        # 0's weights, and end_micro_step averages the gradients. Sharded models took rank 0's
+        # weights before sharding, and accelerate's FSDP prepare wants the model too: left alone.
+        if self.sharding is None:
+            self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.optimizer, self.lr_scheduler)
+            broadcast_parameters(self.trained_modules(), self.accelerator)
         self.model.train()
         self.control = TrainerControl()
         self.state.max_steps = max_steps
@@ -241,13 +261,13 @@ class TrainerBase:
         self._micro_step += 1
         if self._micro_step % self.micro_steps_per_update != 0:
             return False
-        all_reduce_gradients(self.trained_modules(), self.accelerator)  # data parallel: the mean gradient
         params = [p for module in self.trained_modules() for p in module.parameters() if p.requires_grad]
-        grad_norm = float(  # CPU sync: one scalar per optimizer step
-            self.accelerator.clip_grad_norm_(
-                params, self.args.max_grad_norm if self.args.max_grad_norm else float("inf")
-            )
-        )
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm else float("inf")
+        if self.sharding is None:
+            all_reduce_gradients(self.trained_modules(), self.accelerator)  # data parallel: the mean
+            grad_norm = float(self.accelerator.clip_grad_norm_(params, max_norm))  # CPU sync, once a step
+        else:  # FSDP's reduce-scatter averaged the gradient shards already
+            grad_norm = sharding.clip_grad_norm(params, max_norm)
         loss, scaler = self._window_loss, self.accelerator.scaler
         verdict = self.guard.check(
             loss, grad_norm, self.state.global_step + 1, scaler_overflow_ok=scaler is not None
@@ -367,14 +387,16 @@ class TrainerBase:
     # --- saving -------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``save_pretrained`` of the policy (adapters only for PEFT) and its tokenizer (by the main
-        process: the weights are the same on every process)."""
+        """``save_pretrained`` of the policy (adapters only for PEFT) and its tokenizer, by the main
+        process (the weights are the same on every process; sharded ones are gathered first, so
+        every process must call this)."""
+        weights = sharding.full_state_dict(self.model) if self.sharding is not None else None
         if not self.accelerator.is_main_process:
             return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(output_dir)
+        model.save_pretrained(output_dir, state_dict=weights)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
@@ -386,7 +408,9 @@ class TrainerBase:
         Returns None, writing nothing, when a trained weight holds NaN/inf: a checkpoint must never be
         a worse resume point than the previous one.
         """
-        bad = ckpt.nonfinite_parameters(self.trained_modules())  # the same on every process
+        bad = ckpt.nonfinite_parameters(self.trained_modules())  # the same on every process...
+        if self.sharding is not None:  # ...unless each holds a shard: all must take the same branch
+            bad = sorted({name for names in gather_object([bad]) for name in names})
         if bad:
             logger.error(
                 "checkpoint at step %d NOT written: %d trained parameter(s) hold NaN/inf (first: %s)",
@@ -400,14 +424,19 @@ class TrainerBase:
         path = os.path.join(self.args.output_dir, f"{ckpt.PREFIX}{self.state.global_step}")
         temp = broadcast_object(ckpt.temp_directory(path) if main else None, accelerator)
         try:
-            if main:  # weights, optimizer and schedule are the same on every process
-                self.save_model(temp)
+            self.save_model(temp)  # written by the main process (sharded weights gathered by all)
+            if main:  # state, optimizer and schedule are the same on every process
                 self.state.save_to_json(os.path.join(temp, ckpt.STATE_FILE))
                 with open(os.path.join(temp, ckpt.ARGS_FILE), "w", encoding="utf-8") as f:
                     f.write(self.args.to_json_string())
                 if not self.args.save_only_model:
-                    ckpt.save_torch(self.optimizer.state_dict(), temp, ckpt.OPTIMIZER_FILE)
                     ckpt.save_torch(self.lr_scheduler.state_dict(), temp, ckpt.SCHEDULER_FILE)
+                    if self.sharding is None:
+                        ckpt.save_torch(self.optimizer.state_dict(), temp, ckpt.OPTIMIZER_FILE)
+            if self.sharding is not None and not self.args.save_only_model:  # every process its shards
+                sharding.save_optimizer(
+                    self.model, self.optimizer, os.path.join(temp, sharding.OPTIMIZER_DIR)
+                )
             if not self.args.save_only_model:  # each process's own data, RNG and buffers
                 ckpt.save_torch(ckpt.rng_state(self.generators()), temp, ckpt.rank_file(ckpt.RNG_FILE, rank))
                 ckpt.save_torch(self._base_state(), temp, ckpt.rank_file(ckpt.BASE_FILE, rank))
@@ -429,9 +458,20 @@ class TrainerBase:
         optimizer and scheduler): weights first (a checkpoint of another model shape is a ValueError
         before anything changes), then optimizer, scheduler, state, RNGs, and ``restore_extras``."""
         path = ckpt.resolve_resume(path, self.args.output_dir)
+        saved_sharded = os.path.isdir(os.path.join(path, sharding.OPTIMIZER_DIR))
+        if saved_sharded != (self.sharding is not None):
+            raise ValueError(
+                f"{path!r} was saved {'with' if saved_sharded else 'without'} fsdp and this run is "
+                f"{'not ' if self.sharding is None else ''}sharded: resume with the same fsdp setting"
+            )
         ckpt.load_pretrained_weights(self.accelerator.unwrap_model(self.model), path)
         try:
-            self.optimizer.load_state_dict(ckpt.load_torch(path, ckpt.OPTIMIZER_FILE))
+            if self.sharding is None:
+                self.optimizer.load_state_dict(ckpt.load_torch(path, ckpt.OPTIMIZER_FILE))
+            else:
+                sharding.load_optimizer(
+                    self.model, self.optimizer, os.path.join(path, sharding.OPTIMIZER_DIR)
+                )
         except (ValueError, KeyError, RuntimeError) as exc:
             raise ValueError(
                 f"optimizer state in {path!r} does not fit this run's optimizer (different trainable "

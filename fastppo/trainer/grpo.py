@@ -32,11 +32,13 @@ from ..distributed import gather_rows, rank_rows, sum_over_processes
 from ..grpo_config import GRPOConfig
 from ..kernels.ppo_loss import PolicyLossStats
 from ..logging import MetricsBuffer, print_completions
+from ..memory.shared_reference import has_adapters
 from ..modeling import build_policy, eos_token_ids
-from ..reference import SharedTrunkPolicyReference, build_reference
+from ..reference import FrozenCopyReference, SharedTrunkPolicyReference, build_reference
 from ..rewards import combine_rewards, load_rewards, score_completions, score_rewards
 from ..rollout import GenerateSampler, Rollout, Sampler, SamplingSettings, sample_rollout
 from ..scoring import PolicyBatch, policy_loss, score_logprobs
+from ..sharding import load_local_state_dict, local_state_dict
 from .base import TrainerBase, seed_everything
 
 
@@ -130,6 +132,7 @@ class GRPOTrainer(TrainerBase):
             padding_free=args.padding_free,
             num_frozen_layers=args.num_frozen_layers,
         )
+        self._shard_models(policy)
         self.sampler = sampler or GenerateSampler(self.model, tokenizer.pad_token_id, self.eos_token_ids)
         self.loss_settings = args.loss_settings()
         self._shuffle = torch.Generator().manual_seed(args.seed)  # minibatch order, independent of sampling
@@ -327,7 +330,7 @@ class GRPOTrainer(TrainerBase):
             "buffer": None if finished else [_batch_dict(mb) for mb in self._buffer],
         }
         if self.reference is not None and self.args.sync_ref_model:
-            extras["reference"] = self.reference.own_weights().state_dict()
+            extras["reference"] = local_state_dict(self.reference.own_weights())
         return extras
 
     def restore_extras(self, extras: dict[str, Any]) -> None:
@@ -336,7 +339,16 @@ class GRPOTrainer(TrainerBase):
         buffer = extras["buffer"]
         self._buffer = None if buffer is None else [_batch_from_dict(b, self.device) for b in buffer]
         if "reference" in extras:
-            self.reference.own_weights().load_state_dict(extras["reference"])
+            load_local_state_dict(self.reference.own_weights(), extras["reference"])
+
+    def _shard_models(self, policy: nn.Module) -> None:
+        """With fsdp: the policy and a frozen reference copy, each sharded (``fastppo.sharding``)."""
+        if self.sharding is None:
+            return
+        if has_adapters(policy):
+            raise ValueError("fsdp with a PEFT (LoRA) policy is not supported yet; train it unsharded")
+        copy = [self.reference.model] if isinstance(self.reference, FrozenCopyReference) else []
+        self.shard_models(policy, *copy)
 
     def on_optimizer_step(self) -> None:
         args = self.args

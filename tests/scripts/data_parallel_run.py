@@ -12,19 +12,26 @@ PHASE (GRPO, 4 steps of 2 passes over each rollout): ``full`` runs them all; ``f
 step 1, inside a rollout, with a checkpoint there; ``second`` resumes from it. ``first`` then
 ``second`` must log what ``full`` logs.
 
+Environment: ``SHARDED=1`` trains GRPO with ``fsdp=True`` (FSDP2 over the processes);
+``SAMPLER=generate`` samples with ``model.generate`` instead (each process draws its own rows from its
+own RNG, so a sharded and an unsharded two-process run sample the same completions).
+
 Usage: python data_parallel_run.py OUT_DIR PER_DEVICE_BATCH [grpo|ppo] [PHASE]
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from fastppo import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
 from fastppo.demo import build_dataset, build_policy, build_tokenizer, says_word
+from fastppo.sharding import is_sharded
 
 NUM_GENERATIONS = 4
 
@@ -45,7 +52,15 @@ class PromptHashSampler:
 
 
 def grpo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler, phase: str = "") -> GRPOTrainer:
-    resume_test = dict(num_iterations=2, max_steps=4, save_strategy="steps", save_steps=1) if phase else {}
+    resume_test = dict(
+        num_iterations=2,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=1,
+        sync_ref_model=True,
+        ref_model_sync_steps=1,
+    )  # the reference changes every step, so its (per-process, when sharded) weights must resume too
+    resume_test = resume_test if phase else {}
     config = GRPOConfig(
         output_dir=out_dir,
         per_device_train_batch_size=per_device_batch,
@@ -56,6 +71,7 @@ def grpo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler, phase:
         report_to="none",
         disable_tqdm=True,
         seed=0,
+        fsdp=os.environ.get("SHARDED") == "1",
         **{"max_completion_length": 3, "max_steps": 3, "save_strategy": "no", **resume_test},
     )
     return GRPOTrainer(
@@ -101,7 +117,11 @@ class StopAfterFirstStep(TrainerCallback):
 
 def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
     tokenizer = build_tokenizer()
-    sampler = PromptHashSampler(len(tokenizer), tokenizer.eos_token_id)
+    sampler = (
+        None
+        if os.environ.get("SAMPLER") == "generate"
+        else PromptHashSampler(len(tokenizer), tokenizer.eos_token_id)
+    )
     if algo == "grpo":
         trainer = grpo_trainer(out_dir, per_device_batch, tokenizer, sampler, phase)
     else:
@@ -110,7 +130,8 @@ def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
         trainer.add_callback(StopAfterFirstStep)
     trainer.train(resume_from_checkpoint=phase == "second")
     modules = trainer.trained_modules()
-    checksum = sum(float(p.detach().double().sum()) for m in modules for p in m.parameters())
+    whole = [p.full_tensor() if isinstance(p, DTensor) else p for m in modules for p in m.parameters()]
+    checksum = sum(float(p.detach().double().sum()) for p in whole)
     rank = trainer.accelerator.process_index
     with open(f"{out_dir}/checksum-{rank}.json", "w") as f:
         json.dump(checksum, f)
@@ -119,7 +140,9 @@ def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
         reward_key = "reward" if algo == "grpo" else "objective/scores"
         rewards = [r[reward_key] for r in trainer.state.log_history if reward_key in r]
         with open(f"{out_dir}/summary.json", "w") as f:
-            json.dump({"losses": losses, "rewards": rewards, "checksum": checksum}, f)
+            sharded = is_sharded(trainer.model)
+            json.dump({"losses": losses, "rewards": rewards, "checksum": checksum, "sharded": sharded}, f)
+    trainer.accelerator.end_training()  # the process group is destroyed before the interpreter exits
 
 
 if __name__ == "__main__":
