@@ -249,6 +249,20 @@ def check_training_arguments(config: Any) -> None:
     )
 
 
+# generate() arguments that set the distribution the completions are sampled from: the log-probs
+# (old, reference, the ratio) are taken under the config's own fields, so only those may set them.
+SAMPLING_KNOBS = frozenset({"temperature", "do_sample", "top_k", "top_p", "min_p"})
+
+
+def check_generation_kwargs(generation_kwargs: dict | None) -> None:
+    overridden = sorted(SAMPLING_KNOBS & set(generation_kwargs or {}))
+    require(
+        not overridden,
+        f"generation_kwargs must not set {overridden}: log-probs are taken under the config's own sampling "
+        "fields (temperature ...), so sampling must use them too: set those instead",
+    )
+
+
 def check_memory_options(config: Any) -> None:
     """The memory switches (``num_frozen_layers``, ``padding_free``) shared by GRPOConfig and
     PPOConfig. A frozen trunk's size is checked against the model when the trainer loads it."""

@@ -26,6 +26,7 @@ from .config import (
     SHARDING_ARGUMENTS,
     SUPPORTED_TRAINING_ARGUMENTS,
     check_choice,
+    check_generation_kwargs,
     check_int,
     check_memory_options,
     check_number,
@@ -259,6 +260,7 @@ class GRPOConfig(TrainingArguments):
             self.pad_to_multiple_of in (None, "auto"),
             f"pad_to_multiple_of={self.pad_to_multiple_of!r} is not supported (only None or 'auto')",
         )
+        check_generation_kwargs(self.generation_kwargs)
         self._derive_batch_sizes()
         self._check_grpo()
         check_memory_options(self)

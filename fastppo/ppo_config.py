@@ -20,6 +20,7 @@ from transformers import TrainingArguments
 from .config import (
     SUPPORTED_TRAINING_ARGUMENTS,
     check_choice,
+    check_generation_kwargs,
     check_int,
     check_memory_options,
     check_number,
@@ -173,12 +174,7 @@ class PPOConfig(TrainingArguments):
             f"{self.gradient_accumulation_steps}: a rollout of per_device_train_batch_size x "
             "gradient_accumulation_steps rows splits into mini-batches of whole micro-batches",
         )
-        overridden = sorted({"temperature", "top_k", "do_sample"} & set(self.generation_kwargs or {}))
-        require(
-            not overridden,
-            f"generation_kwargs must not set {overridden}: log-probs are taken at the config's temperature "
-            "over the full softmax, so sampling must use them too (set temperature instead)",
-        )
+        check_generation_kwargs(self.generation_kwargs)
         check_choice("critic", self.critic, CRITICS)
         require(
             self.critic != "own_layers" or self.num_frozen_layers is not None,

@@ -7,6 +7,7 @@ text or chat messages (rendered with the tokenizer's chat template), left-padded
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .memory.trunk import unwrap_peft
 from .sharding import gathered, is_sharded
 
 # Columns that hold the prompt itself (or what the rollout produces), not extra reward-function inputs.
@@ -87,7 +89,7 @@ class GenerateSampler:
             # sharded (FSDP): gathered once for the whole call, so no collective runs while decoding and
             # processes may stop at different lengths (synced_gpus would make them wait for each other)
             sync = {"synced_gpus": False} if is_sharded(self.model) else {}
-            with gathered(self.model):
+            with gathered(self.model), library_generation_defaults(self.model):
                 sequences = self.model.generate(
                     input_ids=prompt_ids,
                     attention_mask=prompt_mask,
@@ -97,6 +99,23 @@ class GenerateSampler:
         finally:
             self.model.train(was_training)
         return sequences[:, prompt_ids.shape[1] :]
+
+
+@contextlib.contextmanager
+def library_generation_defaults(model: nn.Module) -> Iterator[None]:
+    """transformers fills every field our GenerationConfig leaves unset from the checkpoint's own
+    ``generation_config`` (an instruct model's top_k=20, min_p, typical_p, num_beams ...), which would
+    change the sampling distribution without the log-probs knowing. For the call, the model's
+    defaults are the library's, so sampling is exactly what the trainer's config says."""
+    from transformers import GenerationConfig
+
+    target = unwrap_peft(model)
+    saved = target.generation_config
+    target.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        target.generation_config = saved
 
 
 def is_conversational(prompt: Any) -> bool:

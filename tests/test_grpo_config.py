@@ -122,6 +122,9 @@ def test_trl_boolean_scale_rewards_and_inert_fields():
         ),
         ({"pad_to_multiple_of": 64}, r"pad_to_multiple_of=64 is not supported"),
         ({"kernel_chunk_bytes": 0}, r"kernel_chunk_bytes must be an integer >= 1"),
+        # sampling at another temperature than the log-probs are taken at would be silently off-policy
+        ({"generation_kwargs": {"temperature": 0.3, "max_time": 5}}, r"must not set \['temperature'\]"),
+        ({"generation_kwargs": {"do_sample": False, "min_p": 0.1}}, r"must not set \['do_sample', 'min_p'\]"),
     ],
 )
 def test_bad_options_raise_clear_value_errors(kwargs, message):

@@ -158,3 +158,31 @@ def test_generate_sampler_passes_every_sampling_knob(monkeypatch):
     assert config.min_new_tokens == 1 and config.use_cache
     assert out.tolist() == [[EOS, EOS]]
     assert model.training  # the sampler restores the mode it found
+
+
+def test_checkpoint_generation_defaults_do_not_leak_into_sampling():
+    """A checkpoint's generation_config (top_k=20, min_p, typical_p, beams) must not change what is
+    sampled: the log-probs are taken under the trainer's settings only."""
+    from fastppo.demo import build_policy
+    from fastppo.rollout import GenerateSampler, SamplingSettings
+
+    tokenizer = build_tokenizer()
+    model = build_policy(tokenizer, hidden_size=16, layers=1)
+    model.generation_config.update(top_k=20, min_p=0.1, typical_p=0.5, num_beams=2, temperature=0.3)
+    prepare = model._prepare_generation_config
+    used = []
+
+    def spy(*args, **kwargs):
+        config, rest = prepare(*args, **kwargs)
+        used.append(config)
+        return config, rest
+
+    model._prepare_generation_config = spy
+    settings = SamplingSettings(max_new_tokens=2, temperature=0.9, top_p=1.0, top_k=0, min_p=None)
+    GenerateSampler(model, PAD, [EOS]).generate(
+        torch.tensor([[2, 3]]), torch.ones(1, 2, dtype=torch.long), 2, settings
+    )
+    config = used[0]
+    assert (config.temperature, config.top_k, config.num_beams) == (0.9, 0, 1)
+    assert config.min_p is None and config.typical_p in (None, 1.0)
+    assert model.generation_config.top_k == 20  # the model's own config is back afterwards

@@ -28,7 +28,7 @@ LOGP_TOL = dict(rtol=0.0, atol=2e-5)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
 
 
-def tiny_lm(arch: str, attn: str) -> torch.nn.Module:
+def tiny_lm(arch: str, attn: str, **config) -> torch.nn.Module:
     shape = dict(
         hidden_size=32,
         intermediate_size=64,
@@ -37,6 +37,7 @@ def tiny_lm(arch: str, attn: str) -> torch.nn.Module:
         num_key_value_heads=2,
         vocab_size=VOCAB,
         attn_implementation=attn,
+        **config,
     )
     model = (
         Qwen2ForCausalLM(Qwen2Config(**shape)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**shape))
@@ -135,12 +136,19 @@ def test_sequence_boundaries_from_positions():
     torch.testing.assert_close(got, want, rtol=0.0, atol=0.0)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+# Qwen2 with sliding-window layers 1 and 2 (window 4 < the longest sequence, 10 tokens), as Mistral
+# or Phi-3 have: each token sees only the 3 before it there.
+SLIDING = dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+
+
+@pytest.mark.parametrize(
+    ("arch", "config"), [("qwen2", {}), ("llama", {}), ("qwen2", SLIDING)], ids=["qwen2", "llama", "sliding"]
+)
 @pytest.mark.parametrize("attn", [VARLEN_ATTENTION, "sdpa"], ids=["varlen-reference", "sdpa-packed-mask"])
-def test_packed_matches_padded(arch, attn):
+def test_packed_matches_padded(arch, config, attn):
     """Log-probs, loss and every gradient of a packed batch equal the padded batch's (padded: SDPA)."""
     register_varlen_attention()
-    padded_model = tiny_lm(arch, "sdpa")
+    padded_model = tiny_lm(arch, "sdpa", **config)
     packed_model = copy.deepcopy(padded_model)
     packed_model.set_attn_implementation(attn)
     ids, mask = rollout_batch()
@@ -222,13 +230,16 @@ def test_pick_attn_implementation(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_torch_varlen_matches_the_reference_on_cuda():
+@pytest.mark.parametrize("window", [None, 16])
+def test_torch_varlen_matches_the_reference_on_cuda(window):
+    if window is not None and not packing.varlen_takes_window():
+        pytest.skip("this torch's varlen_attn has no window_size")
     cu = torch.tensor([0, 3, 64, 200], dtype=torch.int32, device="cuda")
     q = torch.randn(200, 8, 64, device="cuda", dtype=torch.bfloat16)
     k, v = torch.randn(2, 200, 2, 64, device="cuda", dtype=torch.bfloat16)
-    exact = packed_attention_reference(q.double(), k.double(), v.double(), cu)
-    low = packed_attention_reference(q, k, v, cu)
-    got = packing._torch_varlen(q, k, v, cu, 136, None)
+    exact = packed_attention_reference(q.double(), k.double(), v.double(), cu, window=window)
+    low = packed_attention_reference(q, k, v, cu, window=window)
+    got = packing._torch_varlen(q, k, v, cu, 136, None, window)
     # the kernel's error within a small factor of the bf16 reference's own error
     assert (got.double() - exact).abs().max() <= 2 * (low.double() - exact).abs().max() + 1e-3
 

@@ -123,15 +123,22 @@ def packed_attention_reference(
     value: torch.Tensor,  # [N, Hk, D]
     cu_seqlens: torch.Tensor,  # [S + 1]
     scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """``[N, Hq, D]`` causal attention within each sequence: one SDPA call per sequence, so no token
-    can see another sequence's. The CPU / fp32 path and the oracle for ``varlen_attn``."""
+    can see another sequence's. ``window``: each token sees itself and the ``window - 1`` tokens
+    before it (transformers' ``sliding_window``). The CPU / fp32 path and the oracle for ``varlen_attn``."""
     groups = query.shape[1] // key.shape[1]
     lengths = cu_seqlens.diff().tolist()  # device sync: this is the reference path
     outs = []
     for q, k, v in zip(query.split(lengths), key.split(lengths), value.split(lengths), strict=True):
         k, v = (t.repeat_interleave(groups, dim=1).transpose(0, 1) for t in (k, v))  # [Hq, l, D]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True, scale=scale)
+        if window is not None and len(q) > window:
+            i = torch.arange(len(q), device=q.device)
+            visible = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)  # [l, l]
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=visible, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True, scale=scale)
         outs.append(out.transpose(0, 1))
     return torch.cat(outs)
 
@@ -145,15 +152,25 @@ def varlen_available() -> bool:
     return True
 
 
-def _torch_varlen(query, key, value, cu_seqlens, max_seqlen, scale) -> torch.Tensor:
-    """``varlen_attn`` causal, across torch versions: 2.10 takes ``is_causal`` or ``window_size``
-    depending on the build; GQA needs ``enable_gqa`` (2.12+) or repeated k/v heads."""
+def varlen_takes_window() -> bool:
+    """This torch's ``varlen_attn`` has ``window_size`` (sliding windows), not only ``is_causal``."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "window_size" in inspect.signature(varlen_attn).parameters
+
+
+def _torch_varlen(query, key, value, cu_seqlens, max_seqlen, scale, window=None) -> torch.Tensor:
+    """``varlen_attn`` causal (within ``window`` when given), across torch versions: 2.10 takes
+    ``is_causal`` or ``window_size`` depending on the build; GQA needs ``enable_gqa`` (2.12+) or
+    repeated k/v heads."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
     kwargs: dict[str, Any] = {"scale": scale}
     if "window_size" in params:
-        kwargs["window_size"] = (-1, 0)  # causal
+        kwargs["window_size"] = (-1 if window is None else window - 1, 0)  # causal, left window
+    elif window is not None:
+        raise ValueError("this torch's varlen_attn has no window_size; sliding windows need the reference")
     else:
         kwargs["is_causal"] = True
     groups = query.shape[1] // key.shape[1]
@@ -191,18 +208,23 @@ def varlen_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if dropout or kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+    if dropout or kwargs.get("softcap") is not None:
         raise ValueError(
-            f"{VARLEN_ATTENTION} supports plain causal attention; got dropout={dropout}, "
-            f"sliding_window={kwargs.get('sliding_window')}, softcap={kwargs.get('softcap')}"
+            f"{VARLEN_ATTENTION} supports causal attention (with or without a sliding window); got "
+            f"dropout={dropout}, softcap={kwargs.get('softcap')}"
         )
     if cu_seq_lens_q is None or max_length_q is None:
         cu_seq_lens_q, max_length_q = sequence_boundaries(position_ids, batch, length, query.device)
+    window = kwargs.get("sliding_window")  # a sliding layer (Mistral, Phi-3, Qwen2 with use_sliding_window)
+    if window is not None and max_length_q <= window:
+        window = None  # no sequence is longer than the window: plain causal is the same attention
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_available():
-        out = _torch_varlen(q, k, v, cu_seq_lens_q.to(q.device, torch.int32), max_length_q, scaling)
+    fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_available()
+    if fast and (window is None or varlen_takes_window()):
+        cu = cu_seq_lens_q.to(q.device, torch.int32)
+        out = _torch_varlen(q, k, v, cu, max_length_q, scaling, window)
     else:
-        out = packed_attention_reference(q, k, v, cu_seq_lens_q, scaling)
+        out = packed_attention_reference(q, k, v, cu_seq_lens_q, scaling, window)
     return out.view(batch, length, heads, dim), None
 
 
