@@ -51,7 +51,7 @@ SUPPORTED_TRAINING_ARGUMENTS = frozenset(
     activation_checkpointing_kwargs report_to disable_tqdm
     """.split()
 )
-# Sharding (fastppo.sharding): GRPOTrainer shards with FSDP2; PPOTrainer does not yet.
+# Sharding with FSDP2 (fastppo.sharding).
 SHARDING_ARGUMENTS = frozenset({"fsdp", "fsdp_config"})
 
 

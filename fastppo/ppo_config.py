@@ -18,6 +18,7 @@ import math
 from transformers import TrainingArguments
 
 from .config import (
+    SHARDING_ARGUMENTS,
     SUPPORTED_TRAINING_ARGUMENTS,
     check_choice,
     check_generation_kwargs,
@@ -131,7 +132,7 @@ class PPOConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        check_unsupported(self, SUPPORTED_TRAINING_ARGUMENTS | SUPPORTED_PPO)
+        check_unsupported(self, SUPPORTED_TRAINING_ARGUMENTS | SHARDING_ARGUMENTS | SUPPORTED_PPO)
         check_report_to(self.report_to)
         resolve_device_defaults(self)
         super().__post_init__()

@@ -17,13 +17,17 @@ What sharding changes, and why:
     model runs its own ``forward`` with no logits kept, which leaves the root unit gathered (FSDP keeps
     the root's parameters after forward for backward), and FSDP's end-of-backward pass reduce-scatters
     the gradient the kernel wrote into the gathered weight.
-  - gradients are averaged by FSDP's reduce-scatter, so the trainer's explicit all-reduce is skipped;
-    the gradient norm is a DTensor (``clip_grad_norm``).
+  - gradients are averaged by FSDP's reduce-scatter, so the trainer's explicit all-reduce covers only
+    unsharded trained modules; the gradient norm sums every process's shards (``clip_grad_norm``).
   - checkpoints: the full weights are gathered for ``save_pretrained``; the optimizer state is written
     sharded with ``torch.distributed.checkpoint`` and read back by the same number of processes.
 
+PPOTrainer shards its policy and reference the same way; its value head on the policy is small and
+stays whole on every process (its gradient all-reduced, as in plain data parallelism).
+
 Not supported with sharding (a ValueError says so): FSDP1, CPU offload, ``num_frozen_layers``, PEFT
-adapters, fp16, PPOTrainer, DeepSpeed. 8-bit optimizers fall back to ``adamw_torch`` (warned).
+adapters, fp16, a separate PPO ``value_model``, DeepSpeed. 8-bit optimizers fall back to
+``adamw_torch`` (warned). Reward models are not sharded (each process holds a whole copy).
 """
 
 from __future__ import annotations
@@ -201,10 +205,25 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+@torch.no_grad()
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
-    """``clip_grad_norm_`` over sharded gradients: the total norm over every process's shards."""
-    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    """``clip_grad_norm_`` over sharded gradients and whole ones (a replicated critic head, already
+    averaged over the processes): the norm of the whole gradient, the same on every process."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    sharded = [local(g).float().pow(2).sum() for g in grads if isinstance(g, DTensor)]
+    whole = [g.float().pow(2).sum() for g in grads if not isinstance(g, DTensor)]
+    device = grads[0].device if grads else torch.device("cpu")
+    squares = torch.stack(sharded).sum() if sharded else torch.zeros((), device=device)
+    dist.all_reduce(squares)  # each process holds different shards: sum them all
+    if whole:
+        squares = squares + torch.stack(whole).sum().to(squares.device)
+    norm = squares.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+    for g in grads:
+        local(g).mul_(scale.to(g.device))
+    return float(norm)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

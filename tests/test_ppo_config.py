@@ -67,8 +67,8 @@ def test_unknown_option_suggests_close_match():
 
 
 def test_unsupported_training_argument_is_rejected():
-    with pytest.raises(ValueError, match="fsdp"):
-        make(fsdp="full_shard")
+    with pytest.raises(ValueError, match="deepspeed"):
+        make(deepspeed={"zero_optimization": {"stage": 3}})
 
 
 @pytest.mark.parametrize(

@@ -92,17 +92,18 @@ def test_fsdp_config_defaults_the_optimizer_to_unsharded_8bit_free_adamw(tmp_pat
     assert str(getattr(config.optim, "value", config.optim)) == "adamw_torch"
 
 
-def test_ppo_trainer_refuses_sharding(monkeypatch, tmp_path):
+def test_ppo_trainer_refuses_a_separate_value_model_when_sharded(monkeypatch, tmp_path):
     monkeypatch.setattr("fastppo.sharding.sharding_settings", lambda args, accelerator: ShardingSettings())
     tokenizer = build_tokenizer()
     config = PPOConfig(output_dir=str(tmp_path), report_to="none", disable_tqdm=True, response_length=3)
-    with pytest.raises(ValueError, match="fsdp is not supported by PPOTrainer yet"):
+    with pytest.raises(ValueError, match="fsdp with a separate value_model is not supported"):
         PPOTrainer(
             config,
             tokenizer,
             build_policy(tokenizer, seed=0),
             reward_model=says_word,
             train_dataset=build_dataset(size=8, seed=0),
+            value_model=torch.nn.Linear(1, 1),
         )
 
 

@@ -50,6 +50,8 @@ from ..logging import (
     plot_reward_curve,
 )
 from ..memory.optim import BNB_OPTIMIZERS, create_optimizer, warn_once
+from ..memory.shared_reference import has_adapters
+from ..reference import FrozenCopyReference
 
 logger = logging.getLogger("fastppo")
 
@@ -163,15 +165,27 @@ class TrainerBase:
         """Modules whose trainable parameters the optimizer steps (PPO adds its critic)."""
         return [self.model]
 
-    def shard_models(self, *modules: nn.Module) -> None:
-        """Shard the given models in place when the run asked for FSDP (``fastppo.sharding``), after
-        every process took the main process's weights. Called by subclasses before the optimizer
-        exists, so it is built over the shards."""
+    def shard_policy_and_reference(self, reference: Any) -> None:
+        """With fsdp: the policy and a frozen reference copy (``FrozenCopyReference.model``), each
+        sharded in place (``fastppo.sharding``) after every process took the main process's weights.
+        Called by subclasses before the optimizer exists, so it is built over the shards."""
         if self.sharding is None:
             return
-        broadcast_parameters(modules, self.accelerator)
-        for module in modules:
+        if has_adapters(self.model):
+            raise ValueError("fsdp with a PEFT (LoRA) policy is not supported yet; train it unsharded")
+        models = [self.model, *([reference.model] if isinstance(reference, FrozenCopyReference) else [])]
+        broadcast_parameters(models, self.accelerator)
+        for module in models:
             sharding.shard(module, self.sharding)
+
+    def _whole_trained_modules(self) -> list[nn.Module]:
+        """Trained modules every process holds whole (all of them unless sharded)."""
+        return [m for m in self.trained_modules() if not sharding.is_sharded(m)]
+
+    def _optimizer_owner(self) -> nn.Module:
+        """The modules the optimizer steps, as one module (for torch.distributed.checkpoint's names)."""
+        modules = self.trained_modules()
+        return modules[0] if len(modules) == 1 else nn.ModuleList(modules)
 
     def create_optimizer(self) -> torch.optim.Optimizer:
         """AdamW (``args.optim``: torch, fused, or bitsandbytes 8-bit) over the trainable parameters of
@@ -217,7 +231,7 @@ class TrainerBase:
         # weights before sharding, and accelerate's FSDP prepare wants the model too: left alone.
         if self.sharding is None:
             self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.optimizer, self.lr_scheduler)
-            broadcast_parameters(self.trained_modules(), self.accelerator)
+        broadcast_parameters(self._whole_trained_modules(), self.accelerator)
         self.model.train()
         self.control = TrainerControl()
         self.state.max_steps = max_steps
@@ -263,10 +277,11 @@ class TrainerBase:
             return False
         params = [p for module in self.trained_modules() for p in module.parameters() if p.requires_grad]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm else float("inf")
+        # data parallel: the mean gradient (sharded modules: FSDP's reduce-scatter averaged it already)
+        all_reduce_gradients(self._whole_trained_modules(), self.accelerator)
         if self.sharding is None:
-            all_reduce_gradients(self.trained_modules(), self.accelerator)  # data parallel: the mean
             grad_norm = float(self.accelerator.clip_grad_norm_(params, max_norm))  # CPU sync, once a step
-        else:  # FSDP's reduce-scatter averaged the gradient shards already
+        else:
             grad_norm = sharding.clip_grad_norm(params, max_norm)
         loss, scaler = self._window_loss, self.accelerator.scaler
         verdict = self.guard.check(
@@ -435,7 +450,7 @@ class TrainerBase:
                         ckpt.save_torch(self.optimizer.state_dict(), temp, ckpt.OPTIMIZER_FILE)
             if self.sharding is not None and not self.args.save_only_model:  # every process its shards
                 sharding.save_optimizer(
-                    self.model, self.optimizer, os.path.join(temp, sharding.OPTIMIZER_DIR)
+                    self._optimizer_owner(), self.optimizer, os.path.join(temp, sharding.OPTIMIZER_DIR)
                 )
             if not self.args.save_only_model:  # each process's own data, RNG and buffers
                 ckpt.save_torch(ckpt.rng_state(self.generators()), temp, ckpt.rank_file(ckpt.RNG_FILE, rank))
@@ -470,7 +485,7 @@ class TrainerBase:
                 self.optimizer.load_state_dict(ckpt.load_torch(path, ckpt.OPTIMIZER_FILE))
             else:
                 sharding.load_optimizer(
-                    self.model, self.optimizer, os.path.join(path, sharding.OPTIMIZER_DIR)
+                    self._optimizer_owner(), self.optimizer, os.path.join(path, sharding.OPTIMIZER_DIR)
                 )
         except (ValueError, KeyError, RuntimeError) as exc:
             raise ValueError(

@@ -32,9 +32,8 @@ from ..distributed import gather_rows, rank_rows, sum_over_processes
 from ..grpo_config import GRPOConfig
 from ..kernels.ppo_loss import PolicyLossStats
 from ..logging import MetricsBuffer, print_completions
-from ..memory.shared_reference import has_adapters
 from ..modeling import build_policy, eos_token_ids
-from ..reference import FrozenCopyReference, SharedTrunkPolicyReference, build_reference
+from ..reference import SharedTrunkPolicyReference, build_reference
 from ..rewards import combine_rewards, load_rewards, score_completions, score_rewards
 from ..rollout import GenerateSampler, Rollout, Sampler, SamplingSettings, sample_rollout
 from ..scoring import PolicyBatch, policy_loss, score_logprobs
@@ -132,7 +131,7 @@ class GRPOTrainer(TrainerBase):
             padding_free=args.padding_free,
             num_frozen_layers=args.num_frozen_layers,
         )
-        self._shard_models(policy)
+        self.shard_policy_and_reference(self.reference)
         self.sampler = sampler or GenerateSampler(self.model, tokenizer.pad_token_id, self.eos_token_ids)
         self.loss_settings = args.loss_settings()
         self._shuffle = torch.Generator().manual_seed(args.seed)  # minibatch order, independent of sampling
@@ -340,15 +339,6 @@ class GRPOTrainer(TrainerBase):
         self._buffer = None if buffer is None else [_batch_from_dict(b, self.device) for b in buffer]
         if "reference" in extras:
             load_local_state_dict(self.reference.own_weights(), extras["reference"])
-
-    def _shard_models(self, policy: nn.Module) -> None:
-        """With fsdp: the policy and a frozen reference copy, each sharded (``fastppo.sharding``)."""
-        if self.sharding is None:
-            return
-        if has_adapters(policy):
-            raise ValueError("fsdp with a PEFT (LoRA) policy is not supported yet; train it unsharded")
-        copy = [self.reference.model] if isinstance(self.reference, FrozenCopyReference) else []
-        self.shard_models(policy, *copy)
 
     def on_optimizer_step(self) -> None:
         args = self.args

@@ -141,10 +141,10 @@ class PPOTrainer(TrainerBase):
             disable_dropout=True,  # legacy TRL: dropout would make the recorded log-probs stale
         )
         super().__init__(args, policy, tokenizer, callbacks, optimizers)
-        if self.sharding is not None:
+        if self.sharding is not None and value_model is not None:
             raise ValueError(
-                "fsdp is not supported by PPOTrainer yet (its critic and value head are not sharded); "
-                "train PPO data-parallel without fsdp, or use GRPOTrainer with fsdp"
+                "fsdp with a separate value_model is not supported yet (it is not sharded); use the "
+                "default critic (a value head on the policy) or train without fsdp"
             )
         self.model.to(self.device)
         self.critic: Critic = self._build_critic(value_model)
@@ -166,6 +166,7 @@ class PPOTrainer(TrainerBase):
             num_frozen_layers=args.num_frozen_layers,
             ref_model=None if ref_model is None else ref_model.to(self.device),
         )
+        self.shard_policy_and_reference(self.reference)
         self.sampler = sampler or GenerateSampler(self.model, tokenizer.pad_token_id, self.eos_token_ids)
         self.loss_settings = PolicyLossSettings(
             clip_low=args.cliprange, beta=0.0, loss_type="bnpo", temperature=args.temperature

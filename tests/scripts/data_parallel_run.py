@@ -8,11 +8,11 @@ same completions and must agree on every logged loss and on the final weights.
 PPO (``ALGO=ppo``) whitens advantages per process, as legacy TRL did, so it is not expected to equal
 one process; every process must still end with the same weights (the gradients are averaged).
 
-PHASE (GRPO, 4 steps of 2 passes over each rollout): ``full`` runs them all; ``first`` stops after
-step 1, inside a rollout, with a checkpoint there; ``second`` resumes from it. ``first`` then
-``second`` must log what ``full`` logs.
+PHASE (GRPO: 4 steps of 2 passes over each rollout; PPO: the 4 steps of one rollout): ``full`` runs
+them all; ``first`` stops after step 1, inside a rollout, with a checkpoint there; ``second`` resumes
+from it. ``first`` then ``second`` must log what ``full`` logs.
 
-Environment: ``SHARDED=1`` trains GRPO with ``fsdp=True`` (FSDP2 over the processes);
+Environment: ``SHARDED=1`` trains with ``fsdp=True`` (FSDP2 over the processes);
 ``SAMPLER=generate`` samples with ``model.generate`` instead (each process draws its own rows from its
 own RNG, so a sharded and an unsharded two-process run sample the same completions).
 
@@ -84,7 +84,8 @@ def grpo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler, phase:
     )
 
 
-def ppo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler) -> PPOTrainer:
+def ppo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler, phase: str = "") -> PPOTrainer:
+    resume_test = dict(save_strategy="steps", save_steps=1) if phase else {}
     config = PPOConfig(
         output_dir=out_dir,
         per_device_train_batch_size=per_device_batch,
@@ -95,7 +96,8 @@ def ppo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler) -> PPOT
         max_steps=4,
         learning_rate=1e-2,
         logging_steps=1,
-        save_strategy="no",
+        fsdp=os.environ.get("SHARDED") == "1",
+        **{"save_strategy": "no", **resume_test},
         report_to="none",
         disable_tqdm=True,
         seed=0,
@@ -125,7 +127,7 @@ def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
     if algo == "grpo":
         trainer = grpo_trainer(out_dir, per_device_batch, tokenizer, sampler, phase)
     else:
-        trainer = ppo_trainer(out_dir, per_device_batch, tokenizer, sampler)
+        trainer = ppo_trainer(out_dir, per_device_batch, tokenizer, sampler, phase)
     if phase == "first":
         trainer.add_callback(StopAfterFirstStep)
     trainer.train(resume_from_checkpoint=phase == "second")
