@@ -112,12 +112,19 @@ def remove_stale_temps(output_dir: str) -> None:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
-def rotate_checkpoints(output_dir: str, limit: int | None) -> None:
-    """Keep the newest ``limit`` checkpoints (all when ``limit`` is falsy)."""
+def rotate_checkpoints(output_dir: str, limit: int | None, keep: str) -> None:
+    """Keep ``keep`` (the checkpoint just written) and the newest ``limit - 1`` others (all when
+    ``limit`` is falsy). After resuming from an older checkpoint, the abandoned run's later ones
+    count as older than ``keep``. Each is renamed to a temp name before deletion, so a crash
+    mid-delete leaves nothing that looks like a checkpoint."""
     if not limit:
         return
-    for _, path in list_checkpoints(output_dir)[:-limit]:
-        shutil.rmtree(path, ignore_errors=True)
+    keep = os.path.abspath(keep)
+    others = [path for _, path in list_checkpoints(output_dir) if os.path.abspath(path) != keep]
+    for path in others[: max(len(others) - (limit - 1), 0)]:
+        doomed = tempfile.mkdtemp(prefix=TEMP_PREFIX + "old-", dir=output_dir)
+        os.replace(path, os.path.join(doomed, "checkpoint"))
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 # --- writing atomically -----------------------------------------------------------------------------
@@ -161,7 +168,11 @@ def temp_directory(final_path: str) -> str:
     """A fresh temp folder beside ``final_path`` (``remove_stale_temps`` clears one a kill left)."""
     parent = os.path.dirname(os.path.abspath(final_path))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final_path)}-", dir=parent)
+    temp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final_path)}-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o777 & ~umask)  # mkdtemp makes it owner-only; save_pretrained's folders are not
+    return temp
 
 
 def publish(temp: str, final_path: str) -> None:

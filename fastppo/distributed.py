@@ -118,6 +118,15 @@ def sum_over_processes(value: float, accelerator: Accelerator) -> float:
     return float(accelerator.reduce(total, "sum"))
 
 
+def mean_over_processes(values: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """Each value's mean over the processes, in one collective (every process passes the same keys)."""
+    if accelerator.num_processes == 1 or not values:
+        return values
+    stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=accelerator.device)
+    means = accelerator.reduce(stacked, "sum") / accelerator.num_processes
+    return dict(zip(values, means.tolist(), strict=True))
+
+
 def merge_metric_sums(
     state: dict[str, dict[str, float]], accelerator: Accelerator
 ) -> dict[str, dict[str, float]]:

@@ -218,6 +218,34 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint-1"]
 
 
+@pytest.mark.parametrize(("limit", "left"), [(1, ["checkpoint-3"]), (2, ["checkpoint-3", "checkpoint-4"])])
+def test_rotation_keeps_the_checkpoint_just_written(tmp_path, limit, left):
+    """Resumed from checkpoint-2 while the abandoned run's checkpoint-4 exists: the new checkpoint-3
+    is kept whatever its step number, and the others go oldest first."""
+    for step in (2, 3, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    ckpt.rotate_checkpoints(str(tmp_path), limit, keep=str(tmp_path / "checkpoint-3"))
+    ckpt.remove_stale_temps(str(tmp_path))  # what a crash mid-delete would leave is a temp folder
+    assert sorted(os.listdir(tmp_path)) == left
+
+
+def test_checkpoint_folders_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        temp = ckpt.temp_directory(str(tmp_path / "checkpoint-1"))
+    finally:
+        os.umask(old)
+    assert os.stat(temp).st_mode & 0o777 == 0o755  # readable by others, as save_pretrained's folders
+
+
+def test_resuming_a_finished_run_trains_no_further(tmp_path):
+    make_trainer(tmp_path, save_strategy="steps", save_steps=2).train()
+    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=1)
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 2
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 def test_lora_adapters_round_trip(tmp_path):
     from peft import LoraConfig, get_peft_model
 

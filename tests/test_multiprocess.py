@@ -159,3 +159,12 @@ def test_sharded_ppo_matches_unsharded_and_resumes_exactly(tmp_path):
     resumed = launch(split, 4, "ppo", 29530, "second", env)
     assert resumed["losses"] == pytest.approx(got["losses"], rel=1e-5, abs=1e-7)
     assert resumed["checksum"] == pytest.approx(got["checksum"], rel=1e-6)
+
+
+def test_a_nan_loss_on_one_process_skips_the_step_on_every_process(tmp_path):
+    """The skip decision is taken on the loss averaged over processes: process 1's NaN first
+    minibatch skips step 1 everywhere (no hang in the logging collectives, no drift apart)."""
+    summary = launch(tmp_path, 8, "grpo", 29531, env={"NAN_ON_RANK1": "1"})
+    assert summary["skipped"] == 1 and len(summary["losses"]) == 2  # step 1's NaN loss is not logged
+    checksums = [json.loads((tmp_path / f"checksum-{rank}.json").read_text()) for rank in (0, 1)]
+    assert checksums[0] == checksums[1]

@@ -283,7 +283,10 @@ class TrainerBase:
             grad_norm = float(self.accelerator.clip_grad_norm_(params, max_norm))  # CPU sync, once a step
         else:
             grad_norm = sharding.clip_grad_norm(params, max_norm)
-        loss, scaler = self._window_loss, self.accelerator.scaler
+        # the mean over processes (a NaN anywhere stays NaN): every process then takes the same
+        # decision below, and logs the same values (the next collectives depend on them)
+        loss = sum_over_processes(self._window_loss, self.accelerator) / self.accelerator.num_processes
+        scaler = self.accelerator.scaler
         verdict = self.guard.check(
             loss, grad_norm, self.state.global_step + 1, scaler_overflow_ok=scaler is not None
         )
@@ -359,9 +362,8 @@ class TrainerBase:
     def _add_training_metrics(self, record: dict[str, float]) -> None:
         now = time.perf_counter()
         accelerator = self.accelerator
-        if self._steps_loss:  # each process's loss is a mean over its rows: their mean is the batch's
-            mean = sum(self._steps_loss) / len(self._steps_loss)
-            record["loss"] = sum_over_processes(mean, accelerator) / accelerator.num_processes
+        if self._steps_loss:  # already means over the processes (end_micro_step)
+            record["loss"] = sum(self._steps_loss) / len(self._steps_loss)
             self._steps_loss = []
         self.metrics.load_state_dict(merge_metric_sums(self.metrics.state_dict(), accelerator))
         record.update(self.metrics.flush())
@@ -459,7 +461,7 @@ class TrainerBase:
             accelerator.wait_for_everyone()
             if main:
                 ckpt.publish(temp, path)
-                ckpt.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+                ckpt.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, keep=path)
         except BaseException:
             if main:
                 shutil.rmtree(temp, ignore_errors=True)
@@ -470,14 +472,22 @@ class TrainerBase:
 
     def load_checkpoint(self, path: str) -> None:
         """Restore a ``save_checkpoint`` folder into this trainer (after ``begin_training`` built the
-        optimizer and scheduler): weights first (a checkpoint of another model shape is a ValueError
-        before anything changes), then optimizer, scheduler, state, RNGs, and ``restore_extras``."""
+        optimizer and scheduler). Checked before anything changes: the fsdp setting, the process count
+        and (a checkpoint of another model shape) the weights' shapes; then optimizer, scheduler,
+        state, RNGs, and ``restore_extras``."""
         path = ckpt.resolve_resume(path, self.args.output_dir)
         saved_sharded = os.path.isdir(os.path.join(path, sharding.OPTIMIZER_DIR))
         if saved_sharded != (self.sharding is not None):
             raise ValueError(
                 f"{path!r} was saved {'with' if saved_sharded else 'without'} fsdp and this run is "
                 f"{'not ' if self.sharding is None else ''}sharded: resume with the same fsdp setting"
+            )
+        # the main process's counters say how many processes wrote the checkpoint (every run has one)
+        saved_processes = ckpt.load_torch(path, ckpt.BASE_FILE).get("num_processes", 1)
+        if saved_processes != self.accelerator.num_processes:
+            raise ValueError(
+                f"{path!r} was saved by {saved_processes} process(es) but this run has "
+                f"{self.accelerator.num_processes}: resume with the same number of processes"
             )
         ckpt.load_pretrained_weights(self.accelerator.unwrap_model(self.model), path)
         try:
@@ -499,14 +509,7 @@ class TrainerBase:
         self.state.log_history = saved.log_history
         self.state.num_input_tokens_seen = saved.num_input_tokens_seen
         rank = self.accelerator.process_index
-        base = ckpt.load_torch(path, ckpt.rank_file(ckpt.BASE_FILE, rank))
-        saved_processes = base.get("num_processes", 1)
-        if saved_processes != self.accelerator.num_processes:
-            raise ValueError(
-                f"{path!r} was saved by {saved_processes} process(es) but this run has "
-                f"{self.accelerator.num_processes}: resume with the same number of processes"
-            )
-        self._load_base_state(base)
+        self._load_base_state(ckpt.load_torch(path, ckpt.rank_file(ckpt.BASE_FILE, rank)))
         ckpt.restore_rng_state(ckpt.load_torch(path, ckpt.rank_file(ckpt.RNG_FILE, rank)), self.generators())
         self.restore_extras(ckpt.load_torch(path, ckpt.rank_file(ckpt.EXTRAS_FILE, rank)))
 

@@ -158,8 +158,8 @@ class GRPOTrainer(TrainerBase):
         batches = self._prompt_batches()
         for _ in range(self._rollouts_drawn):  # prompts of the rollouts before the checkpoint
             next(batches)
-        stop = False
-        if self._buffer is not None:  # the checkpoint fell inside a rollout's optimisation: finish it
+        stop = self.state.global_step >= self.state.max_steps  # resumed from the run's last step
+        if not stop and self._buffer is not None:  # the checkpoint fell inside a rollout: finish it
             stop = self._optimise(self._buffer, done=self._buffer_done)
         while not stop:
             rows = next(batches)  # endless: the step count ends training

@@ -42,7 +42,7 @@ from ..advantages import (
     shaped_rewards,
 )
 from ..checkpoint import resolve_resume
-from ..distributed import rank_rows
+from ..distributed import mean_over_processes, rank_rows
 from ..kernels.ppo_loss import PolicyLossSettings, PolicyLossStats
 from ..logging import print_completions
 from ..modeling import build_policy, check_model_source, eos_token_ids, switch_off_dropout
@@ -222,8 +222,8 @@ class PPOTrainer(TrainerBase):
         batches = prompt_batches(self.train_dataset, args.batch_size, args.data_seed or args.seed)
         for _ in range(self._rollouts_drawn):  # prompts of the rollouts before the checkpoint
             next(batches)
-        stop = False
-        if self._buffer is not None:  # the checkpoint fell inside a rollout's optimisation: finish it
+        stop = self.state.global_step >= self.state.max_steps  # resumed from the run's last step
+        if not stop and self._buffer is not None:  # the checkpoint fell inside a rollout: finish it
             stop = self._optimise(self._buffer, done=self._buffer_done)
         while not stop:
             rows = next(batches)[rank_rows(args.batch_size, self.accelerator, "batch_size")]
@@ -441,8 +441,9 @@ class PPOTrainer(TrainerBase):
     # --- metrics ------------------------------------------------------------------------------------
 
     def _log_rollout(self, rollout: Rollout, record: RolloutRecord) -> None:
-        """Legacy TRL's objective/* metrics (per-sequence sums averaged over the rollout), val/*; they
-        describe the rollout, so every log record carries the latest rollout's values."""
+        """Legacy TRL's objective/* metrics (per-sequence sums averaged over the rollout, and over the
+        processes), val/*; they describe the rollout, so every log record carries the latest
+        rollout's values."""
         batch = record.batch
         mask = batch.loss_mask.float()
         non_score = float((-self.args.kl_coef * record.kl).sum(1).mean())
@@ -464,6 +465,7 @@ class PPOTrainer(TrainerBase):
         }
         if self.reference is not None:  # without a reference (kl_coef == 0) there is no KL to report
             metrics["objective/kl"] = float(record.kl.sum(1).mean())
+        metrics = mean_over_processes(metrics, self.accelerator)  # every process has as many rows
         self._rollout_metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
 
     def _record_minibatch(

@@ -15,6 +15,7 @@ from it. ``first`` then ``second`` must log what ``full`` logs.
 Environment: ``SHARDED=1`` trains with ``fsdp=True`` (FSDP2 over the processes);
 ``SAMPLER=generate`` samples with ``model.generate`` instead (each process draws its own rows from its
 own RNG, so a sharded and an unsharded two-process run sample the same completions).
+``NAN_ON_RANK1=1`` makes process 1's first GRPO minibatch loss NaN (process 0's stays finite).
 
 Usage: python data_parallel_run.py OUT_DIR PER_DEVICE_BATCH [grpo|ppo] [PHASE]
 """
@@ -117,7 +118,24 @@ class StopAfterFirstStep(TrainerCallback):
         control.should_training_stop = True
 
 
+def poison_first_loss_on_rank1() -> None:
+    import fastppo.trainer.grpo as grpo
+
+    clean, calls = grpo.policy_loss, []
+
+    def policy_loss(*args, **kwargs):
+        loss, stats = clean(*args, **kwargs)
+        calls.append(None)
+        if os.environ.get("RANK") == "1" and len(calls) == 1:
+            loss = loss * float("nan")
+        return loss, stats
+
+    grpo.policy_loss = policy_loss
+
+
 def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
+    if os.environ.get("NAN_ON_RANK1") == "1":
+        poison_first_loss_on_rank1()
     tokenizer = build_tokenizer()
     sampler = (
         None
@@ -142,8 +160,17 @@ def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
         reward_key = "reward" if algo == "grpo" else "objective/scores"
         rewards = [r[reward_key] for r in trainer.state.log_history if reward_key in r]
         with open(f"{out_dir}/summary.json", "w") as f:
-            sharded = is_sharded(trainer.model)
-            json.dump({"losses": losses, "rewards": rewards, "checksum": checksum, "sharded": sharded}, f)
+            sharded, skipped = is_sharded(trainer.model), trainer.guard.skipped
+            json.dump(
+                {
+                    "losses": losses,
+                    "rewards": rewards,
+                    "checksum": checksum,
+                    "sharded": sharded,
+                    "skipped": skipped,
+                },
+                f,
+            )
     trainer.accelerator.end_training()  # the process group is destroyed before the interpreter exits
 
 
