@@ -27,7 +27,7 @@ from .kernels.ppo_loss import PolicyLossSettings, PolicyLossStats, policy_object
 from .memory.packing import PackedBatch, pack, unpack
 from .memory.trunk import Trunk, policy_top, run_trunk, unwrap_peft
 from .rollout import Rollout
-from .sharding import is_sharded, reshard
+from .sharding import final_hidden_states, is_sharded, reshard
 
 # Config attributes that rescale logits after lm_head (Gemma-2 soft-capping, Cohere/Granite scales):
 # the fused path multiplies hidden states by the bare lm_head weight, so it would silently differ.
@@ -173,15 +173,11 @@ def completion_hidden_states(
     if shared is not None:
         return shared.inputs.completion_positions(policy_top(model, shared.trunk))
     inputs = forward_inputs(batch, padding_free)
-    if is_sharded(model):
-        # The embedding and final norm live in the root FSDP unit, which only the model's own forward
-        # gathers: run it with no logits kept. The root is then gathered (again, after a no-grad
-        # forward resharded it) for the lm_head weight the kernel reads; backward or
-        # ``score_logprobs`` frees it.
+    if is_sharded(model):  # through the model's own forward, no logits kept (fastppo.sharding)
         no_logits = torch.empty(0, dtype=torch.long, device=batch.completion_ids.device)
-        out = model(**inputs.kwargs, logits_to_keep=no_logits, output_hidden_states=True)
-        model.unshard()  # the root unit only (not recursive)
-        return inputs.completion_positions(out.hidden_states[-1])
+        return inputs.completion_positions(
+            final_hidden_states(model, inputs.kwargs, logits_to_keep=no_logits)
+        )
     return inputs.completion_positions(decoder(**inputs.kwargs).last_hidden_state)
 
 

@@ -22,12 +22,13 @@ What sharding changes, and why:
   - checkpoints: the full weights are gathered for ``save_pretrained``; the optimizer state is written
     sharded with ``torch.distributed.checkpoint`` and read back by the same number of processes.
 
-PPOTrainer shards its policy and reference the same way; its value head on the policy is small and
-stays whole on every process (its gradient all-reduced, as in plain data parallelism).
+PPOTrainer shards its policy, reference and a separate value model the same way; a value head on
+the policy is small and stays whole on every process (its gradient all-reduced, as in plain data
+parallelism).
 
 Not supported with sharding (a ValueError says so): FSDP1, CPU offload, ``num_frozen_layers``, PEFT
-adapters, fp16, a separate PPO ``value_model``, DeepSpeed. 8-bit optimizers fall back to
-``adamw_torch`` (warned). Reward models are not sharded (each process holds a whole copy).
+adapters, fp16, DeepSpeed. 8-bit optimizers fall back to ``adamw_torch`` (warned). Reward models are
+not sharded (each process holds a whole copy).
 """
 
 from __future__ import annotations
@@ -162,6 +163,16 @@ def shard(model: nn.Module, settings: ShardingSettings) -> None:
         fully_shard(layer, reshard_after_forward=settings.reshard_after_forward)
     fully_shard(model, reshard_after_forward=settings.reshard_after_forward)
     _SHARDED[model] = settings
+
+
+def final_hidden_states(model: nn.Module, inputs: dict[str, Any], **extra: Any) -> torch.Tensor:
+    """``[B, L, H]`` last (normed) hidden states of a sharded model through its own forward: the
+    root unit (embedding, final norm, heads) is gathered only there. The root is left gathered (again,
+    after a no-grad forward resharded it) for the head the caller applies to them; backward or
+    ``reshard`` frees it."""
+    out = model(**inputs, output_hidden_states=True, **extra)
+    model.unshard()  # the root unit only (not recursive)
+    return out.hidden_states[-1]
 
 
 def _units(model: nn.Module) -> list[FSDPModule]:

@@ -13,6 +13,7 @@ from torch import nn
 from .advantages import masked_mean
 from .memory.critic import TrunkValueModel, ValueHead, fp32_linear
 from .scoring import PolicyBatch, TrunkPass, sequence_inputs, trunk_pass
+from .sharding import final_hidden_states, full_state_dict, is_sharded
 
 
 class ValueLoss(NamedTuple):
@@ -68,7 +69,9 @@ class Critic(Protocol):
 
     def trained_modules(self) -> list[nn.Module]: ...
 
-    def save(self, output_dir: str) -> None: ...
+    def save(self, output_dir: str, main_process: bool) -> None:
+        """Write the critic next to the policy; called on every process (a sharded critic gathers)."""
+        ...
 
 
 class PolicyValueHead:
@@ -93,8 +96,9 @@ class PolicyValueHead:
     def trained_modules(self) -> list[nn.Module]:
         return [self.head]
 
-    def save(self, output_dir: str) -> None:
-        save_file(self.head.state_dict(), os.path.join(output_dir, self.FILE))
+    def save(self, output_dir: str, main_process: bool) -> None:
+        if main_process:
+            save_file(self.head.state_dict(), os.path.join(output_dir, self.FILE))
 
 
 class OwnLayersCritic:
@@ -116,11 +120,12 @@ class OwnLayersCritic:
     def trained_modules(self) -> list[nn.Module]:
         return [self.model]
 
-    def save(self, output_dir: str) -> None:
-        save_file(
-            {k: v.contiguous() for k, v in self.model.state_dict().items()},
-            os.path.join(output_dir, self.FILE),
-        )
+    def save(self, output_dir: str, main_process: bool) -> None:
+        if main_process:
+            save_file(
+                {k: v.contiguous() for k, v in self.model.state_dict().items()},
+                os.path.join(output_dir, self.FILE),
+            )
 
 
 class SeparateValueModel:
@@ -134,13 +139,15 @@ class SeparateValueModel:
         self.model, self.backbone, self.score = model, *backbone_and_score(model, "value_model")
 
     def values(self, batch, policy_hidden=None, shared=None) -> torch.Tensor:
-        return per_position_scores(self.backbone, self.score, batch)
+        return per_position_scores(self.model, batch)
 
     def trained_modules(self) -> list[nn.Module]:
         return [self.model]
 
-    def save(self, output_dir: str) -> None:
-        self.model.save_pretrained(os.path.join(output_dir, self.DIRECTORY))
+    def save(self, output_dir: str, main_process: bool) -> None:
+        weights = full_state_dict(self.model) if is_sharded(self.model) else None  # all processes
+        if main_process:
+            self.model.save_pretrained(os.path.join(output_dir, self.DIRECTORY), state_dict=weights)
 
 
 def backbone_and_score(model: nn.Module, name: str) -> tuple[nn.Module, nn.Linear]:
@@ -156,11 +163,20 @@ def backbone_and_score(model: nn.Module, name: str) -> tuple[nn.Module, nn.Linea
     return backbone, score
 
 
-def per_position_scores(backbone: nn.Module, score: nn.Linear, batch: PolicyBatch) -> torch.Tensor:
+def sequence_hidden_states(model: nn.Module, batch: PolicyBatch, name: str) -> tuple[torch.Tensor, nn.Linear]:
+    """(``[b, Lp + Lc, H]`` the backbone's last hidden states over prompt + completion, ``score``) of
+    a sequence-classification model; a sharded one runs its own forward (``fastppo.sharding``)."""
+    backbone, score = backbone_and_score(model, name)
+    if is_sharded(model):
+        return final_hidden_states(model, sequence_inputs(batch), use_cache=False), score
+    return backbone(**sequence_inputs(batch), use_cache=False).last_hidden_state, score
+
+
+def per_position_scores(model: nn.Module, batch: PolicyBatch) -> torch.Tensor:
     """``[b, Lc]`` fp32 ``score(backbone(prompt + completion))`` at the positions before each
     completion token (a critic), whose last real entry is a reward model's score of the whole
     completion read one position later (``completion_scores``)."""
-    hidden = backbone(**sequence_inputs(batch), use_cache=False).last_hidden_state
+    hidden, score = sequence_hidden_states(model, batch, "value_model")
     start = batch.prompt_ids.shape[1] - 1  # the state before completion token t is position start + t
     return fp32_linear(score, hidden[:, start : start + batch.completion_ids.shape[1]]).squeeze(-1)
 
@@ -169,8 +185,7 @@ def completion_scores(reward_model: nn.Module, batch: PolicyBatch) -> torch.Tens
     """``[b]`` a sequence-classification reward model's score of prompt + completion, read at the
     completion's last token from the token ids themselves (legacy TRL's ``get_reward``): no decoding
     and re-tokenising, which would drop special tokens such as EOS."""
-    backbone, score = backbone_and_score(reward_model, "reward_model")
-    hidden = backbone(**sequence_inputs(batch), use_cache=False).last_hidden_state  # [b, Lp + Lc, H]
+    hidden, score = sequence_hidden_states(reward_model, batch, "reward_model")  # [b, Lp + Lc, H]
     last = batch.prompt_ids.shape[1] + batch.completion_mask.sum(1) - 1  # [b] position of the last token
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return fp32_linear(score, picked).squeeze(-1)

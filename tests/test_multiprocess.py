@@ -118,7 +118,7 @@ def test_sharded_training_matches_unsharded_data_parallel(tmp_path):
     plain.mkdir(), sharded.mkdir()
     expected = launch(plain, 8, "grpo", 29522, env={"SAMPLER": "generate"})
     got = launch(sharded, 8, "grpo", 29523, env={"SAMPLER": "generate", "SHARDED": "1"})
-    assert got["sharded"] and not expected["sharded"]
+    assert got["sharded"] == 1 and not expected["sharded"]
     assert len(got["losses"]) == 3
     assert got["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-7)
     assert got["rewards"] == pytest.approx(expected["rewards"], rel=1e-5)
@@ -142,17 +142,21 @@ def test_sharded_run_resumes_exactly_from_inside_a_rollout(tmp_path):
     assert resumed["checksum"] == pytest.approx(expected["checksum"], rel=1e-6)
 
 
-def test_sharded_ppo_matches_unsharded_and_resumes_exactly(tmp_path):
-    """PPO with fsdp: the policy and reference copy sharded, the value head whole on every process.
-    It trains as the unsharded two-process run, and a sharded run stopped inside its rollout
-    resumes exactly (the optimizer state of policy and head through torch.distributed.checkpoint)."""
+@pytest.mark.parametrize("critic", ["value_head", "value_model"])
+def test_sharded_ppo_matches_unsharded_and_resumes_exactly(tmp_path, critic):
+    """PPO with fsdp: the policy, the reference copy and a separate value model sharded; a value head
+    stays whole on every process. It trains as the unsharded two-process run, and a sharded run
+    stopped inside its rollout resumes exactly (optimizer state of policy and critic through
+    torch.distributed.checkpoint, each process's critic shards in its extras)."""
     plain, full, split = tmp_path / "plain", tmp_path / "full", tmp_path / "split"
     for folder in (plain, full, split):
         folder.mkdir()
-    env = {"SAMPLER": "generate", "SHARDED": "1"}
-    expected = launch(plain, 4, "ppo", 29527, env={"SAMPLER": "generate"})
+    unsharded = {"SAMPLER": "generate", "VALUE_MODEL": str(int(critic == "value_model"))}
+    env = {**unsharded, "SHARDED": "1"}
+    expected = launch(plain, 4, "ppo", 29527, env=unsharded)
     got = launch(full, 4, "ppo", 29528, "full", env)
-    assert got["sharded"] and len(got["losses"]) == 4
+    assert got["sharded"] == (2 if critic == "value_model" else 1) and not expected["sharded"]
+    assert len(got["losses"]) == 4
     assert got["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-7)
     assert got["checksum"] == pytest.approx(expected["checksum"], rel=1e-6)
     launch(split, 4, "ppo", 29529, "first", env)
@@ -168,3 +172,28 @@ def test_a_nan_loss_on_one_process_skips_the_step_on_every_process(tmp_path):
     assert summary["skipped"] == 1 and len(summary["losses"]) == 2  # step 1's NaN loss is not logged
     checksums = [json.loads((tmp_path / f"checksum-{rank}.json").read_text()) for rank in (0, 1)]
     assert checksums[0] == checksums[1]
+
+
+def test_groups_that_cannot_split_across_processes_are_refused_upfront(monkeypatch, tmp_path):
+    from accelerate import Accelerator
+
+    from fastppo import GRPOConfig, GRPOTrainer
+    from fastppo.demo import build_dataset, build_policy, build_tokenizer, says_word
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    tokenizer = build_tokenizer()
+    config = GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        steps_per_generation=1,
+        report_to="none",
+    )
+    with pytest.raises(ValueError, match="1 prompts, which must split evenly across the 2 processes"):
+        GRPOTrainer(
+            model=build_policy(tokenizer, seed=0),
+            reward_funcs=says_word,
+            args=config,
+            train_dataset=build_dataset(size=8, seed=0),
+            processing_class=tokenizer,
+        )

@@ -92,18 +92,23 @@ def test_fsdp_config_defaults_the_optimizer_to_unsharded_8bit_free_adamw(tmp_pat
     assert str(getattr(config.optim, "value", config.optim)) == "adamw_torch"
 
 
-def test_ppo_trainer_refuses_a_separate_value_model_when_sharded(monkeypatch, tmp_path):
+def test_sharded_ppo_needs_the_value_models_pad_token(monkeypatch, tmp_path):
+    from transformers import LlamaForSequenceClassification
+
     monkeypatch.setattr("fastppo.sharding.sharding_settings", lambda args, accelerator: ShardingSettings())
     tokenizer = build_tokenizer()
+    policy = build_policy(tokenizer, seed=0)
+    critic_config = policy.config.__class__(**{**policy.config.to_dict(), "num_labels": 1})
+    critic_config.pad_token_id = None
     config = PPOConfig(output_dir=str(tmp_path), report_to="none", disable_tqdm=True, response_length=3)
-    with pytest.raises(ValueError, match="fsdp with a separate value_model is not supported"):
+    with pytest.raises(ValueError, match="needs value_model.config.pad_token_id"):
         PPOTrainer(
             config,
             tokenizer,
-            build_policy(tokenizer, seed=0),
+            policy,
             reward_model=says_word,
             train_dataset=build_dataset(size=8, seed=0),
-            value_model=torch.nn.Linear(1, 1),
+            value_model=LlamaForSequenceClassification(critic_config),
         )
 
 

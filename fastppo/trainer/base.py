@@ -165,15 +165,17 @@ class TrainerBase:
         """Modules whose trainable parameters the optimizer steps (PPO adds its critic)."""
         return [self.model]
 
-    def shard_policy_and_reference(self, reference: Any) -> None:
-        """With fsdp: the policy and a frozen reference copy (``FrozenCopyReference.model``), each
-        sharded in place (``fastppo.sharding``) after every process took the main process's weights.
-        Called by subclasses before the optimizer exists, so it is built over the shards."""
+    def shard_policy_and_reference(self, reference: Any, *others: nn.Module) -> None:
+        """With fsdp: the policy, a frozen reference copy (``FrozenCopyReference.model``) and
+        ``others`` (a separate value model), each sharded in place (``fastppo.sharding``) after every
+        process took the main process's weights. Called by subclasses before the optimizer exists,
+        so it is built over the shards."""
         if self.sharding is None:
             return
         if has_adapters(self.model):
             raise ValueError("fsdp with a PEFT (LoRA) policy is not supported yet; train it unsharded")
-        models = [self.model, *([reference.model] if isinstance(reference, FrozenCopyReference) else [])]
+        copy = [reference.model] if isinstance(reference, FrozenCopyReference) else []
+        models = [self.model, *copy, *others]
         broadcast_parameters(models, self.accelerator)
         for module in models:
             sharding.shard(module, self.sharding)
@@ -380,6 +382,7 @@ class TrainerBase:
         """Close the progress bar, draw the reward curve (``self.reward_plot``), fire on_train_end."""
         if self.progress is not None:
             self.progress.close()
+        self.accelerator.wait_for_everyone()  # every process leaves train() with its collectives done
         self.reward_plot = plot_reward_curve(
             self.state.log_history,
             os.path.join(self.args.output_dir, REWARD_PLOT_FILE),

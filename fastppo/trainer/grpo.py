@@ -111,6 +111,13 @@ class GRPOTrainer(TrainerBase):
             disable_dropout=args.disable_dropout,
         )
         super().__init__(args, policy, tokenizer, callbacks, optimizers)
+        prompts, processes = self._prompts_per_rollout, self.accelerator.num_processes
+        if prompts % processes:  # checked now, not at the first rollout
+            raise ValueError(
+                f"a rollout has generation_batch_size / num_generations = {prompts} prompts, which must "
+                f"split evenly across the {processes} processes (each prompt's group stays on one "
+                "process): raise generation_batch_size or lower num_generations"
+            )
         self.model.to(self.device)
         self.eos_token_ids = eos_token_ids(policy, tokenizer)
         self.rewards = load_rewards(

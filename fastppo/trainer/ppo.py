@@ -62,6 +62,7 @@ from ..scoring import (
     plain_token_logprobs,
     trunk_pass,
 )
+from ..sharding import load_local_state_dict, local_state_dict
 from ..value import (
     Critic,
     OwnLayersCritic,
@@ -141,13 +142,13 @@ class PPOTrainer(TrainerBase):
             disable_dropout=True,  # legacy TRL: dropout would make the recorded log-probs stale
         )
         super().__init__(args, policy, tokenizer, callbacks, optimizers)
-        if self.sharding is not None and value_model is not None:
-            raise ValueError(
-                "fsdp with a separate value_model is not supported yet (it is not sharded); use the "
-                "default critic (a value head on the policy) or train without fsdp"
-            )
         self.model.to(self.device)
         self.critic: Critic = self._build_critic(value_model)
+        if self.sharding is not None and value_model is not None and value_model.config.pad_token_id is None:
+            raise ValueError(
+                "fsdp shards the value_model and runs its own forward, whose pooled output needs "
+                "value_model.config.pad_token_id: set it (e.g. to the tokenizer's pad id)"
+            )
         add_critic_to_optimizer(optimizers[0], self.critic)
         self.eos_only = eos_token_ids(policy, tokenizer)  # what missing_eos_penalty looks for
         stop_id = args.stop_id(tokenizer.eos_token_id)
@@ -166,7 +167,8 @@ class PPOTrainer(TrainerBase):
             num_frozen_layers=args.num_frozen_layers,
             ref_model=None if ref_model is None else ref_model.to(self.device),
         )
-        self.shard_policy_and_reference(self.reference)
+        critic_model = [self.critic.model] if isinstance(self.critic, SeparateValueModel) else []
+        self.shard_policy_and_reference(self.reference, *critic_model)
         self.sampler = sampler or GenerateSampler(self.model, tokenizer.pad_token_id, self.eos_token_ids)
         self.loss_settings = PolicyLossSettings(
             clip_low=args.cliprange, beta=0.0, loss_type="bnpo", temperature=args.temperature
@@ -539,8 +541,7 @@ class PPOTrainer(TrainerBase):
         """The policy and tokenizer (``save_pretrained``), and the critic next to them (field note 9)."""
         output_dir = output_dir or self.args.output_dir
         super().save_model(output_dir, _internal_call)
-        if self.accelerator.is_main_process:
-            self.critic.save(output_dir)
+        self.critic.save(output_dir, self.accelerator.is_main_process)  # every process: it may gather
 
     def generators(self) -> dict[str, torch.Generator]:
         return {"shuffle": self._shuffle}
@@ -554,7 +555,7 @@ class PPOTrainer(TrainerBase):
             "rollouts_drawn": self._rollouts_drawn,
             "buffer_done": 0 if finished else self._buffer_done,
             "buffer": None if finished else _buffer_dict(buffer),
-            "critic": [m.state_dict() for m in self.critic.trained_modules()],
+            "critic": [local_state_dict(m) for m in self.critic.trained_modules()],  # own shards
             "rollout_metrics": dict(self._rollout_metrics),
             "ratio_means": list(self._ratio_means),
         }
@@ -566,7 +567,7 @@ class PPOTrainer(TrainerBase):
         buffer = extras["buffer"]
         self._buffer = None if buffer is None else _buffer_from_dict(buffer, self.device)
         for module, state in zip(self.critic.trained_modules(), extras["critic"], strict=True):
-            module.load_state_dict(state)
+            load_local_state_dict(module, state)
         self._rollout_metrics = dict(extras["rollout_metrics"])
         self._ratio_means = list(extras["ratio_means"])
 

@@ -15,6 +15,7 @@ from it. ``first`` then ``second`` must log what ``full`` logs.
 Environment: ``SHARDED=1`` trains with ``fsdp=True`` (FSDP2 over the processes);
 ``SAMPLER=generate`` samples with ``model.generate`` instead (each process draws its own rows from its
 own RNG, so a sharded and an unsharded two-process run sample the same completions).
+``VALUE_MODEL=1`` gives PPO a separate value model (a sequence-classification Llama) as its critic.
 ``NAN_ON_RANK1=1`` makes process 1's first GRPO minibatch loss NaN (process 0's stays finite).
 
 Usage: python data_parallel_run.py OUT_DIR PER_DEVICE_BATCH [grpo|ppo] [PHASE]
@@ -28,7 +29,7 @@ import sys
 
 import torch
 from torch.distributed.tensor import DTensor
-from transformers import TrainerCallback
+from transformers import LlamaForSequenceClassification, TrainerCallback
 
 from fastppo import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
 from fastppo.demo import build_dataset, build_policy, build_tokenizer, says_word
@@ -103,13 +104,21 @@ def ppo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler, phase: 
         disable_tqdm=True,
         seed=0,
     )
+    policy = build_policy(tokenizer, seed=0)
+    value_model = None
+    if os.environ.get("VALUE_MODEL") == "1":
+        torch.manual_seed(1)
+        value_model = LlamaForSequenceClassification(
+            policy.config.__class__(**{**policy.config.to_dict(), "num_labels": 1})
+        )
     return PPOTrainer(
         config,
         tokenizer,
-        build_policy(tokenizer, seed=0),
+        policy,
         reward_model=says_word,
         train_dataset=build_dataset(size=64, seed=0),
         sampler=sampler,
+        value_model=value_model,
     )
 
 
@@ -160,7 +169,8 @@ def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
         reward_key = "reward" if algo == "grpo" else "objective/scores"
         rewards = [r[reward_key] for r in trainer.state.log_history if reward_key in r]
         with open(f"{out_dir}/summary.json", "w") as f:
-            sharded, skipped = is_sharded(trainer.model), trainer.guard.skipped
+            sharded = sum(is_sharded(m) for m in modules)  # trained modules sharded: policy, value model
+            skipped = trainer.guard.skipped
             json.dump(
                 {
                     "losses": losses,
@@ -171,8 +181,14 @@ def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
                 },
                 f,
             )
+    trainer.accelerator.wait_for_everyone()  # no process tears down while another still communicates
     trainer.accelerator.end_training()  # the process group is destroyed before the interpreter exits
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), *(sys.argv[3:] + ["grpo", ""][len(sys.argv) - 3 :]))
+    # Everything is written and the process group destroyed. Skip interpreter finalization, where
+    # gloo's worker threads occasionally abort the process (SIGABRT, "terminate called without an
+    # active exception"; pytorch/pytorch#179291) after a sharded run under load.
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
