@@ -455,6 +455,26 @@ def test_greedy_evaluation(model_dir, tmp_path):
     assert first["eval_completions/mean_length"] > 0
 
 
+def test_sampled_evaluation_does_not_change_training(model_dir, tmp_path):
+    """Evaluation samples from a forked RNG: a run evaluating every step trains exactly as one that
+    never evaluates (so a resumed run with eval_on_start matches an uninterrupted one)."""
+    logged = []
+    for evaluating in (False, True):
+        schedule = dict(eval_strategy="steps", eval_steps=1, eval_on_start=True) if evaluating else {}
+        args = config(tmp_path / str(evaluating), max_steps=2, per_device_eval_batch_size=4, **schedule)
+        trainer = GRPOTrainer(
+            model=model_dir,
+            reward_funcs=id_reward,
+            args=args,
+            train_dataset=dataset(),
+            eval_dataset=dataset(2),
+        )
+        trainer.train()
+        logged.append([(r["loss"], r["reward"]) for r in trainer.state.log_history if "loss" in r])
+    assert any("eval_reward" in r for r in trainer.state.log_history)
+    assert logged[0] == logged[1]
+
+
 def test_evaluation_during_training_is_logged_apart(model_dir, tmp_path):
     args = config(tmp_path, eval_strategy="steps", eval_steps=1, max_steps=2, per_device_eval_batch_size=4)
     trainer = GRPOTrainer(

@@ -16,6 +16,7 @@ through three hooks, all called at an optimizer-step boundary:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -153,6 +154,12 @@ class TrainerBase:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    def untouched_rng(self) -> contextlib.AbstractContextManager:
+        """Evaluation samples from a fork of torch's RNG (CPU and this GPU), so training's random
+        stream, and with it an exact resume, does not depend on when or whether evaluation ran."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
 
     # --- optimisation -------------------------------------------------------------------------------
 

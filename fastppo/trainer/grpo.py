@@ -391,7 +391,7 @@ class GRPOTrainer(TrainerBase):
         extra = {"trainer_state": self.state, "log_metric": logged.add, "log_extra": lambda *a, **k: None}
         for start in range(0, len(dataset), per_call):
             rows = [dataset[i] for i in range(start, min(start + per_call, len(dataset)))]
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), self.untouched_rng():
                 rollout = sample_rollout(
                     self.sampler,
                     self.processing_class,

@@ -303,13 +303,18 @@ class PPOTrainer(TrainerBase):
         a trunk critic and a shared-trunk reference."""
         args = self.args
         shared = None
-        if args.num_frozen_layers is not None and args.use_fused_kernels:
+        if args.num_frozen_layers is not None:
             shared = trunk_pass(self.model, chunk, args.num_frozen_layers, args.padding_free)
-        if args.use_fused_kernels:
+        if args.use_fused_kernels or shared is not None:
             hidden = completion_hidden_states(self.model, chunk, args.padding_free, shared)
             _, head = lm_parts(self.model)
             logp = head_logprobs(
-                head, hidden, chunk, args.temperature, fused=True, chunk_bytes=args.kernel_chunk_bytes
+                head,
+                hidden,
+                chunk,
+                args.temperature,
+                fused=args.use_fused_kernels,
+                chunk_bytes=args.kernel_chunk_bytes,
             )
         else:
             logits, hidden = completion_logits_and_hidden(
@@ -425,14 +430,18 @@ class PPOTrainer(TrainerBase):
         """The clipped surrogate of a micro-batch (ratio against the recorded log-probs), its stats,
         and the critic's values, with grad, from one pass (the trunk pass shared when there is one)."""
         args = self.args
-        if args.use_fused_kernels:
-            shared = None
-            if args.num_frozen_layers is not None:
-                shared = trunk_pass(self.model, mb, args.num_frozen_layers, args.padding_free)
+        shared = None
+        if args.num_frozen_layers is not None:
+            shared = trunk_pass(self.model, mb, args.num_frozen_layers, args.padding_free)
+        if args.use_fused_kernels or shared is not None:  # one trunk pass for the policy and critic
             hidden = completion_hidden_states(self.model, mb, args.padding_free, shared)
-            loss, stats = fused_policy_loss_from_hidden(
-                self.model, hidden, mb, self.loss_settings, args.kernel_chunk_bytes
-            )
+            if args.use_fused_kernels:
+                loss, stats = fused_policy_loss_from_hidden(
+                    self.model, hidden, mb, self.loss_settings, args.kernel_chunk_bytes
+                )
+            else:
+                _, head = lm_parts(self.model)
+                loss, stats = plain_policy_loss(head(hidden), mb, self.loss_settings)
             return loss, stats, self.critic.values(mb, hidden, shared)
         logits, hidden = completion_logits_and_hidden(
             self.model, mb, args.padding_free, with_hidden=self.critic.reads_policy_hidden
