@@ -25,7 +25,7 @@ from torch import nn
 from .kernels import linear_ppo_loss, linear_token_logprobs
 from .kernels.ppo_loss import PolicyLossSettings, PolicyLossStats, policy_objective
 from .memory.packing import PackedBatch, pack, unpack
-from .memory.trunk import Trunk, policy_top, run_trunk, unwrap_peft
+from .memory.trunk import Trunk, find_decoder, policy_top, run_trunk, unwrap_peft
 from .rollout import Rollout
 from .sharding import final_hidden_states, is_sharded, reshard
 
@@ -125,7 +125,7 @@ def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
             f"{type(base).__name__} rescales its logits ({transform}); the fused path does not "
             "implement that: set use_fused_kernels=False"
         )
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    decoder = find_decoder(base)
     head = base.get_output_embeddings()
     if decoder is None or type(head) is not nn.Linear:
         raise ValueError(

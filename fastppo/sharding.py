@@ -48,7 +48,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from .memory.trunk import unwrap_peft
+from .memory.trunk import find_decoder, unwrap_peft
 
 OPTIMIZER_DIR = "optimizer_sharded"  # a torch.distributed.checkpoint folder inside a checkpoint
 
@@ -130,10 +130,6 @@ def _config_options(args: Any) -> dict[str, Any] | None:
     return options
 
 
-# models sharded by ``shard``, with their settings (generation restores them after gathering)
-_SHARDED: weakref.WeakKeyDictionary[nn.Module, ShardingSettings] = weakref.WeakKeyDictionary()
-
-
 def _launcher_options() -> dict[str, Any] | None:
     """What ``accelerate launch --use_fsdp`` put in the environment. accelerate sets up FSDP only on
     GPUs and ignores it on CPU processes; fastppo shards there too (gloo), rather than silently not."""
@@ -144,6 +140,10 @@ def _launcher_options() -> dict[str, Any] | None:
     return {key: os.environ[name] for key, name in names.items() if name in os.environ}
 
 
+# models sharded by ``shard``, with their settings (generation restores them after gathering)
+_SHARDED: weakref.WeakKeyDictionary[nn.Module, ShardingSettings] = weakref.WeakKeyDictionary()
+
+
 def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
@@ -151,13 +151,11 @@ def is_sharded(module: nn.Module) -> bool:
 def shard(model: nn.Module, settings: ShardingSettings) -> None:
     """Shard a causal LM in place: each decoder layer, then the root (embedding, norm, lm_head).
     Every process must hold the same weights first (``distributed.broadcast_parameters``)."""
-    base = unwrap_peft(model)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
-    layers = getattr(decoder, "layers", None)
+    layers = getattr(find_decoder(model), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(
             f"fsdp needs a decoder with a `layers` ModuleList (Llama, Qwen2, Mistral, ...); "
-            f"{type(base).__name__} has none"
+            f"{type(unwrap_peft(model)).__name__} has none"
         )
     for layer in layers:
         fully_shard(layer, reshard_after_forward=settings.reshard_after_forward)
@@ -192,15 +190,10 @@ def gathered(model: nn.Module) -> Iterator[None]:
         unit.unshard()
     try:
         yield
-    finally:
-        _set_reshard_after_forward(model, settings)
+    finally:  # the layers as configured; the root keeps its parameters for backward (as fully_shard)
+        model.set_reshard_after_forward(settings.reshard_after_forward)
+        model.set_reshard_after_forward(False, recurse=False)
         reshard(model)
-
-
-def _set_reshard_after_forward(model: nn.Module, settings: ShardingSettings) -> None:
-    """The layers as configured; the root keeps its parameters for backward (fully_shard's default)."""
-    model.set_reshard_after_forward(settings.reshard_after_forward)
-    model.set_reshard_after_forward(False, recurse=False)
 
 
 def reshard(model: nn.Module) -> None:

@@ -32,10 +32,17 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model
 
 
+def find_decoder(model: nn.Module) -> nn.Module | None:
+    """The decoder of a transformers model (``model.model`` of a ``*ForCausalLM``), PEFT unwrapped;
+    None when it has none. Callers check the parts they need."""
+    base = unwrap_peft(model)
+    return base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder (``model.model`` of a ``*ForCausalLM``), checked to have the parts the split uses."""
     base = unwrap_peft(model)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    decoder = find_decoder(base)
     missing = [name for name in DECODER_PARTS if not hasattr(decoder, name)]
     if decoder is None or missing:
         raise ValueError(
