@@ -150,3 +150,22 @@ def test_accelerate_fsdp_launch_on_cpu_processes_is_honoured(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="fsdp version '1' is not supported"):
         sharding_settings(args(fsdp=False), cpu)
+
+
+def test_a_prebuilt_optimizer_is_refused_when_sharded(monkeypatch, tmp_path):
+    """An optimizer built before sharding holds the parameters fully_shard replaces: it would step
+    tensors the model no longer uses."""
+    from fastppo import GRPOConfig, GRPOTrainer
+
+    monkeypatch.setattr("fastppo.sharding.sharding_settings", lambda args, accelerator: ShardingSettings())
+    tokenizer = build_tokenizer()
+    policy = build_policy(tokenizer, seed=0)
+    with pytest.raises(ValueError, match="cannot be combined with fsdp: the optimizer must be built"):
+        GRPOTrainer(
+            model=policy,
+            reward_funcs=says_word,
+            args=GRPOConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=8),
+            train_dataset=build_dataset(size=8, seed=0),
+            processing_class=tokenizer,
+            optimizers=(torch.optim.SGD(policy.parameters(), lr=0.1), None),
+        )

@@ -179,6 +179,11 @@ class TrainerBase:
         so it is built over the shards."""
         if self.sharding is None:
             return
+        if self.optimizer is not None:  # it would hold the parameters sharding replaces
+            raise ValueError(
+                "optimizers=(optimizer, ...) cannot be combined with fsdp: the optimizer must be built "
+                "over the shards, which the trainer does (set optim and learning_rate in the config)"
+            )
         if has_adapters(self.model):
             raise ValueError("fsdp with a PEFT (LoRA) policy is not supported yet; train it unsharded")
         copy = [reference.model] if isinstance(reference, FrozenCopyReference) else []
