@@ -27,8 +27,8 @@ the policy is small and stays whole on every process (its gradient all-reduced, 
 parallelism).
 
 Not supported with sharding (a ValueError says so): FSDP1, CPU offload, ``num_frozen_layers``, PEFT
-adapters, fp16, a prebuilt ``optimizers=`` optimizer, DeepSpeed. 8-bit optimizers fall back to ``adamw_torch`` (warned). Reward models are
-not sharded (each process holds a whole copy).
+adapters, fp16, a prebuilt ``optimizers=`` optimizer, DeepSpeed. 8-bit optimizers fall back to
+``adamw_torch`` (warned). Reward models are not sharded (each process holds a whole copy).
 """
 
 from __future__ import annotations
