@@ -17,6 +17,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """Refuse, with the fix, a Triton interpreter that cannot run on this numpy: before Triton 3.7
+    the interpreter turns one-element arrays into ints, which numpy 2.4 made a TypeError
+    (triton-lang/triton#9171), so every kernel test would fail deep inside Triton instead."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy
+    import triton
+    from packaging.version import Version
+
+    if Version(triton.__version__) < Version("3.7") and Version(numpy.__version__) >= Version("2.4"):
+        pytest.exit(
+            f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} "
+            "(triton-lang/triton#9171): install numpy<2.4 or triton>=3.7 to run the kernel tests on CPU",
+            returncode=4,
+        )
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

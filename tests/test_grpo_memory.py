@@ -173,7 +173,7 @@ def test_sync_ref_model_touches_only_the_reference_own_layers(model_dir, tmp_pat
 
 def test_frozen_trunk_with_gradient_checkpointing_trains(model_dir, tmp_path):
     trainer = trainer_for(model_dir, tmp_path, num_frozen_layers=2, gradient_checkpointing=True, max_steps=1)
-    assert trainer.model.is_activation_checkpointing
+    assert trainer.model.is_gradient_checkpointing  # the name transformers 5.17 has too
     trainer.train()
     frozen = [*trainer.model.model.embed_tokens.parameters(), *trainer.model.model.layers[:2].parameters()]
     assert all(p.grad is None for p in frozen)
