@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .sharding import reshard
+
 RewardFunc = Callable[..., Sequence[float | None]]
 INVALID_METRIC = "rewards/invalid_samples"
 
@@ -82,7 +84,10 @@ class RewardModelScorer:
         inputs = self.tokenizer(
             texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
         ).to(device)
-        return self.model(**inputs).logits[:, 0].float().tolist()
+        try:
+            return self.model(**inputs).logits[:, 0].float().tolist()
+        finally:
+            reshard(self.model)  # sharded: free the root unit FSDP keeps gathered for a backward
 
 
 @dataclasses.dataclass
@@ -95,6 +100,10 @@ class RewardSet:
 
     def __len__(self) -> int:
         return len(self.funcs)
+
+    def models(self) -> list[nn.Module]:
+        """The reward models among the functions (what fsdp shards)."""
+        return [f.model for f in self.funcs if isinstance(f, RewardModelScorer)]
 
 
 def load_rewards(

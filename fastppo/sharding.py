@@ -22,13 +22,14 @@ What sharding changes, and why:
   - checkpoints: the full weights are gathered for ``save_pretrained``; the optimizer state is written
     sharded with ``torch.distributed.checkpoint`` and read back by the same number of processes.
 
-PPOTrainer shards its policy, reference and a separate value model the same way; a value head on
-the policy is small and stays whole on every process (its gradient all-reduced, as in plain data
-parallelism).
+PPOTrainer shards its policy, reference and a separate value model the same way, and both trainers
+shard their reward models (frozen; after each scoring pass the root unit is freed with ``reshard``).
+A value head on the policy is small and stays whole on every process (its gradient all-reduced, as
+in plain data parallelism).
 
 Not supported with sharding (a ValueError says so): FSDP1, CPU offload, ``num_frozen_layers``, PEFT
 adapters, fp16, a prebuilt ``optimizers=`` optimizer, DeepSpeed. 8-bit optimizers fall back to
-``adamw_torch`` (warned). Reward models are not sharded (each process holds a whole copy).
+``adamw_torch`` (warned).
 """
 
 from __future__ import annotations

@@ -111,14 +111,17 @@ def test_two_process_run_resumes_exactly_from_inside_a_rollout(tmp_path):
 
 
 def test_sharded_training_matches_unsharded_data_parallel(tmp_path):
-    """fsdp=True (FSDP2 over two gloo processes, a sharded frozen reference copy, the fused path reading
-    the gathered lm_head, generation with every unit gathered) trains as the unsharded two-process run
-    on the same rows: each process samples its rows with the same RNG in both runs."""
+    """fsdp=True (FSDP2 over two gloo processes, a sharded frozen reference copy and reward model, the
+    fused path reading the gathered lm_head, generation with every unit gathered) trains as the
+    unsharded two-process run on the same rows: each process samples its rows with the same RNG in
+    both runs."""
     plain, sharded = tmp_path / "plain", tmp_path / "sharded"
     plain.mkdir(), sharded.mkdir()
-    expected = launch(plain, 8, "grpo", 29522, env={"SAMPLER": "generate"})
-    got = launch(sharded, 8, "grpo", 29523, env={"SAMPLER": "generate", "SHARDED": "1"})
+    env = {"SAMPLER": "generate", "REWARD_MODEL": "1"}
+    expected = launch(plain, 8, "grpo", 29522, env=env)
+    got = launch(sharded, 8, "grpo", 29523, env={**env, "SHARDED": "1"})
     assert got["sharded"] == 1 and not expected["sharded"]
+    assert got["reward_models_sharded"] == 1 and not expected["reward_models_sharded"]
     assert len(got["losses"]) == 3
     assert got["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-7)
     assert got["rewards"] == pytest.approx(expected["rewards"], rel=1e-5)
@@ -144,18 +147,21 @@ def test_sharded_run_resumes_exactly_from_inside_a_rollout(tmp_path):
 
 @pytest.mark.parametrize("critic", ["value_head", "value_model"])
 def test_sharded_ppo_matches_unsharded_and_resumes_exactly(tmp_path, critic):
-    """PPO with fsdp: the policy, the reference copy and a separate value model sharded; a value head
-    stays whole on every process. It trains as the unsharded two-process run, and a sharded run
-    stopped inside its rollout resumes exactly (optimizer state of policy and critic through
-    torch.distributed.checkpoint, each process's critic shards in its extras)."""
+    """PPO with fsdp: the policy, the reference copy, a separate value model and a reward model
+    sharded (neither of the latter with a pad id of its own); a value head stays whole on every
+    process. It trains as the unsharded two-process run, and a sharded run stopped inside its rollout
+    resumes exactly (optimizer state of policy and critic through torch.distributed.checkpoint, each
+    process's critic shards in its extras)."""
     plain, full, split = tmp_path / "plain", tmp_path / "full", tmp_path / "split"
     for folder in (plain, full, split):
         folder.mkdir()
-    unsharded = {"SAMPLER": "generate", "VALUE_MODEL": str(int(critic == "value_model"))}
+    separate = str(int(critic == "value_model"))
+    unsharded = {"SAMPLER": "generate", "VALUE_MODEL": separate, "REWARD_MODEL": separate}
     env = {**unsharded, "SHARDED": "1"}
     expected = launch(plain, 4, "ppo", 29527, env=unsharded)
     got = launch(full, 4, "ppo", 29528, "full", env)
     assert got["sharded"] == (2 if critic == "value_model" else 1) and not expected["sharded"]
+    assert got["reward_models_sharded"] == int(separate) and not expected["reward_models_sharded"]
     assert len(got["losses"]) == 4
     assert got["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-7)
     assert got["checksum"] == pytest.approx(expected["checksum"], rel=1e-6)

@@ -92,24 +92,32 @@ def test_fsdp_config_defaults_the_optimizer_to_unsharded_8bit_free_adamw(tmp_pat
     assert str(getattr(config.optim, "value", config.optim)) == "adamw_torch"
 
 
-def test_sharded_ppo_needs_the_value_models_pad_token(monkeypatch, tmp_path):
+def test_sharded_ppo_gives_its_value_and_reward_models_the_policys_pad_id(monkeypatch, tmp_path):
+    """A sharded sequence-classification model runs its own forward, whose pooled output needs a pad
+    id; one the user left unset is taken from the tokenizer all of PPO's models read."""
     from transformers import LlamaForSequenceClassification
 
     monkeypatch.setattr("fastppo.sharding.sharding_settings", lambda args, accelerator: ShardingSettings())
+    sharded = []
+    monkeypatch.setattr("fastppo.sharding.shard", lambda module, settings: sharded.append(module))
     tokenizer = build_tokenizer()
     policy = build_policy(tokenizer, seed=0)
-    critic_config = policy.config.__class__(**{**policy.config.to_dict(), "num_labels": 1})
-    critic_config.pad_token_id = None
+    scorer_config = policy.config.__class__(**{**policy.config.to_dict(), "num_labels": 1})
+    scorer_config.pad_token_id = None
+    value_model, reward_model = (LlamaForSequenceClassification(scorer_config) for _ in range(2))
     config = PPOConfig(output_dir=str(tmp_path), report_to="none", disable_tqdm=True, response_length=3)
-    with pytest.raises(ValueError, match="needs value_model.config.pad_token_id"):
-        PPOTrainer(
-            config,
-            tokenizer,
-            policy,
-            reward_model=says_word,
-            train_dataset=build_dataset(size=8, seed=0),
-            value_model=LlamaForSequenceClassification(critic_config),
-        )
+    trainer = PPOTrainer(
+        config,
+        tokenizer,
+        policy,
+        reward_model=reward_model,
+        train_dataset=build_dataset(size=8, seed=0),
+        value_model=value_model,
+    )
+    assert tokenizer.pad_token_id is not None
+    assert value_model.config.pad_token_id == reward_model.config.pad_token_id == tokenizer.pad_token_id
+    expected = (trainer.model, trainer.reference.model, value_model, reward_model)  # policy, its frozen copy
+    assert [id(m) for m in sharded] == [id(m) for m in expected]
 
 
 def test_sharded_hidden_states_path_equals_the_decoder_path(monkeypatch):

@@ -174,9 +174,9 @@ class TrainerBase:
 
     def shard_policy_and_reference(self, reference: Any, *others: nn.Module) -> None:
         """With fsdp: the policy, a frozen reference copy (``FrozenCopyReference.model``) and
-        ``others`` (a separate value model), each sharded in place (``fastppo.sharding``) after every
-        process took the main process's weights. Called by subclasses before the optimizer exists,
-        so it is built over the shards."""
+        ``others`` (a separate value model, reward models), each sharded in place
+        (``fastppo.sharding``) after every process took the main process's weights. Called by
+        subclasses before the optimizer exists, so it is built over the shards."""
         if self.sharding is None:
             return
         if self.optimizer is not None:  # it would hold the parameters sharding replaces

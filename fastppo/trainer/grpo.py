@@ -138,7 +138,7 @@ class GRPOTrainer(TrainerBase):
             padding_free=args.padding_free,
             num_frozen_layers=args.num_frozen_layers,
         )
-        self.shard_policy_and_reference(self.reference)
+        self.shard_policy_and_reference(self.reference, *self.rewards.models())
         self.sampler = sampler or GenerateSampler(self.model, tokenizer.pad_token_id, self.eos_token_ids)
         self.loss_settings = args.loss_settings()
         self._shuffle = torch.Generator().manual_seed(args.seed)  # minibatch order, independent of sampling

@@ -62,7 +62,7 @@ from ..scoring import (
     plain_token_logprobs,
     trunk_pass,
 )
-from ..sharding import load_local_state_dict, local_state_dict
+from ..sharding import load_local_state_dict, local_state_dict, reshard
 from ..value import (
     Critic,
     OwnLayersCritic,
@@ -144,11 +144,6 @@ class PPOTrainer(TrainerBase):
         super().__init__(args, policy, tokenizer, callbacks, optimizers)
         self.model.to(self.device)
         self.critic: Critic = self._build_critic(value_model)
-        if self.sharding is not None and value_model is not None and value_model.config.pad_token_id is None:
-            raise ValueError(
-                "fsdp shards the value_model and runs its own forward, whose pooled output needs "
-                "value_model.config.pad_token_id: set it (e.g. to the tokenizer's pad id)"
-            )
         add_critic_to_optimizer(optimizers[0], self.critic)
         self.eos_only = eos_token_ids(policy, tokenizer)  # what missing_eos_penalty looks for
         stop_id = args.stop_id(tokenizer.eos_token_id)
@@ -168,7 +163,15 @@ class PPOTrainer(TrainerBase):
             ref_model=None if ref_model is None else ref_model.to(self.device),
         )
         critic_model = [self.critic.model] if isinstance(self.critic, SeparateValueModel) else []
-        self.shard_policy_and_reference(self.reference, *critic_model)
+        reward_models = [self.reward_model] if self.reward_model is not None else self.rewards.models()
+        if self.sharding is not None:
+            for scorer in [*critic_model, *reward_models]:
+                if scorer.config.pad_token_id is None:
+                    # A sharded model runs its own forward (fastppo.sharding), whose pooled output
+                    # needs a pad id to find each row's last token. That output is discarded (scores
+                    # are read from the hidden states) and every model here reads the policy's ids.
+                    scorer.config.pad_token_id = tokenizer.pad_token_id
+        self.shard_policy_and_reference(self.reference, *critic_model, *reward_models)
         self.sampler = sampler or GenerateSampler(self.model, tokenizer.pad_token_id, self.eos_token_ids)
         self.loss_settings = PolicyLossSettings(
             clip_low=args.cliprange, beta=0.0, loss_type="bnpo", temperature=args.temperature
@@ -335,7 +338,10 @@ class PPOTrainer(TrainerBase):
         args = self.args
         if self.reward_model is not None:
             with eval_mode(self.reward_model), self.accelerator.autocast():
-                scores = completion_scores(self.reward_model, batch)
+                try:
+                    scores = completion_scores(self.reward_model, batch)
+                finally:
+                    reshard(self.reward_model)  # sharded: no backward follows to free the root unit
             valid = torch.isfinite(scores)
             if not args.skip_invalid_rewards and not bool(valid.all()):
                 raise ValueError(

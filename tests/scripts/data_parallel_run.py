@@ -16,6 +16,8 @@ Environment: ``SHARDED=1`` trains with ``fsdp=True`` (FSDP2 over the processes);
 ``SAMPLER=generate`` samples with ``model.generate`` instead (each process draws its own rows from its
 own RNG, so a sharded and an unsharded two-process run sample the same completions).
 ``VALUE_MODEL=1`` gives PPO a separate value model (a sequence-classification Llama) as its critic.
+``REWARD_MODEL=1`` scores with a sequence-classification Llama too (GRPO: beside the demo's reward
+function; PPO: instead of it).
 ``NAN_ON_RANK1=1`` makes process 1's first GRPO minibatch loss NaN (process 0's stays finite).
 
 Usage: python data_parallel_run.py OUT_DIR PER_DEVICE_BATCH [grpo|ppo] [PHASE]
@@ -53,6 +55,14 @@ class PromptHashSampler:
         return torch.stack([first, second, eos], dim=1)
 
 
+def sequence_classifier(policy, seed: int) -> LlamaForSequenceClassification:
+    """A random one-output sequence-classification Llama of the policy's shape (no pad id set)."""
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(
+        policy.config.__class__(**{**policy.config.to_dict(), "num_labels": 1, "pad_token_id": None})
+    )
+
+
 def grpo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler, phase: str = "") -> GRPOTrainer:
     resume_test = dict(
         num_iterations=2,
@@ -76,9 +86,12 @@ def grpo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler, phase:
         fsdp=os.environ.get("SHARDED") == "1",
         **{"max_completion_length": 3, "max_steps": 3, "save_strategy": "no", **resume_test},
     )
+    policy = build_policy(tokenizer, seed=0)
+    with_model = os.environ.get("REWARD_MODEL") == "1"
     return GRPOTrainer(
-        model=build_policy(tokenizer, seed=0),
-        reward_funcs=says_word,
+        model=policy,
+        reward_funcs=[says_word, sequence_classifier(policy, seed=2)] if with_model else says_word,
+        reward_processing_classes=[None, tokenizer] if with_model else None,
         args=config,
         train_dataset=build_dataset(size=64, seed=0),
         processing_class=tokenizer,
@@ -105,17 +118,13 @@ def ppo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler, phase: 
         seed=0,
     )
     policy = build_policy(tokenizer, seed=0)
-    value_model = None
-    if os.environ.get("VALUE_MODEL") == "1":
-        torch.manual_seed(1)
-        value_model = LlamaForSequenceClassification(
-            policy.config.__class__(**{**policy.config.to_dict(), "num_labels": 1})
-        )
+    value_model = sequence_classifier(policy, seed=1) if os.environ.get("VALUE_MODEL") == "1" else None
+    reward_model = sequence_classifier(policy, seed=2) if os.environ.get("REWARD_MODEL") == "1" else says_word
     return PPOTrainer(
         config,
         tokenizer,
         policy,
-        reward_model=says_word,
+        reward_model=reward_model,
         train_dataset=build_dataset(size=64, seed=0),
         sampler=sampler,
         value_model=value_model,
@@ -170,6 +179,9 @@ def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
         rewards = [r[reward_key] for r in trainer.state.log_history if reward_key in r]
         with open(f"{out_dir}/summary.json", "w") as f:
             sharded = sum(is_sharded(m) for m in modules)  # trained modules sharded: policy, value model
+            scorers = (
+                [trainer.reward_model] if algo == "ppo" and trainer.reward_model else trainer.rewards.models()
+            )
             skipped = trainer.guard.skipped
             json.dump(
                 {
@@ -177,6 +189,7 @@ def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
                     "rewards": rewards,
                     "checksum": checksum,
                     "sharded": sharded,
+                    "reward_models_sharded": sum(is_sharded(m) for m in scorers),
                     "skipped": skipped,
                 },
                 f,
