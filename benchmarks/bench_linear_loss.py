@@ -23,7 +23,7 @@ from fastppo.kernels import linear_ppo_loss
 from fastppo.kernels.ppo_loss import PolicyLossSettings
 
 from .common import on_gpu
-from .kernel_bench import Impl, ceilings, finish, measure, parse_args, policy_inputs
+from .kernel_bench import Impl, Results, ceilings, measure, parse_args, policy_inputs
 from .peers import eager_linear_policy_loss, liger_linear_grpo_loss
 
 SETTINGS = PolicyLossSettings(beta=0.04, loss_type="dapo", temperature=0.7, clip_high=0.28)
@@ -146,14 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = ("cuda", torch.bfloat16) if on_gpu() else ("cpu", torch.float32)
     n_tokens, vocab = (16384, 151936) if gpu else (256, 4000)
     limits = ceilings()
-    rows = []
-    for hidden_size in (896, 1536, 3584) if gpu else (64,):
-        tensors = setup_case(n_tokens, hidden_size, vocab, device, dtype)
-        flops = 6 * n_tokens * hidden_size * vocab
-        floor_ms = flops / limits["matmul_flops_per_s"] * 1e3
-        case = {"n_tokens": n_tokens, "hidden": hidden_size, "vocab": vocab, "flop_floor": flops}
-        rows += measure(case, implementations(tensors), floor_ms, "bare_matmuls")
-        del tensors
     extra = {
         "ceilings": limits,
         "floor": "6*N*H*V FLOPs at the measured matmul rate",
@@ -162,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     if not on_gpu():
         extra["memory_bound"] = cpu_memory_bound()
         print(json.dumps(extra["memory_bound"], indent=1))
+    results = Results("linear_loss", args, extra)
+    for hidden_size in (896, 1536, 3584) if gpu else (64,):
+        tensors = setup_case(n_tokens, hidden_size, vocab, device, dtype)
+        flops = 6 * n_tokens * hidden_size * vocab
+        floor_ms = flops / limits["matmul_flops_per_s"] * 1e3
+        case = {"n_tokens": n_tokens, "hidden": hidden_size, "vocab": vocab, "flop_floor": flops}
+        results.add(measure(case, implementations(tensors), floor_ms, "bare_matmuls"))
+        del tensors
     columns = [
         "n_tokens",
         "hidden",
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_extra_bytes",
         "note",
     ]
-    finish("linear_loss", args, rows, columns, extra)
+    results.finish(columns)
     return 0
 
 

@@ -4,9 +4,14 @@ On GPU each probe runs one full GRPO step (generation, scoring, training) of the
 workload; an out-of-memory error marks it as not fitting. Along the searched axis (the batch, in
 completions per step and whole groups, at fixed lengths; or the completion length at a fixed
 batch) the value doubles from ``start`` until a probe fails, then bisects between the last fit
-and the first failure. Probes and seconds are capped per trainer, so a result may be a bracket:
-``max_ok`` fits, ``min_failed`` did not (None: never failed up to ``cap``). The row also gives
-the tokens per step at ``max_ok``: batch * (prompt_len + completion_len).
+and the first failure. Probes are capped per trainer and seconds for the whole search (what is left
+is shared by the trainers still to search; a probe whose predicted length would overrun is not
+started), so a result may be a bracket: ``max_ok`` fits, ``min_failed`` did not (None: never
+failed). ``status`` says which. The row also gives the tokens per step at ``max_ok``: batch *
+(prompt_len + completion_len). The ratio to TRL is a ratio only when both searches ran out of
+memory (``max_tokens_vs_trl``); when only TRL did it is a lower bound (``..._at_least``); else none.
+The results file is rewritten after each trainer, and a search stopped by SIGINT (a time limit)
+keeps its probes so far.
 
 On CPU nothing can run out of memory that means anything, so no probe runs: the rows hold the
 byte *accounting* of ``fastppo.memory.accounting`` (parameters, gradients, optimizer state of
@@ -58,10 +63,10 @@ class MemorySettings:
     batch: int = 8  # fixed when axis == "completion_len"
     prompt_len: int = 128
     completion_len: int = 128  # fixed when axis == "batch"
-    start: int = 64  # first probe on the axis; doubled while it fits
-    cap: int = 2048  # never probe above this
+    start: int = 128  # first probe on the axis; doubled while it fits
+    cap: int = 4096  # never probe above this
     max_probes: int = 7  # per trainer
-    budget_s: float = 150.0  # per trainer; the search stops after the probe that crosses it
+    budget_s: float = 300.0  # the whole search, shared by the trainers
     seed: int = 0
 
     @property
@@ -75,7 +80,9 @@ class MemorySettings:
 
 def quick_search(model: str) -> MemorySettings:
     """Short sequences and few probes: a smoke run of the search itself."""
-    return MemorySettings(model=model, prompt_len=64, completion_len=64, start=8, max_probes=4, budget_s=60.0)
+    return MemorySettings(
+        model=model, prompt_len=64, completion_len=64, start=8, cap=2048, max_probes=4, budget_s=120.0
+    )
 
 
 @dataclasses.dataclass
@@ -85,6 +92,7 @@ class Search:
     max_ok: int | None = None
     min_failed: int | None = None
     probes: list[tuple[int, bool, float]] = dataclasses.field(default_factory=list)
+    interrupted: bool = False  # SIGINT (the stage's time limit) arrived during a probe
 
 
 def largest_fitting(
@@ -93,7 +101,8 @@ def largest_fitting(
     """Largest multiple of ``step`` in ``[step, cap]`` for which ``fits`` holds, assuming it holds below
     some threshold and fails above. Doubles from ``start`` until a probe fails (or ``cap``), then
     bisects between the last fit (or 0) and the first failure. Stops early when out of probes or
-    time, leaving the bracket ``[max_ok, min_failed)``."""
+    time (a probe is not started when 1.5x the last one's seconds would cross the deadline), or on
+    KeyboardInterrupt, leaving the bracket ``[max_ok, min_failed)``."""
     if start % step or cap % step or not step <= start <= cap:
         raise ValueError(
             f"need step | start, step | cap and step <= start <= cap; got {step}, {start}, {cap}"
@@ -103,7 +112,11 @@ def largest_fitting(
 
     def probe(batch: int) -> bool:
         began = time.monotonic()
-        ok = fits(batch)
+        try:
+            ok = fits(batch)
+        except KeyboardInterrupt:
+            search.interrupted = True
+            return False
         search.probes.append((batch, ok, time.monotonic() - began))
         if ok:
             search.max_ok = batch
@@ -112,7 +125,12 @@ def largest_fitting(
         return ok
 
     def budget_left() -> bool:
-        return len(search.probes) < max_probes and time.monotonic() < deadline
+        predicted = 1.5 * search.probes[-1][2] if search.probes else 0.0  # the next probe is larger
+        return (
+            not search.interrupted
+            and len(search.probes) < max_probes
+            and time.monotonic() + predicted < deadline
+        )
 
     batch = start
     while budget_left() and probe(batch) and batch < cap:
@@ -127,7 +145,12 @@ def largest_fitting(
 
 
 def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+    text = str(error)
+    return (
+        isinstance(error, torch.cuda.OutOfMemoryError)
+        or "out of memory" in text.lower()
+        or "CUBLAS_STATUS_ALLOC_FAILED" in text  # cuBLAS failing to allocate its workspace
+    )
 
 
 def search_trainer(
@@ -137,7 +160,8 @@ def search_trainer(
     work_dir: Path,
     on_probe: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Search one trainer's largest value on ``settings.axis``; its row."""
+    """Search one trainer's largest value on ``settings.axis`` within ``settings.budget_s``; its row.
+    Errors other than running out of memory propagate."""
     peaks: dict[int, int] = {}
 
     def fits(value: int) -> bool:
@@ -160,11 +184,22 @@ def search_trainer(
     search = largest_fitting(
         fits, settings.step, settings.start, settings.cap, settings.max_probes, settings.budget_s
     )
-    best = (
-        None
-        if search.max_ok is None
-        else dataclasses.replace(workload.settings, **{settings.axis: search.max_ok})
-    )
+
+    def tokens_at(value: int | None) -> int | None:
+        return (
+            None
+            if value is None
+            else dataclasses.replace(workload.settings, **{settings.axis: value}).tokens_per_step
+        )
+
+    if search.interrupted:
+        status = "interrupted (time limit)"
+    elif search.min_failed is not None:
+        status = "bracketed"
+    elif search.max_ok == settings.cap:
+        status = "fits at the cap"
+    else:
+        status = "out of probes or time before running out of memory"
     return {
         "kind": "measurement",
         "trainer": name,
@@ -175,16 +210,41 @@ def search_trainer(
         "completion_len": None if settings.axis == "completion_len" else settings.completion_len,
         "max_ok": search.max_ok,
         "min_failed": search.min_failed,
-        "max_tokens_per_step": None if best is None else best.tokens_per_step,
+        "max_tokens_per_step": tokens_at(search.max_ok),
+        "min_failed_tokens_per_step": tokens_at(search.min_failed),
         "peak_allocated_bytes_at_max": peaks.get(search.max_ok),
+        "status": status,
         "probes": [{settings.axis: v, "fits": ok, "seconds": round(t, 2)} for v, ok, t in search.probes],
     }
 
 
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's largest tokens per step against the baseline trainer's: a ratio when both ran
+    out of memory, a lower bound when only the baseline did (this row's true maximum is larger)."""
+    base = next((r for r in rows if TRAINERS[r["trainer"]].baseline and r.get("status") == "bracketed"), None)
+    if base is None or not base["max_tokens_per_step"]:
+        return
+    for row in rows:
+        if row is base or not row.get("max_tokens_per_step"):
+            continue
+        if row["status"] == "bracketed":
+            row[f"max_tokens_vs_{base['trainer']}"] = row["max_tokens_per_step"] / base["max_tokens_per_step"]
+        elif row["status"] == "fits at the cap" or row["status"].startswith("out of probes"):
+            bound = row["max_tokens_per_step"] / base["min_failed_tokens_per_step"]
+            row[f"max_tokens_vs_{base['trainer']}_at_least"] = bound
+
+
 def measure_largest(
-    settings: MemorySettings, trainers: list[str], out_dir: Path, on_probe: Callable[[], None] | None = None
+    settings: MemorySettings,
+    trainers: list[str],
+    out_dir: Path,
+    on_probe: Callable[[], None] | None = None,
+    on_row: Callable[[list[dict], dict[str, str]], None] | None = None,
 ) -> tuple[list[dict], dict[str, str]]:
+    """Each trainer's search, one after the other, sharing ``settings.budget_s``; ``on_row(rows,
+    skipped)`` after each (the results so far)."""
     settings.check()
+    deadline = time.monotonic() + settings.budget_s
     step = StepSettings(
         model=settings.model,
         num_generations=settings.num_generations,
@@ -196,21 +256,25 @@ def measure_largest(
     rows, skipped = [], {}
     with tempfile.TemporaryDirectory(prefix="fastppo-mem-") as tmp:
         workload = prepare_workload(step, Path(tmp) / "model")
-        for name in trainers:
-            reason = TRAINERS[name].unavailable()
-            if reason:
-                skipped[name] = reason
-                continue
-            rows.append(search_trainer(name, settings, workload, Path(tmp), on_probe))
-    base = next((r for r in rows if TRAINERS[r["trainer"]].baseline), None)
-    for row in rows:
-        if (
-            base is not None
-            and row is not base
-            and row["max_tokens_per_step"]
-            and base["max_tokens_per_step"]
-        ):
-            row[f"max_tokens_vs_{base['trainer']}"] = row["max_tokens_per_step"] / base["max_tokens_per_step"]
+        runnable = [n for n in trainers if not TRAINERS[n].unavailable()]
+        skipped.update({n: TRAINERS[n].unavailable() for n in trainers if n not in runnable})
+        for i, name in enumerate(runnable):
+            share = (deadline - time.monotonic()) / (len(runnable) - i)  # what is left, shared out
+            try:
+                row = search_trainer(
+                    name, dataclasses.replace(settings, budget_s=share), workload, Path(tmp), on_probe
+                )
+            except Exception as error:  # not an out-of-memory: this trainer is broken here
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                skipped[name] = f"failed: {type(error).__name__}: {first_line}"[:300]
+                row = None
+            if row is not None:
+                rows.append(row)
+            add_ratios(rows)
+            if on_row is not None:
+                on_row(rows, skipped)
+            if row is not None and row["status"].startswith("interrupted"):
+                break  # the time limit: the rest would be killed mid-probe
     return rows, skipped
 
 
@@ -295,17 +359,22 @@ def run(
     env = environment()
     out_dir = results_dir(out)
     names = list(trainers or DEFAULT_TRAINERS)
-    if on_gpu():
-        rows, skipped = measure_largest(settings, names, out_dir, on_probe)
+    name = f"memory-{settings.axis}-{settings.model}"
+    if not on_gpu():
+        rows = account([settings.model] if quick else list(MODEL_NAMES))
+        extra = {"note": "CPU: byte accounting (formula), not a measurement; no probe ran"}
+        return write_results_in(out_dir, name, env, rows, extra)
+
+    def write(rows: list[dict], skipped: dict[str, str]) -> Path:
         extra = {
             "settings": dataclasses.asdict(settings),
             "skipped": skipped,
             "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory,
         }
-    else:
-        rows = account([settings.model] if quick else list(MODEL_NAMES))
-        extra = {"note": "CPU: byte accounting (formula), not a measurement; no probe ran"}
-    return write_results_in(out_dir, f"memory-{settings.axis}-{settings.model}", env, rows, extra)
+        return write_results_in(out_dir, name, env, rows, extra)
+
+    rows, skipped = measure_largest(settings, names, out_dir, on_probe, on_row=write)
+    return write(rows, skipped)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=int, default=None, help="largest value probed")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
     parser.add_argument("--trainers", default=None, help=f"comma list of {list(TRAINERS)}")
-    parser.add_argument("--budget-s", type=float, default=None, help="seconds of probing per trainer")
+    parser.add_argument("--budget-s", type=float, default=None, help="seconds of probing, all trainers")
     parser.add_argument("--max-probes", type=int, default=None, help="probes per trainer")
     args = parser.parse_args(argv)
     settings = quick_search(args.model) if args.quick else MemorySettings(model=args.model)

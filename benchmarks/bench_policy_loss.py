@@ -3,7 +3,8 @@ it: forward+backward, bf16 logits, GRPO token-level ratios with a k3 KL term.
 
 Floor: two reads of the logits and one write of their gradient (3*N*V*2 bytes). Rows of up to
 32768 logits are held on chip by the kernel (one read, 2*N*V*2 bytes: see block_config); the table
-states the 3-pass floor for every size, so on-chip sizes can exceed a fraction of 1.
+states the 3-pass floor for every size, so on-chip sizes can exceed a fraction of 1. torch.compile
+runs at V=151936 only, with static shapes.
 
     python -P -m fastppo.benchmarks.bench_policy_loss [--quick] [--out DIR]
 """
@@ -15,8 +16,17 @@ from fastppo.kernels import fused_policy_loss
 from fastppo.kernels.ppo_loss import PolicyLossSettings
 
 from .common import on_gpu
-from .kernel_bench import Impl, ceilings, finish, logits_sizes, measure, parse_args, policy_inputs
-from .peers import eager_policy_loss
+from .kernel_bench import (
+    COMPILE_VOCAB,
+    Impl,
+    Results,
+    ceilings,
+    logits_sizes,
+    measure,
+    parse_args,
+    policy_inputs,
+)
+from .peers import compiled_policy_loss, eager_policy_loss
 
 SETTINGS = PolicyLossSettings(beta=0.04, loss_type="grpo", temperature=0.7, clip_high=0.28)
 SEQ_LEN = 512
@@ -55,8 +65,8 @@ def implementations(t: dict) -> list[Impl]:
         return run
 
     impls = [Impl("fastppo", fused), Impl("eager", eager())]
-    if on_gpu():
-        impls.append(Impl("torch.compile", eager(torch.compile(eager_policy_loss))))
+    if on_gpu() and t["logits"].shape[-1] == COMPILE_VOCAB:
+        impls.append(Impl("torch.compile", eager(compiled_policy_loss())))
     return impls
 
 
@@ -64,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     device = "cuda" if on_gpu() else "cpu"
     limits = ceilings()
-    rows = []
+    results = Results(
+        "policy_loss",
+        args,
+        {"ceilings": limits, "floor": "2 reads + 1 write of [N, V] bf16", "settings": str(SETTINGS)},
+    )
     for n_tokens, vocab in logits_sizes(args.quick):
         tensors = setup_case(n_tokens, vocab, device)
         floor_ms = 3 * n_tokens * vocab * 2 / limits["copy_bytes_per_s"] * 1e3
@@ -74,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             "mode": "fwd+bwd",
             "bytes_floor": 3 * n_tokens * vocab * 2,
         }
-        rows += measure(case, implementations(tensors), floor_ms, "eager")
+        results.add(measure(case, implementations(tensors), floor_ms, "eager"))
         del tensors
     columns = [
         "n_tokens",
@@ -86,13 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_extra_bytes",
         "note",
     ]
-    finish(
-        "policy_loss",
-        args,
-        rows,
-        columns,
-        {"ceilings": limits, "floor": "2 reads + 1 write of [N, V] bf16", "settings": str(SETTINGS)},
-    )
+    results.finish(columns)
     return 0
 
 

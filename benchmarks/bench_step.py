@@ -16,9 +16,9 @@ Phases (synchronised wall clock, median over the timed steps after warm-up):
   step        the whole iteration
 Tokens/s counts prompt + completion tokens of the batch, per second of the training phase
 (``train_tokens_per_s``) and of the whole step (``step_tokens_per_s``). On GPU,
-``train_flop_fraction`` is 6 * (nn.Linear weights, lm_head included) * tokens over the training
-time and the GEMM rate measured in the same run (attention scores and checkpoint recompute are
-not counted as useful work). Memory: peak allocated / reserved CUDA bytes over the whole
+``train_flop_fraction`` is 6 * nn.Linear weights * tokens (lm_head: completion tokens only, the
+only ones either trainer computes logits for) over the training time and the GEMM rate measured in
+the same run (attention scores and checkpoint recompute are not counted as useful work). Memory: peak allocated / reserved CUDA bytes over the whole
 ``train()`` (weights, reference, optimizer state included); ``resident_bytes`` is what was
 allocated before the first step.
 
@@ -184,6 +184,7 @@ class Workload:
     tokenizer: Any
     dataset: Any
     linear_params: int  # weights of all nn.Linear layers, lm_head included: 2 FLOPs each per token forward
+    head_params: int  # lm_head's share of them (applied to completion tokens only, in both trainers)
 
 
 def prepare_workload(settings: StepSettings, directory: Path) -> Workload:
@@ -197,11 +198,13 @@ def prepare_workload(settings: StepSettings, directory: Path) -> Workload:
     with torch.device("cuda" if on_gpu() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=settings.dtype)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head = model.get_output_embeddings().weight.numel()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     del model
     _release()
-    return Workload(settings, directory, tokenizer, prompts_dataset(settings, config.vocab_size), linear)
+    dataset = prompts_dataset(settings, config.vocab_size)
+    return Workload(settings, directory, tokenizer, dataset, linear, head)
 
 
 def load_policy(workload: Workload):
@@ -357,15 +360,6 @@ TRAINERS: dict[str, TrainerSpec] = {
     for spec in (
         TrainerSpec("fastppo", "grpo", _build_fastppo, _instrument_fastppo, _missing("fastppo.trainer.grpo")),
         TrainerSpec("trl", "grpo", _build_trl, _instrument_trl, _missing("trl"), baseline=True),
-        # Liger's kernels are Triton-on-CUDA only; TRL 1.16 applies its layer kernels (not its loss).
-        # Last on purpose: Liger may patch transformers' modules for the rest of the process.
-        TrainerSpec(
-            "trl+liger",
-            "grpo",
-            lambda m, w, a: _build_trl(m, w, a, liger=True),
-            _instrument_trl,
-            _missing("trl", "liger_kernel", gpu=True),
-        ),
         # TRL 1.16 has no PPOTrainer to race: the PPO row stands alone (no ratios).
         TrainerSpec(
             "fastppo-ppo",
@@ -374,6 +368,15 @@ TRAINERS: dict[str, TrainerSpec] = {
             _instrument_fastppo_ppo,
             _missing("fastppo.trainer.ppo"),
             arguments=ppo_arguments,
+        ),
+        # Liger's kernels are Triton-on-CUDA only; TRL 1.16 applies its layer kernels (not its loss).
+        # run() measures it last: Liger may patch transformers' modules for the rest of the process.
+        TrainerSpec(
+            "trl+liger",
+            "grpo",
+            lambda m, w, a: _build_trl(m, w, a, liger=True),
+            _instrument_trl,
+            _missing("trl", "liger_kernel", gpu=True),
         ),
     )
 }
@@ -455,6 +458,7 @@ def measure(
         if "completions/mean_length" in log
     ]
     optim = getattr(trainer.args.optim, "value", trainer.args.optim)
+    attention = getattr(getattr(trainer.model, "config", None), "_attn_implementation", None)
     del trainer
     _release()
 
@@ -463,6 +467,14 @@ def measure(
     rollout = t.get("rollout", 0.0)
     training = t["step"] - rollout
     tokens = settings.tokens_per_step
+    measured_len = sum(lengths) / len(lengths) if lengths else None
+    note = ""
+    if measured_len is not None and abs(measured_len - settings.completion_len) > 0.5:
+        note = f"completions averaged {measured_len:.1f} tokens, not {settings.completion_len}"
+        warnings.warn(f"{spec.name}: {note}; its rates count the configured length", stacklevel=2)
+    # fwd + bwd of the linear layers over every token; lm_head over completion tokens only
+    trunk_flops = 6 * (workload.linear_params - workload.head_params) * tokens
+    head_flops = 6 * workload.head_params * settings.batch * settings.completion_len
     return {
         "algo": spec.algo,
         "trainer": spec.name,
@@ -471,10 +483,11 @@ def measure(
         "num_generations": settings.num_generations,
         "prompt_len": settings.prompt_len,
         "completion_len": settings.completion_len,
-        "completion_len_measured": sum(lengths) / len(lengths) if lengths else None,
+        "completion_len_measured": measured_len,
         "tokens_per_step": tokens,
         "dtype": str(settings.dtype).removeprefix("torch."),
         "optim": optim,
+        "attention": attention,
         "step_ms": t["step"] * 1e3,
         "generation_ms": t.get("generation", 0.0) * 1e3,
         "scoring_ms": t.get("scoring", 0.0) * 1e3,
@@ -483,13 +496,12 @@ def measure(
         "train_tokens_per_s": tokens / training,
         "step_tokens_per_s": tokens / t["step"],
         "samples_per_s": settings.batch / t["step"],
-        "train_flops": 6
-        * workload.linear_params
-        * tokens,  # fwd + bwd of the linear layers, lm_head included
+        "train_flops": trunk_flops + head_flops,
         "resident_bytes": resident,
         "peak_allocated_bytes": peak[0],
         "peak_reserved_bytes": peak[1],
         "steps_timed": len(clock.steps) - settings.warmup_steps,
+        "note": note,
     }
 
 
@@ -516,34 +528,56 @@ def run(
     """Measure each available trainer on one workload; write and return the results JSON."""
     env = environment()
     out_dir = results_dir(out)
-    names = trainers or list(TRAINERS)
+    # Liger patches transformers' modules for the rest of the process: its trainer always runs last.
+    names = sorted(trainers or list(TRAINERS), key=lambda name: "liger" in name)
     unknown = [n for n in names if n not in TRAINERS]
     if unknown:
         raise ValueError(f"unknown trainer(s) {unknown}; known: {list(TRAINERS)}")
     if not settings.quick and not on_gpu():
         warnings.warn("full-size step benchmark on CPU: this takes very long; use --quick", stacklevel=2)
+    # Fraction of the matmul floor: train_flops over the measured bf16 GEMM rate. GPU only: a tiny
+    # CPU model against a CPU GEMM rate is no floor (it can exceed 100%).
+    rate = matmul_flops_per_s(dtype=settings.dtype) if on_gpu() else None
     rows, skipped = [], {}
+
+    def write(workload: Workload) -> Path:
+        """The results so far (rewritten after each trainer: a run stopped at its time limit, or a
+        trainer that fails, keeps the rows already measured)."""
+        for row in rows:
+            row["train_flop_fraction"] = (
+                row["train_flops"] / (row["training_ms"] * 1e-3) / rate if rate else None
+            )
+        add_ratios(rows)
+        extra = {
+            "settings": dataclasses.asdict(settings),
+            "skipped": skipped,
+            "matmul_flops_per_s": rate,
+            "linear_params": workload.linear_params,
+        }
+        return write_results_in(out_dir, f"step-{settings.model}", env, rows, extra)
+
     with tempfile.TemporaryDirectory(prefix="fastppo-bench-") as tmp:
         workload = prepare_workload(settings, Path(tmp) / "model")
+        path = write(workload)
         for name in names:
             reason = TRAINERS[name].unavailable()
             if reason:
                 skipped[name] = reason
                 continue
-            rows.append(measure(TRAINERS[name], workload, Path(tmp), out_dir if profile else None, on_step))
-    # Fraction of the matmul floor: 6 * linear params * tokens over the measured bf16 GEMM rate.
-    # GPU only: a tiny CPU model against a CPU GEMM rate is no floor (it can exceed 100%).
-    rate = matmul_flops_per_s(dtype=settings.dtype) if on_gpu() else None
-    for row in rows:
-        row["train_flop_fraction"] = row["train_flops"] / (row["training_ms"] * 1e-3) / rate if rate else None
-    add_ratios(rows)
-    extra = {
-        "settings": dataclasses.asdict(settings),
-        "skipped": skipped,
-        "matmul_flops_per_s": rate,
-        "linear_params": workload.linear_params,
-    }
-    return write_results_in(out_dir, f"step-{settings.model}", env, rows, extra)
+            try:
+                rows.append(
+                    measure(TRAINERS[name], workload, Path(tmp), out_dir if profile else None, on_step)
+                )
+            except Exception as error:  # the other trainers' rows still count
+                if isinstance(error, torch.OutOfMemoryError):
+                    skipped[name] = "out of memory"
+                else:
+                    first_line = (str(error).strip().splitlines() or [""])[0]
+                    skipped[name] = f"failed: {type(error).__name__}: {first_line}"[:300]
+                warnings.warn(f"{name}: {skipped[name]}", stacklevel=2)
+            _release()  # outside the except block: its traceback would keep the failed trainer alive
+            path = write(workload)
+    return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -4,6 +4,7 @@ selective_log_softmax: forward and forward+backward, bf16 logits.
 Floor: forward reads the logits once (N*V*2 bytes); forward+backward reads them twice and writes
 the gradient once (3*N*V*2 bytes). Fraction = floor time at the measured copy bandwidth / median.
 Targets (H100, V=151936): forward+backward >= 85% of copy bandwidth and >= 3x eager.
+Forward rows run without autograd, as scoring does; torch.compile runs at V=151936 only.
 
     python -P -m fastppo.benchmarks.bench_token_logprobs [--quick] [--out DIR]
 """
@@ -14,7 +15,7 @@ import torch
 from fastppo.kernels import token_logprobs
 
 from .common import on_gpu
-from .kernel_bench import Impl, ceilings, finish, logits_sizes, measure, parse_args
+from .kernel_bench import COMPILE_VOCAB, Impl, Results, ceilings, logits_sizes, measure, parse_args
 from .peers import compiled_token_logprobs, eager_token_logprobs, trl_selective_log_softmax
 
 TEMPERATURE = 0.7
@@ -28,13 +29,15 @@ def setup_case(n_tokens: int, vocab: int, device: str) -> tuple[torch.Tensor, to
 
 def implementations(logits, labels, upstream, backward: bool) -> list[Impl]:
     def timed(fn):
-        def run():
-            out = fn(logits, labels, TEMPERATURE)
-            if backward:
-                logits.grad = None
-                out.backward(upstream)
+        def forward_and_backward():
+            logits.grad = None
+            fn(logits, labels, TEMPERATURE).backward(upstream)
 
-        return run if backward else lambda: fn(logits, labels, TEMPERATURE)
+        @torch.no_grad()
+        def forward():
+            fn(logits, labels, TEMPERATURE)
+
+        return forward_and_backward if backward else forward
 
     trl = trl_selective_log_softmax()
     impls = [
@@ -47,7 +50,8 @@ def implementations(logits, labels, upstream, backward: bool) -> list[Impl]:
             "" if trl else "trl not installed",
         ),
     ]
-    if on_gpu():  # inductor on CPU compiles for minutes and measures nothing we ship
+    # inductor on CPU compiles for minutes and measures nothing we ship
+    if on_gpu() and logits.shape[-1] == COMPILE_VOCAB:
         impls.append(Impl("torch.compile", timed(lambda x, y, t: compiled_token_logprobs()(x, y, t))))
     return impls
 
@@ -56,7 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     device = "cuda" if on_gpu() else "cpu"
     limits = ceilings()
-    rows = []
+    results = Results(
+        "token_logprobs",
+        args,
+        {
+            "ceilings": limits,
+            "floor": "fwd: N*V*2 bytes; fwd+bwd: 3*N*V*2 bytes (bf16)",
+            "targets": {"fwd+bwd floor_fraction": 0.85, "speedup_vs_eager at V=151936": 3.0},
+        },
+    )
     for n_tokens, vocab in logits_sizes(args.quick):
         logits, labels, upstream = setup_case(n_tokens, vocab, device)
         for backward in (False, True):
@@ -68,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mode": "fwd+bwd" if backward else "fwd",
                 "bytes_floor": passes * n_tokens * vocab * 2,
             }
-            rows += measure(case, implementations(logits, labels, upstream, backward), floor_ms, "eager")
+            results.add(measure(case, implementations(logits, labels, upstream, backward), floor_ms, "eager"))
         del logits, labels, upstream
     columns = [
         "n_tokens",
@@ -81,17 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_extra_bytes",
         "note",
     ]
-    finish(
-        "token_logprobs",
-        args,
-        rows,
-        columns,
-        {
-            "ceilings": limits,
-            "floor": "fwd: N*V*2 bytes; fwd+bwd: 3*N*V*2 bytes (bf16)",
-            "targets": {"fwd+bwd floor_fraction": 0.85, "speedup_vs_eager at V=151936": 3.0},
-        },
-    )
+    results.finish(columns)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -39,21 +40,27 @@ def _version(package: str) -> str | None:
         return None
 
 
-def environment() -> dict:
-    """Device, library versions and git commit: stored with every result."""
+def _commit() -> str | None:
+    """The commit measured: ``FASTPPO_COMMIT`` when set (an installed copy, as on a lent GPU, has no
+    git history; benchmarks/gpu_session.sh sets it), else the checkout's HEAD."""
+    if os.environ.get("FASTPPO_COMMIT"):
+        return os.environ["FASTPPO_COMMIT"]
     try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=RESULTS_DIR.parent,
-                check=False,
-            ).stdout.strip()
-            or None
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=RESULTS_DIR.parent,
+            check=False,
         )
     except OSError:
-        commit = None
+        return None
+    return done.stdout.strip() or None
+
+
+def environment() -> dict:
+    """Device, library versions and git commit: stored with every result."""
+    commit = _commit()
     return {
         "device": device_name(),
         "cpu": not on_gpu(),
@@ -76,10 +83,19 @@ class Timing:
 def bench(
     fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 5
 ) -> Timing:
-    """Median time of ``fn()``; CUDA events via do_bench on GPU, synchronised wall clock on CPU."""
+    """Median time of ``fn()``; CUDA events via do_bench on GPU, synchronised wall clock on CPU.
+
+    On GPU the timed window is at least 5 calls long (``rep_ms`` alone would time a 100 ms call once
+    or twice, and its quantiles would be one sample)."""
     if on_gpu():
         from triton.testing import do_bench
 
+        fn()  # compile / autotune outside the estimate
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        rep_ms = max(rep_ms, 5e3 * (time.perf_counter() - start))
         p50, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return Timing(p50, p20, p80)
     fn()  # warm-up

@@ -38,11 +38,16 @@ def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# torch.compile peers run at this vocabulary only (the targets' case): every other shape would be a
+# compile of its own, and compile time is what a GPU session is short of.
+COMPILE_VOCAB = 151936
+
+
 def logits_sizes(quick: bool) -> list[tuple[int, int]]:
     """(tokens, vocab) of the logits-in benchmarks: the issue's grid on GPU, tiny on CPU."""
     if quick or not on_gpu():
         return list(itertools.product((64,), (1000, 32000)))
-    return list(itertools.product((4096, 16384), (32000, 128256, 151936)))
+    return list(itertools.product((4096, 16384), (32000, 128256, COMPILE_VOCAB)))
 
 
 def policy_inputs(n_tokens: int, seq_len: int, device: str, old_logprob: float) -> dict:
@@ -82,6 +87,9 @@ def measure(case: dict, impls: list[Impl], floor_ms: float, baseline: str) -> li
                 )
             except torch.OutOfMemoryError:
                 row["note"] = "out of memory"
+            except Exception as error:  # a peer that breaks on this device must not end the run
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                row["note"] = f"failed: {type(error).__name__}: {first_line}"[:200]
             finally:
                 if on_gpu():
                     torch.cuda.empty_cache()
@@ -93,10 +101,23 @@ def measure(case: dict, impls: list[Impl], floor_ms: float, baseline: str) -> li
     return rows
 
 
-def finish(name: str, args: argparse.Namespace, rows: list[dict], columns: list[str], extra: dict) -> None:
-    env = environment()
-    path = write_results_in(results_dir(args.out), name, env, rows, extra)
-    if env["cpu"]:
-        print("CPU run: tiny sizes, a smoke test of the script, not a performance figure.")
-    print(markdown_table(rows, columns))
-    print(f"results: {path}")
+class Results:
+    """One kernel benchmark's results file, rewritten after every case: a run stopped at its time
+    limit keeps every case it finished."""
+
+    def __init__(self, name: str, args: argparse.Namespace, extra: dict):
+        self.name, self.extra = name, extra
+        self.directory = results_dir(args.out)
+        self.env = environment()
+        self.rows: list[dict] = []
+        self.path = None
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows += rows
+        self.path = write_results_in(self.directory, self.name, self.env, self.rows, self.extra)
+
+    def finish(self, columns: list[str]) -> None:
+        if self.env["cpu"]:
+            print("CPU run: tiny sizes, a smoke test of the script, not a performance figure.")
+        print(markdown_table(self.rows, columns))
+        print(f"results: {self.path}")

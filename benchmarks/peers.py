@@ -34,6 +34,11 @@ def compiled_token_logprobs() -> Callable:
     return torch.compile(eager_token_logprobs, dynamic=False)
 
 
+@functools.cache
+def compiled_policy_loss() -> Callable:
+    return torch.compile(eager_policy_loss, dynamic=False)
+
+
 def trl_selective_log_softmax() -> Callable | None:
     """TRL's ``selective_log_softmax`` (on CUDA, TRL 1.16 routes it to its own fused Triton kernel)."""
     try:

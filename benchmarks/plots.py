@@ -19,7 +19,7 @@ from .common import device_tag, results_dir
 from .report import family, is_cpu, load_results
 
 SERIES_KEYS = ("trainer", "impl", "provider", "implementation", "method", "variant", "backend")
-SIZE_KEYS = ("model", "tokens_per_step", "N", "B", "T", "H", "V", "tokens", "vocab", "hidden", "dtype")
+SIZE_KEYS = ("model", "tokens_per_step", "n_tokens", "vocab", "hidden", "mode", "dtype")
 GIB = 2**30
 
 
@@ -44,7 +44,7 @@ def _series_key(rows: list[dict[str, Any]]) -> str | None:
 
 def _size_label(row: dict[str, Any]) -> str:
     return " ".join(
-        f"{k}={row[k]}" if k not in ("model", "dtype") else str(row[k]) for k in SIZE_KEYS if k in row
+        f"{k}={row[k]}" if k not in ("model", "mode", "dtype") else str(row[k]) for k in SIZE_KEYS if k in row
     )
 
 

@@ -41,6 +41,9 @@ COLUMNS = {
         "peak_reserved_bytes",
         "train_speedup_vs_trl",
         "peak_memory_vs_trl",
+        "optim",
+        "attention",
+        "note",
     ],
     "memory": [
         "kind",
@@ -55,6 +58,7 @@ COLUMNS = {
         "max_tokens_per_step",
         "peak_allocated_bytes_at_max",
         "max_tokens_vs_trl",
+        "max_tokens_vs_trl_at_least",
         "algo",
         "num_frozen_layers",
         "reference",
@@ -143,10 +147,23 @@ def _versions(env: dict[str, Any]) -> str:
     return ", ".join(f"{n} {env['versions'][n]}" for n in names if env.get("versions", {}).get(n))
 
 
+README_FAMILIES = ("step", "memory", "token_logprobs", "policy_loss", "linear_loss")
+# The logits-in kernel tables are long (every size, both modes): the README shows the targets' vocabulary.
+README_VOCAB = {"token_logprobs": 151936, "policy_loss": 151936}
+
+
+def _readme_rows(result: dict[str, Any]) -> dict[str, Any]:
+    vocab = README_VOCAB.get(family(result))
+    if vocab is None or not any(r.get("vocab") == vocab for r in result["rows"]):
+        return result
+    return {**result, "rows": [r for r in result["rows"] if r.get("vocab") == vocab]}
+
+
 def render_readme_block(results: list[dict[str, Any]]) -> str:
-    """The README's results block: the newest GPU step and memory runs, with device, date and versions."""
+    """The README's results block: the newest GPU run of each family (step, memory, kernels), with
+    device, date, versions and what was not measured."""
     gpu = [r for r in results if not is_cpu(r)]
-    latest = [next((r for r in gpu if family(r) == f), None) for f in ("step", "memory")]
+    latest = [next((r for r in gpu if family(r) == f), None) for f in README_FAMILIES]
     latest = [r for r in latest if r is not None]
     if not latest:
         return f"{BLOCK_START} date=none -->\n{NO_GPU_RUN}\n{BLOCK_END}"
@@ -158,7 +175,10 @@ def render_readme_block(results: list[dict[str, Any]]) -> str:
             f"**{result['benchmark']}** on {env['device']}, {env['date'][:10]} "
             f"(commit {env.get('commit') or '?'}; {_versions(env)})\n"
         )
-        parts.append(result_table(result) + "\n")
+        parts.append(result_table(_readme_rows(result)) + "\n")
+        if result.get("skipped"):
+            missing = "; ".join(f"{name}: {why}" for name, why in result["skipped"].items())
+            parts.append(f"Not measured: {missing}\n")
     parts.append(BLOCK_END)
     return "\n".join(parts)
 

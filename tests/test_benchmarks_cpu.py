@@ -7,6 +7,7 @@ Timings themselves are never asserted (performance lives in benchmarks/, not in 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -121,10 +122,10 @@ def test_step_rows_compare_the_same_work(suite_run):
 
 def test_profile_writes_a_trace_and_a_top_kernel_summary(suite_run):
     out, _, _, _ = suite_run
-    traces = list(out.glob("*.trace.json"))
+    traces = list(out.glob("*.trace.json.gz"))
     assert {p.name.split("-")[1] for p in traces} >= {"fastppo", "trl"}
-    assert all(p.name.endswith("-cpu.trace.json") for p in traces)  # never the name of a GPU trace
-    assert json.loads(traces[0].read_text())["traceEvents"]
+    assert all(p.name.endswith("-cpu.trace.json.gz") for p in traces)  # never the name of a GPU trace
+    assert json.loads(gzip.decompress(traces[0].read_bytes()))["traceEvents"]
     summary = next(out.glob("step-fastppo-*.top-kernels.txt")).read_text()
     assert "phase/generation" in summary and "phase/rollout" in summary
 
@@ -169,7 +170,7 @@ def test_largest_fitting_rejects_a_start_off_the_grid():
 
 def _fake_workload() -> bench_step.Workload:
     settings = bench_step.StepSettings(model="qwen2.5-0.5b", batch=8, prompt_len=16, completion_len=32)
-    return bench_step.Workload(settings, Path("unused"), None, None, linear_params=1)
+    return bench_step.Workload(settings, Path("unused"), None, None, linear_params=1, head_params=0)
 
 
 @pytest.mark.parametrize("axis", bench_memory.AXES)
@@ -204,6 +205,84 @@ def test_memory_search_does_not_swallow_other_errors(monkeypatch):
         bench_memory.search_trainer(
             "trl", bench_memory.MemorySettings(start=8), _fake_workload(), Path("unused")
         )
+
+
+def test_largest_fitting_keeps_its_probes_when_the_time_limit_interrupts_it():
+    def fits(batch):
+        if batch == 32:
+            raise KeyboardInterrupt  # what the session's `timeout --signal=INT` delivers
+        return True
+
+    found = bench_memory.largest_fitting(fits, step=8, start=8, cap=512, max_probes=20, budget_s=60)
+    assert found.interrupted and found.max_ok == 16 and [b for b, _, _ in found.probes] == [8, 16]
+
+
+def test_largest_fitting_does_not_start_a_probe_predicted_to_overrun():
+    def slow(batch):
+        time.sleep(0.5)
+        return True
+
+    # after 0.5 s the next probe is predicted to take 0.75 s: past the 1 s budget, so never started
+    found = bench_memory.largest_fitting(slow, step=8, start=8, cap=512, max_probes=20, budget_s=1.0)
+    assert [b for b, _, _ in found.probes] == [8]
+
+
+def _memory_row(trainer, status, max_tokens, min_failed_tokens=None):
+    return {
+        "trainer": trainer,
+        "status": status,
+        "max_tokens_per_step": max_tokens,
+        "min_failed_tokens_per_step": min_failed_tokens,
+    }
+
+
+def test_memory_ratio_is_a_ratio_only_when_both_ran_out_of_memory():
+    both = [_memory_row("fastppo", "bracketed", 3000, 3100), _memory_row("trl", "bracketed", 1000, 1100)]
+    bench_memory.add_ratios(both)
+    assert both[0]["max_tokens_vs_trl"] == 3.0 and "max_tokens_vs_trl_at_least" not in both[0]
+    only_trl = [_memory_row("fastppo", "fits at the cap", 4000), _memory_row("trl", "bracketed", 1000, 2000)]
+    bench_memory.add_ratios(only_trl)
+    assert only_trl[0]["max_tokens_vs_trl_at_least"] == 2.0 and "max_tokens_vs_trl" not in only_trl[0]
+    neither = [
+        _memory_row("fastppo", "out of probes or time before running out of memory", 4000),
+        _memory_row("trl", "out of probes or time before running out of memory", 4000),
+    ]
+    bench_memory.add_ratios(neither)
+    assert not any(key.startswith("max_tokens_vs") for row in neither for key in row)
+
+
+def test_memory_search_shares_the_budget_and_survives_a_broken_trainer(monkeypatch):
+    budgets, written = [], []
+
+    def fake_search(name, settings, workload, work_dir, on_probe=None):
+        budgets.append(settings.budget_s)
+        if name == "fastppo":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return _memory_row(name, "bracketed", 1000, 1100)
+
+    monkeypatch.setattr(bench_memory, "prepare_workload", lambda settings, directory: _fake_workload())
+    monkeypatch.setattr(bench_memory, "search_trainer", fake_search)
+    settings = bench_memory.MemorySettings(budget_s=100.0)
+    rows, skipped = bench_memory.measure_largest(
+        settings, ["fastppo", "trl"], Path("unused"), on_row=lambda r, s: written.append(len(r))
+    )
+    assert budgets[0] == pytest.approx(50.0, abs=1) and budgets[1] == pytest.approx(100.0, abs=1)
+    assert [r["trainer"] for r in rows] == ["trl"] and "illegal memory access" in skipped["fastppo"]
+    assert written == [0, 1]  # the results file is rewritten after each trainer
+
+
+def test_step_benchmark_keeps_the_rows_of_trainers_that_ran_when_one_fails(monkeypatch, tmp_path):
+    def fake_measure(spec, workload, work_dir, profile_dir=None, on_step=None):
+        if spec.name == "trl":
+            raise RuntimeError("Liger patch failed\nlong traceback")
+        return {**GPU_ROW, "trainer": spec.name, "train_flops": 1.0}
+
+    monkeypatch.setattr(bench_step, "prepare_workload", lambda settings, directory: _fake_workload())
+    monkeypatch.setattr(bench_step, "measure", fake_measure)
+    path = bench_step.run(_fake_workload().settings, ["fastppo", "trl"], tmp_path)
+    result = json.loads(path.read_text())
+    assert [r["trainer"] for r in result["rows"]] == ["fastppo"]
+    assert result["skipped"] == {"trl": "failed: RuntimeError: Liger patch failed"}
 
 
 def test_phase_clock_times_nested_phases_and_restores_wrapped_methods():
