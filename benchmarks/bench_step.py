@@ -18,9 +18,10 @@ Tokens/s counts prompt + completion tokens of the batch, per second of the train
 (``train_tokens_per_s``) and of the whole step (``step_tokens_per_s``). On GPU,
 ``train_flop_fraction`` is 6 * nn.Linear weights * tokens (lm_head: completion tokens only, the
 only ones either trainer computes logits for) over the training time and the GEMM rate measured in
-the same run (attention scores and checkpoint recompute are not counted as useful work). Memory: peak allocated / reserved CUDA bytes over the whole
-``train()`` (weights, reference, optimizer state included); ``resident_bytes`` is what was
-allocated before the first step.
+the same run (attention scores and checkpoint recompute are not counted as useful work). Memory:
+peak allocated / reserved CUDA bytes over the whole ``train()`` (weights, reference, optimizer state
+included); ``resident_bytes`` is what was allocated before the first step. Each trainer runs its
+own defaults (``optim`` says which optimizer); ``fastppo-fused-adamw`` is fastppo with TRL's.
 
 PPO rows (``algo="ppo"``) share the workload, the clock, the memory probes and the row format; one
 PPO step is one rollout of ``batch`` completions and one epoch over it as a single mini-batch.
@@ -254,6 +255,9 @@ def ppo_arguments(settings: StepSettings, output_dir: Path, steps: int) -> dict[
     )
 
 
+TRL_OPTIM = "adamw_torch_fused"  # TRL 1.16's default with torch >= 2.8 (each row records its optim)
+
+
 def _build_fastppo(model, workload: Workload, args: dict[str, Any]):
     from fastppo.grpo_config import GRPOConfig
     from fastppo.trainer.grpo import GRPOTrainer
@@ -360,6 +364,17 @@ TRAINERS: dict[str, TrainerSpec] = {
     for spec in (
         TrainerSpec("fastppo", "grpo", _build_fastppo, _instrument_fastppo, _missing("fastppo.trainer.grpo")),
         TrainerSpec("trl", "grpo", _build_trl, _instrument_trl, _missing("trl"), baseline=True),
+        # fastppo with TRL's optimizer instead of its 8-bit default: the like-for-like memory ratio.
+        TrainerSpec(
+            "fastppo-fused-adamw",
+            "grpo",
+            _build_fastppo,
+            _instrument_fastppo,
+            _missing("fastppo.trainer.grpo"),
+            arguments=lambda settings, output_dir, steps: dict(
+                grpo_arguments(settings, output_dir, steps), optim=TRL_OPTIM
+            ),
+        ),
         # TRL 1.16 has no PPOTrainer to race: the PPO row stands alone (no ratios).
         TrainerSpec(
             "fastppo-ppo",

@@ -108,8 +108,8 @@ session() {
   stage kernels token_logprobs 140 $PY -m fastppo.benchmarks.bench_token_logprobs --out "$RESULTS"
   stage kernels policy_loss 100 $PY -m fastppo.benchmarks.bench_policy_loss --out "$RESULTS"
   stage kernels linear_loss 130 $PY -m fastppo.benchmarks.bench_linear_loss --out "$RESULTS"
-  stage step step 220 $PY -m fastppo.benchmarks.bench_step --model "$MODEL" --out "$RESULTS"
-  stage memory memory 180 $PY -m fastppo.benchmarks.bench_memory --model "$MODEL" --budget-s 150 --out "$RESULTS"
+  stage step step 240 $PY -m fastppo.benchmarks.bench_step --model "$MODEL" --out "$RESULTS"
+  stage memory memory 170 $PY -m fastppo.benchmarks.bench_memory --model "$MODEL" --budget-s 140 --out "$RESULTS"
   # A run of its own (never the README's figures): a smaller model and short completions keep the
   # trace of a whole step readable and small.
   stage profile profile 75 $PY -m fastppo.benchmarks.bench_step --model qwen2.5-0.5b --completion-len 16 \
