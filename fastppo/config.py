@@ -28,8 +28,8 @@ T = TypeVar("T")
 # switch is off, so any value is accepted.
 INERT_PREFIXES = ("vllm_", "hub_", "sapo_", "vespo_", "entropy_coef_", "trackio_")
 INERT_FIELDS = frozenset(
-    # do_*: flags for user scripts (Trainer ignores them too); run_name/project: names for reporting
-    # integrations (report_to is "none"); local_rank/ddp_timeout: set by launchers; log_*: verbosity;
+    # do_*: flags for user scripts (Trainer ignores them too); run_name/project: names the reporting
+    # integrations read themselves; local_rank/ddp_timeout: set by launchers; log_*: verbosity;
     # the rest only matter with DeepSpeed, images, adaptive entropy or continuous batching.
     """
     do_train do_eval do_predict run_name project local_rank ddp_timeout log_level log_level_replica
@@ -175,13 +175,20 @@ def check_choice(name: str, value: Any, choices: Iterable[Any], note: str = "") 
 
 
 def check_report_to(value: Any) -> None:
-    """Only "none" is supported: metrics go to the JSONL file in output_dir (and callbacks)."""
-    values = [value] if isinstance(value, str) or value is None else list(value)
-    require(
-        all(v in (None, "none") for v in values),
-        f"report_to={value!r} is not supported by fastppo: metrics are written to <output_dir>/metrics.jsonl "
-        "and passed to callbacks' on_log; use report_to='none' and a TrainerCallback to forward them.",
+    """``report_to`` names transformers' logging integrations (tensorboard, wandb, mlflow, trackio,
+    ...), which the trainers drive through the same callback events as ``Trainer``; "all" takes every
+    installed one, "none" none (metrics.jsonl is always written). A name transformers does not know,
+    or an integration whose package is missing, is an error now rather than at the first log."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
     )
+
+    values = [value] if isinstance(value, str) or value is None else list(value)
+    names = [v for v in values if v not in (None, "none", "all")]
+    check_known_keys("report_to", names, [*sorted(INTEGRATION_TO_CALLBACK), "all", "none"])
+    missing = [n for n in names if n not in get_available_reporting_integrations()]
+    require(not missing, f"report_to={value!r}: {missing} not installed; install its package or drop it")
 
 
 def resolve_device_defaults(config: Any) -> None:

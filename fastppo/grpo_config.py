@@ -90,7 +90,9 @@ class GRPOConfig(TrainingArguments):
     use_liger_kernel: bool = unsupported(False, "fastppo runs its own fused kernels")
     torch_empty_cache_steps: int | None = unsupported(None, "cache emptying")
     report_to: None | str | list[str] = option(
-        "none", "Only 'none': metrics go to <output_dir>/metrics.jsonl and callbacks."
+        "none",
+        "transformers logging integrations (tensorboard, wandb, mlflow, trackio, ...), 'all' or 'none'; "
+        "metrics also go to <output_dir>/metrics.jsonl.",
     )
     remove_unused_columns: bool | None = option(
         False, "Pass only 'prompt' to reward functions (else all columns)."

@@ -113,7 +113,11 @@ def test_trl_boolean_scale_rewards_and_inert_fields():
         ({"reward_weights": [1.0, math.inf]}, r"reward_weights\[1\] must be"),
         ({"ref_model_mixup_alpha": 1.5}, r"ref_model_mixup_alpha must be"),
         ({"sync_ref_model": True}, r"sync_ref_model=True needs beta > 0"),
-        ({"report_to": "wandb"}, r"report_to='wandb' is not supported"),
+        (
+            {"report_to": "tensorbord"},
+            r"report_to got unknown option\(s\): 'tensorbord' \(did you mean 'tensorboard'",
+        ),
+        ({"report_to": ["clearml"]}, r"report_to=\['clearml'\]: \['clearml'\] not installed"),
         ({"optim": "adafactor"}, r"optim must be one of"),
         ({"logging_strategy": "epoch"}, r"logging_strategy must be one of"),
         (

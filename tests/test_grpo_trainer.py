@@ -298,6 +298,27 @@ def test_mask_truncated_completions(model_dir, tmp_path):
         assert torch.equal(mb.loss_mask[~truncated], mb.completion_mask[~truncated])
 
 
+def test_report_to_tensorboard_logs_every_logged_step_through_transformers_integration(
+    model_dir, tmp_path, monkeypatch
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    trainer = GRPOTrainer(
+        model=model_dir,
+        reward_funcs=length_reward,
+        args=config(tmp_path, max_steps=3, report_to="tensorboard"),
+        train_dataset=dataset(),
+    )
+    trainer.train()
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    rewards = events.Scalars("train/reward")
+    logged = [r for r in trainer.state.log_history if "reward" in r]
+    assert [e.step for e in rewards] == [r["step"] for r in logged] == [1, 2, 3]
+    assert [e.value for e in rewards] == pytest.approx([r["reward"] for r in logged])
+    assert "train/step" not in events.Tags()["scalars"]  # the step is the x axis, not a metric
+
+
 def test_callbacks_see_the_run_and_can_stop_it(model_dir, tmp_path):
     events = []
 
@@ -306,7 +327,8 @@ def test_callbacks_see_the_run_and_can_stop_it(model_dir, tmp_path):
             events.append("begin")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            events.append(("log", logs["step"]))
+            assert "step" not in logs  # as from transformers' Trainer: the step is state.global_step
+            events.append(("log", state.global_step))
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 2:

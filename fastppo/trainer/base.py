@@ -29,6 +29,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import gather_object
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, get_scheduler
+from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer_utils import TrainOutput, enable_full_determinism, set_seed
 
 from .. import checkpoint as ckpt
@@ -133,7 +134,9 @@ class TrainerBase:
             is_world_process_zero=self.accelerator.is_main_process,
         )
         self.control = TrainerControl()
-        self.callbacks = Callbacks(callbacks, self)
+        # report_to's integrations (TensorBoard, W&B, ...) first, then the user's, as in Trainer
+        reporters = get_reporting_integration_callbacks(args.report_to)
+        self.callbacks = Callbacks([*reporters, *(callbacks or [])], self)
         self.metrics = MetricsBuffer()
         self.log_writer: JsonlWriter | None = None
         self.progress: ProgressBar | None = None
@@ -365,13 +368,14 @@ class TrainerBase:
         if training:
             self._add_training_metrics(record)
         record["epoch"] = round(self.state.epoch, 4)
+        logs = dict(record)  # what callbacks get, as from Trainer: the step is state.global_step
         record["step"] = self.state.global_step
         self.state.log_history.append(record)
         if self.log_writer is not None:
             self.log_writer.write(record)
         if training:
             self._latest = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        self.callbacks("on_log", logs=record)
+        self.callbacks("on_log", logs=logs)
 
     def _add_training_metrics(self, record: dict[str, float]) -> None:
         now = time.perf_counter()
