@@ -236,9 +236,21 @@ def resolve_device_defaults(config: Any) -> None:
             setattr(config, old, None)
 
 
+def check_fused_precision(config: Any) -> None:
+    """fp16 cannot train the fused path: its kernels form the logits' gradient during the forward, in
+    the logits' dtype and before fp16 loss scaling multiplies it, so its small entries underflow to
+    zero (bf16 has fp32's range)."""
+    require(
+        not (config.fp16 and config.use_fused_kernels),
+        "fp16 with use_fused_kernels=True is not supported: the fused kernels form the logits' gradient "
+        "in the forward, unscaled, where fp16 underflows; use bf16, or use_fused_kernels=False",
+    )
+
+
 def check_training_arguments(config: Any) -> None:
     """The TrainingArguments values trainer/base.py can honour (after TrainingArguments' own checks)."""
     check_choice("optim", getattr(config.optim, "value", config.optim), SUPPORTED_OPTIMIZERS)
+    check_fused_precision(config)
     for name in ("logging_strategy", "save_strategy", "eval_strategy"):
         value = getattr(config, name)
         check_choice(name, getattr(value, "value", value), ("no", "steps"))

@@ -25,14 +25,15 @@ def triton_interpreting() -> bool:
 def resolve_backend(backend: Backend, tensor: torch.Tensor) -> Literal["triton", "torch"]:
     """Pick the implementation for ``tensor``'s device.
 
-    ``auto`` uses Triton for CUDA tensors only; CPU tensors take the reference, which is exact and
-    chunked. ``triton`` on a CPU tensor is allowed only under the interpreter (that is how the
-    kernels are tested without a GPU).
+    ``auto`` uses Triton for CUDA tensors only, and not for float64 ones (the kernels compute in
+    float32); the others take the reference, which is exact and chunked. ``triton`` on a CPU tensor
+    is allowed only under the interpreter (that is how the kernels are tested without a GPU).
     """
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "torch"
+        fits = tensor.is_cuda and tensor.dtype != torch.float64
+        return "triton" if fits and triton_available() else "torch"
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if not triton_available():

@@ -158,3 +158,21 @@ def test_hf_argument_parser_reads_it():
         ]
     )
     assert (c.beta, c.num_generations) == (0.05, 4)
+
+
+@pytest.mark.parametrize(
+    ("fp16", "fused", "refused"), [(True, True, True), (True, False, False), (False, True, False)]
+)
+def test_fp16_is_refused_for_the_fused_kernels_only(fp16, fused, refused):
+    """The fused path forms the logits' gradient in the forward, before fp16 loss scaling: it would
+    underflow. (On CPU fp16 is switched off before this check runs, hence the check on its own.)"""
+    from types import SimpleNamespace
+
+    from fastppo.config import check_fused_precision
+
+    config = SimpleNamespace(fp16=fp16, use_fused_kernels=fused)
+    if refused:
+        with pytest.raises(ValueError, match="fp16 with use_fused_kernels=True is not supported"):
+            check_fused_precision(config)
+    else:
+        check_fused_precision(config)

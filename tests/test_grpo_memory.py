@@ -431,7 +431,8 @@ def test_cuda_defaults_train_with_8bit_state_varlen_packing_and_a_shared_trunk(m
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
     assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
     batch = ragged_batch(trainer.model.config.vocab_size)
-    batch = PolicyBatch(**{f.name: getattr(batch, f.name).cuda() for f in dataclasses.fields(batch)})
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    batch = PolicyBatch(**{name: v if v is None else v.cuda() for name, v in fields.items()})
     settings = dataclasses.replace(trainer.loss_settings, num_items_in_batch=20.0)
     losses = []
     with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():

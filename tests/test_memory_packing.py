@@ -245,7 +245,15 @@ def test_torch_varlen_matches_the_reference_on_cuda(window):
 
 
 @pytest.mark.gpu
-def test_packed_matches_padded_on_cuda_through_varlen_attn():
+def test_packed_matches_padded_on_cuda_through_varlen_attn(monkeypatch):
+    """fp32 weights under bf16 autocast (the trainers' default): RoPE leaves q, k fp32 and v bf16,
+    and the packed forward must still reach varlen_attn, not the per-sequence reference."""
+    if not packing.varlen_available():
+        pytest.skip("this torch has no varlen_attn")
+    calls = []
+    monkeypatch.setattr(
+        packing, "_torch_varlen", lambda *a, f=packing._torch_varlen: calls.append(1) or f(*a)
+    )
     model = tiny_lm("qwen2", "sdpa").cuda()
     packed_model = copy.deepcopy(model)
     packed_model.set_attn_implementation(register_varlen_attention())
@@ -254,6 +262,7 @@ def test_packed_matches_padded_on_cuda_through_varlen_attn():
         want = model.model(**padded_inputs(ids, mask), use_cache=False).last_hidden_state
         packed = pack(ids, mask)
         got = unpack(packed_model.model(**packed.model_inputs()).last_hidden_state, packed)
+    assert len(calls) == model.config.num_hidden_layers
     torch.testing.assert_close(
         got.float() * mask[..., None], want.float() * mask[..., None], rtol=0.0, atol=5e-2
     )

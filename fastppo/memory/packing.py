@@ -219,7 +219,18 @@ def varlen_attention_forward(
     if window is not None and max_length_q <= window:
         window = None  # no sequence is longer than the window: plain causal is the same attention
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
-    fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_available()
+    if q.is_cuda and torch.is_autocast_enabled("cuda") and q.dtype == torch.float32:
+        # fp32 weights under autocast: RoPE leaves q and k fp32 while v is bf16. Autocast would run
+        # SDPA in its dtype; the flash kernel needs that dtype given (transformers' flash path does so).
+        q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
+    fast = (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and k.dtype == v.dtype == q.dtype
+        and dim % 8 == 0
+        and dim <= 256  # the flash kernel's head sizes
+        and varlen_available()
+    )
     if fast and (window is None or varlen_takes_window()):
         cu = cu_seq_lens_q.to(q.device, torch.int32)
         out = _torch_varlen(q, k, v, cu, max_length_q, scaling, window)

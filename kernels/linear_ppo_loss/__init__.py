@@ -100,7 +100,8 @@ def linear_token_logprobs(
     lead = labels.shape
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     impl = launchers(backend, hidden)
-    rows = rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, chunk_bytes)
+    on_triton = resolve_backend(backend, hidden) == "triton"
+    rows = rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, chunk_bytes, not on_triton)
     out = _LinearTokenLogprobs.apply(
         hidden_2d,
         weight,
@@ -278,14 +279,14 @@ def linear_ppo_loss(
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     impl = launchers(backend, hidden)
     # Triton + token-level ratios: the fused kernel gives log-probs and dlogits in one launch per chunk.
-    token_level = settings.importance_sampling_level == "token"
-    single_pass = token_level and resolve_backend(backend, hidden) == "triton"
+    on_triton = resolve_backend(backend, hidden) == "triton"
+    single_pass = settings.importance_sampling_level == "token" and on_triton
     plan = LossPlan(
         settings,
         compute_entropy,
         impl,
         single_pass,
-        rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, chunk_bytes),
+        rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, chunk_bytes, not on_triton),
     )
     return _LinearPolicyLoss.apply(
         hidden_2d, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, plan

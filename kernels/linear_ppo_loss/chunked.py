@@ -25,13 +25,19 @@ from ..ppo_loss.settings import PolicyLossSettings
 if TYPE_CHECKING:
     from ..ppo_loss.triton import TokenInputs
 
-# Default budget for one chunk of logits plus the fp32 temporaries the reference makes of it.
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+# Default budget for one chunk of logits (plus the fp32 temporaries the reference makes of it). Each
+# chunk's grad_weight update reads and writes the whole [V, H] weight gradient, so small chunks turn
+# the backward memory-bound: 1 GiB is ~3500 bf16 rows of a 152k vocabulary on the Triton path,
+# five chunks for 16k tokens, and a few percent of an 80 GB GPU.
+DEFAULT_CHUNK_BYTES = 2**30
 
 
-def rows_per_chunk(n_rows: int, vocab: int, logits_dtype: torch.dtype, budget_bytes: int) -> int:
-    """Token rows per chunk so a chunk of logits (plus ~2 fp32 copies on the reference path) fits."""
-    per_row = vocab * (torch.finfo(logits_dtype).bits // 8 + 8)
+def rows_per_chunk(
+    n_rows: int, vocab: int, logits_dtype: torch.dtype, budget_bytes: int, fp32_temporaries: bool = True
+) -> int:
+    """Token rows per chunk so a chunk of logits fits the budget, with ~2 fp32 copies of it when
+    ``fp32_temporaries`` (the reference launchers make them; the Triton ones work in place)."""
+    per_row = vocab * (torch.finfo(logits_dtype).bits // 8 + (8 if fp32_temporaries else 0))
     return max(1, min(n_rows, budget_bytes // per_row))
 
 
