@@ -78,6 +78,26 @@ def test_8bit_on_cpu_falls_back_to_torch_adamw_and_warns_once():
     assert default_optim_name("cpu") == "adamw_torch"
 
 
+def test_the_bitsandbytes_probe_runs_on_this_processs_gpu(monkeypatch):
+    """Under a multi-GPU launch the config is built before accelerate sets the device: the probe
+    must use LOCAL_RANK's GPU, or every process opens a CUDA context on GPU 0."""
+    tried = []
+
+    def zeros(*size, device=None, **kwargs):
+        tried.append(device)
+        raise RuntimeError("no GPU here")
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch, "zeros", zeros)
+    optim.bitsandbytes_problem.cache_clear()
+    try:
+        assert "no GPU here" in optim.bitsandbytes_problem("cuda")
+    finally:
+        optim.bitsandbytes_problem.cache_clear()
+    assert tried == [torch.device("cuda", 3)]
+
+
 def test_bad_names_and_nothing_to_train_are_errors():
     with pytest.raises(ValueError, match="optim must be one of .*'adamw_8bit'.*got 'sgd'"):
         create_optimizer(Block(), "sgd", lr=1e-3)

@@ -10,6 +10,7 @@ optimizer falls back to ``adamw_torch`` and says so once.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Iterable
 
@@ -40,7 +41,12 @@ def bitsandbytes_problem(device_type: str) -> str | None:
     try:
         import bitsandbytes as bnb
 
-        probe = nn.Parameter(torch.zeros(4096, device=device_type))
+        # This process's GPU: configs are built before accelerate sets the device, and a probe on
+        # the current one (0) would put every launched process's CUDA context on GPU 0.
+        local = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
+        probe = nn.Parameter(
+            torch.zeros(4096, device=torch.device("cuda", local % torch.cuda.device_count()))
+        )
         probe.grad = torch.ones_like(probe)
         bnb.optim.AdamW8bit([probe], lr=1e-3).step()
     except Exception as exc:  # ImportError, a missing CUDA library, an unsupported GPU: all fall back
