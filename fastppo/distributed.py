@@ -56,6 +56,31 @@ def rank_rows(count: int, accelerator: Accelerator, what: str) -> slice:
     return slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
 
 
+def evaluation_share(count: int, accelerator: Accelerator) -> tuple[list[int], list[bool]]:
+    """(the dataset indices this process evaluates, which of them count): a contiguous share of
+    ``count`` rows, the last process's padded with repeats of the last row so every process takes the
+    same number (sharded generation must run as many times on each). Padding does not count."""
+    world = accelerator.num_processes
+    share = -(-count // world)  # ceil
+    start = accelerator.process_index * share
+    indices = [min(i, count - 1) for i in range(start, start + share)]
+    return indices, [i < count for i in range(start, start + share)]
+
+
+def gather_counted(tensor: torch.Tensor, counts: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """Every process's rows of ``tensor`` (equal numbers per process) whose ``counts`` entry is True.
+    Booleans travel as bytes (gloo gathers no bool)."""
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        return (
+            gather_rows(t.to(torch.uint8), accelerator).bool()
+            if t.dtype == torch.bool
+            else gather_rows(t, accelerator)
+        )
+
+    return gather(tensor)[gather(counts)]
+
+
 def all_reduce_gradients(modules: Iterable[nn.Module], accelerator: Accelerator) -> None:
     """Average the gradients of every trainable parameter over the processes (no-op for one).
 

@@ -65,15 +65,33 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     assert double["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-7)
     assert double["rewards"] == pytest.approx(single["rewards"], rel=1e-5)
     assert double["checksum"] == pytest.approx(single["checksum"], rel=1e-6)
+    # evaluation split over the processes (11 prompts: one padded row that must not count) gives
+    # what one process gives over all of them, on every process
+    evaluations = [evaluation(one, 0), evaluation(two, 0), evaluation(two, 1)]
+    assert evaluations[1] == evaluations[2]
+    assert evaluations[1] == pytest.approx(evaluations[0], rel=1e-6)
+    assert {"eval_reward", "eval_completions/mean_length"} <= set(evaluations[0])
+
+
+def evaluation(out: Path, rank: int) -> dict:
+    return json.loads((out / f"eval-{rank}.json").read_text())
 
 
 def test_ppo_trains_data_parallel_with_the_same_weights_on_every_process(tmp_path):
     """PPO whitens advantages per process (legacy TRL), so it is not compared with one process; the
-    averaged gradients must still leave every process with the same policy and critic."""
+    averaged gradients must still leave every process with the same policy and critic. Its
+    evaluation scores each prompt once (the sampler is a function of the prompt) whatever the split."""
     summary = launch(tmp_path, 4, "ppo", 29518)
     assert len(summary["losses"]) == 4 and all(math.isfinite(v) for v in summary["losses"])
     checksums = [json.loads((tmp_path / f"checksum-{rank}.json").read_text()) for rank in (0, 1)]
     assert checksums[0] == checksums[1]  # bit-identical: same start (broadcast), same averaged steps
+    single = tmp_path / "single"
+    single.mkdir()
+    run([sys.executable, str(SCRIPT), str(single), "8", "ppo"], single)
+    assert evaluation(tmp_path, 0) == evaluation(tmp_path, 1)
+    assert evaluation(tmp_path, 0)["eval_objective/scores"] == pytest.approx(
+        evaluation(single, 0)["eval_objective/scores"], rel=1e-6
+    )
 
 
 def test_deepspeed_launches_are_refused_and_rows_split_evenly():
@@ -81,7 +99,7 @@ def test_deepspeed_launches_are_refused_and_rows_split_evenly():
 
     from accelerate.utils import DistributedType
 
-    from fastppo.distributed import check_distributed_type, rank_rows
+    from fastppo.distributed import check_distributed_type, evaluation_share, rank_rows
 
     with pytest.raises(ValueError, match="DeepSpeed; fastppo shards with FSDP2 instead"):
         check_distributed_type(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
@@ -93,6 +111,9 @@ def test_deepspeed_launches_are_refused_and_rows_split_evenly():
     assert rank_rows(16, second, "rows") == slice(8, 16)
     with pytest.raises(ValueError, match="rows \\(15\\) must split evenly across the 2 processes"):
         rank_rows(15, second, "rows")
+    # evaluation: equal shares, the last padded with repeats of the last row that do not count
+    assert evaluation_share(11, second) == ([6, 7, 8, 9, 10, 10], [True] * 5 + [False])
+    assert evaluation_share(1, second) == ([0], [False])
 
 
 def test_two_process_run_resumes_exactly_from_inside_a_rollout(tmp_path):
@@ -126,6 +147,8 @@ def test_sharded_training_matches_unsharded_data_parallel(tmp_path):
     assert got["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-7)
     assert got["rewards"] == pytest.approx(expected["rewards"], rel=1e-5)
     assert got["checksum"] == pytest.approx(expected["checksum"], rel=1e-6)
+    # sharded evaluation: as many gathered generate calls on each process (the padded share)
+    assert evaluation(sharded, 1) == evaluation(sharded, 0) == pytest.approx(evaluation(plain, 0), rel=1e-5)
 
 
 def test_sharded_run_resumes_exactly_from_inside_a_rollout(tmp_path):

@@ -28,7 +28,14 @@ from transformers.trainer_utils import TrainOutput
 
 from ..advantages import group_relative_advantages, nanstd, normalize_then_sum_advantages
 from ..checkpoint import resolve_resume
-from ..distributed import gather_rows, rank_rows, sum_over_processes
+from ..distributed import (
+    evaluation_share,
+    gather_counted,
+    gather_rows,
+    merge_metric_sums,
+    rank_rows,
+    sum_over_processes,
+)
 from ..grpo_config import GRPOConfig
 from ..kernels.ppo_loss import PolicyLossStats
 from ..logging import MetricsBuffer, print_completions
@@ -373,7 +380,8 @@ class GRPOTrainer(TrainerBase):
         ``eval_do_sample=False``. No loss is computed (there is no fixed target to score against).
         Values reward functions pass to ``log_metric`` are averaged into the result; ``log_extra``
         columns are dropped (they feed the training completions table). ``ignore_keys``: TRL's
-        signature, unused.
+        signature, unused. With several processes each samples its share of the prompts
+        (``distributed.evaluation_share``) and the metrics are over all of them.
         """
         args = self.args
         dataset = (
@@ -389,8 +397,10 @@ class GRPOTrainer(TrainerBase):
         per_func, lengths, truncated = [], [], []
         logged = MetricsBuffer()
         extra = {"trainer_state": self.state, "log_metric": logged.add, "log_extra": lambda *a, **k: None}
-        for start in range(0, len(dataset), per_call):
-            rows = [dataset[i] for i in range(start, min(start + per_call, len(dataset)))]
+        # each process samples its share of the prompts; the metrics are of all of them
+        indices, counted = evaluation_share(len(dataset), self.accelerator)
+        for start in range(0, len(indices), per_call):
+            rows = [dataset[i] for i in indices[start : start + per_call]]
             with self.accelerator.autocast(), self.untouched_rng():
                 rollout = sample_rollout(
                     self.sampler,
@@ -416,12 +426,18 @@ class GRPOTrainer(TrainerBase):
             )
             lengths.append(rollout.lengths.cpu())
             truncated.append(rollout.is_truncated.cpu())
-        per_func_all = torch.cat(per_func)
+        counts = torch.tensor(counted, device=self.device).repeat_interleave(n)  # [completions]
+        per_func_all = gather_counted(torch.cat(per_func).to(self.device), counts, self.accelerator).cpu()
+        lengths_all, truncated_all = (
+            gather_counted(torch.cat(t).to(self.device), counts, self.accelerator).cpu()
+            for t in (lengths, truncated)
+        )
         rewards = combine_rewards(per_func_all, self.rewards.weights)
+        logged.load_state_dict(merge_metric_sums(logged.state_dict(), self.accelerator))
         found = {
             **logged.flush(),
             **reward_metrics(per_func_all, rewards, self.rewards.names),
-            **completion_metrics(torch.cat(lengths), torch.cat(truncated)),
+            **completion_metrics(lengths_all, truncated_all),
         }
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in found.items()}
         if self.log_writer is not None:  # during training: into the log next to the training records

@@ -30,6 +30,7 @@ import warnings
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 from transformers.trainer_utils import TrainOutput
 
@@ -42,7 +43,7 @@ from ..advantages import (
     shaped_rewards,
 )
 from ..checkpoint import resolve_resume
-from ..distributed import mean_over_processes, rank_rows
+from ..distributed import evaluation_share, mean_over_processes, rank_rows
 from ..kernels.ppo_loss import PolicyLossSettings, PolicyLossStats
 from ..logging import print_completions
 from ..modeling import build_policy, check_model_source, eos_token_ids, switch_off_dropout
@@ -527,13 +528,17 @@ class PPOTrainer(TrainerBase):
 
     def print_samples(self) -> None:
         """A table of greedy completions for the eval prompts (legacy TRL's generate_completions)."""
-        print_completions(self._evaluation_rows(), self.state.global_step)
+        rows = self._evaluation_rows()  # every process: each samples its share
+        if self.accelerator.is_main_process:
+            print_completions(rows, self.state.global_step)
 
     def _evaluation_rows(self) -> list[dict[str, Any]]:
+        """Every eval prompt's greedy completion and score; each process samples its share."""
         rows: list[dict[str, Any]] = []
         size = self.args.local_rollout_forward_batch_size
-        for start in range(0, len(self.eval_dataset), size):
-            batch = [self.eval_dataset[i] for i in range(start, min(start + size, len(self.eval_dataset)))]
+        indices, counted = evaluation_share(len(self.eval_dataset), self.accelerator)
+        for start in range(0, len(indices), size):
+            batch = [self.eval_dataset[i] for i in indices[start : start + size]]
             with self.accelerator.autocast():
                 rollout = sample_rollout(
                     self.sampler,
@@ -550,7 +555,8 @@ class PPOTrainer(TrainerBase):
                 {"prompt": p, "completion": c, "score": float(s)}
                 for p, c, s in zip(rollout.prompts, rollout.completions, scores, strict=True)
             ]
-        return rows
+        mine = [row for row, counts in zip(rows, counted, strict=True) if counts]
+        return mine if self.accelerator.num_processes == 1 else gather_object(mine)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The policy and tokenizer (``save_pretrained``), and the critic next to them (field note 9)."""

@@ -20,6 +20,9 @@ own RNG, so a sharded and an unsharded two-process run sample the same completio
 function; PPO: instead of it).
 ``NAN_ON_RANK1=1`` makes process 1's first GRPO minibatch loss NaN (process 0's stays finite).
 
+After training, every run evaluates 11 prompts (an uneven split: the last process's share is padded);
+``eval-<rank>.json`` holds what each process's ``evaluate()`` returned.
+
 Usage: python data_parallel_run.py OUT_DIR PER_DEVICE_BATCH [grpo|ppo] [PHASE]
 """
 
@@ -38,6 +41,7 @@ from fastppo.demo import build_dataset, build_policy, build_tokenizer, says_word
 from fastppo.sharding import is_sharded
 
 NUM_GENERATIONS = 4
+EVAL_PROMPTS = 11  # not a multiple of the process count
 
 
 class PromptHashSampler:
@@ -94,6 +98,7 @@ def grpo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler, phase:
         reward_processing_classes=[None, tokenizer] if with_model else None,
         args=config,
         train_dataset=build_dataset(size=64, seed=0),
+        eval_dataset=build_dataset(size=EVAL_PROMPTS, seed=1),
         processing_class=tokenizer,
         sampler=sampler,
     )
@@ -126,6 +131,7 @@ def ppo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler, phase: 
         policy,
         reward_model=reward_model,
         train_dataset=build_dataset(size=64, seed=0),
+        eval_dataset=build_dataset(size=EVAL_PROMPTS, seed=1),
         sampler=sampler,
         value_model=value_model,
     )
@@ -167,12 +173,15 @@ def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
     if phase == "first":
         trainer.add_callback(StopAfterFirstStep)
     trainer.train(resume_from_checkpoint=phase == "second")
+    evaluation = trainer.evaluate()
     modules = trainer.trained_modules()
     whole = [p.full_tensor() if isinstance(p, DTensor) else p for m in modules for p in m.parameters()]
     checksum = sum(float(p.detach().double().sum()) for p in whole)
     rank = trainer.accelerator.process_index
     with open(f"{out_dir}/checksum-{rank}.json", "w") as f:
         json.dump(checksum, f)
+    with open(f"{out_dir}/eval-{rank}.json", "w") as f:
+        json.dump(evaluation, f)
     if trainer.accelerator.is_main_process:
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
         reward_key = "reward" if algo == "grpo" else "objective/scores"
