@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -150,6 +151,12 @@ class TrainerBase:
         self._tokens_since_log = 0
         self._latest: dict[str, float] = {}  # the last logged values, shown by the progress bar
         self.guard = NonFiniteGuard(getattr(args, "max_consecutive_nonfinite_steps", 3))
+        # Where the run stands in its stream of rollouts (the subclasses checkpoint it): rollouts drawn
+        # so far, the one being optimised (None between rollouts) and its passes done (a checkpoint
+        # can fall between two of them).
+        self._rollouts_drawn = 0
+        self._buffer: Any = None
+        self._buffer_done = 0
 
     def add_callback(self, callback: TrainerCallback | type) -> None:
         self.callbacks.callbacks.append(callback() if isinstance(callback, type) else callback)
@@ -551,6 +558,20 @@ class TrainerBase:
         self._tokens_since_log = int(state["tokens_since_log"])
         self.metrics.load_state_dict(state["metrics"])
         self.guard.load_state_dict(state["guard"])
+
+    def continue_rollouts(self, batches: Iterator[Any]) -> bool:
+        """After ``begin_training``: skip the prompt batches of the rollouts drawn before a checkpoint
+        and finish the rollout it fell inside. True when the run is already over."""
+        for _ in range(self._rollouts_drawn):
+            next(batches)
+        stop = self.state.global_step >= self.state.max_steps  # resumed from the run's last step
+        if not stop and self._buffer is not None:  # the checkpoint fell inside a rollout: finish it
+            stop = self._optimise(self._buffer, done=self._buffer_done)
+        return stop
+
+    def _optimise(self, buffer: Any, done: int = 0) -> bool:  # pragma: no cover - abstract
+        """The optimizer passes over one rollout, from pass ``done``; True when training must stop."""
+        raise NotImplementedError
 
     # --- subclass checkpoint hooks (see the module docstring) ----------------------------------------
 

@@ -68,6 +68,8 @@ class Advantages:
 class GRPOTrainer(TrainerBase):
     """Group Relative Policy Optimization (Shao et al. 2024) with TRL's signature and config."""
 
+    _buffer: list[PolicyBatch] | None  # the rollout being optimised: its minibatches
+
     def __init__(
         self,
         model: str | nn.Module,
@@ -151,11 +153,6 @@ class GRPOTrainer(TrainerBase):
         self._shuffle = torch.Generator().manual_seed(args.seed)  # minibatch order, independent of sampling
         self._pending_extra: dict[str, list] = {}
         self._samples: list[dict[str, Any]] = []  # the last rollout's table rows (log_completions)
-        # Resume state (checkpoint_extras): rollouts drawn so far, and the one being optimised with
-        # the count of its minibatch passes done (a checkpoint can fall between two of them).
-        self._rollouts_drawn = 0
-        self._buffer: list[PolicyBatch] | None = None
-        self._buffer_done = 0
         self.callbacks("on_init_end")
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -170,11 +167,7 @@ class GRPOTrainer(TrainerBase):
         rollouts_per_epoch = len(self.train_dataset) // self._prompts_per_rollout
         self.begin_training(self._total_steps(rollouts_per_epoch), "GRPO", resume_from=resume)
         batches = self._prompt_batches()
-        for _ in range(self._rollouts_drawn):  # prompts of the rollouts before the checkpoint
-            next(batches)
-        stop = self.state.global_step >= self.state.max_steps  # resumed from the run's last step
-        if not stop and self._buffer is not None:  # the checkpoint fell inside a rollout: finish it
-            stop = self._optimise(self._buffer, done=self._buffer_done)
+        stop = self.continue_rollouts(batches)
         while not stop:
             rows = next(batches)  # endless: the step count ends training
             rows = rows[rank_rows(len(rows), self.accelerator, "prompts per rollout")]  # whole groups

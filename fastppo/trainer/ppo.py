@@ -100,6 +100,7 @@ class PPOTrainer(TrainerBase):
     """Proximal Policy Optimization with a critic (Ouyang et al. 2022), legacy TRL's signature."""
 
     REWARD_METRIC, KL_METRIC = "objective/scores", "objective/kl"
+    _buffer: RolloutBuffer | None  # the rollout being optimised
 
     def __init__(
         self,
@@ -180,10 +181,6 @@ class PPOTrainer(TrainerBase):
         self._shuffle = torch.Generator().manual_seed(args.seed)  # minibatch order, apart from sampling
         self._ratio_means: list[float] = []  # per micro-batch, for val/ratio_var
         self._rollout_metrics: dict[str, float] = {}  # the last rollout's objective/*, in every log
-        # Resume state (checkpoint_extras): rollouts drawn, and the one under optimisation.
-        self._rollouts_drawn = 0
-        self._buffer: RolloutBuffer | None = None
-        self._buffer_done = 0
         self.callbacks("on_init_end")
 
     def _build_critic(self, value_model: nn.Module | None) -> Critic:
@@ -226,11 +223,7 @@ class PPOTrainer(TrainerBase):
         self.begin_training(args.optimizer_steps(len(self.train_dataset)), "PPO", resume_from=resume)
         sample_every = max(1, updates // args.num_sample_generations) if args.num_sample_generations else 0
         batches = prompt_batches(self.train_dataset, args.batch_size, args.data_seed or args.seed)
-        for _ in range(self._rollouts_drawn):  # prompts of the rollouts before the checkpoint
-            next(batches)
-        stop = self.state.global_step >= self.state.max_steps  # resumed from the run's last step
-        if not stop and self._buffer is not None:  # the checkpoint fell inside a rollout: finish it
-            stop = self._optimise(self._buffer, done=self._buffer_done)
+        stop = self.continue_rollouts(batches)
         while not stop:
             rows = next(batches)[rank_rows(args.batch_size, self.accelerator, "batch_size")]
             self.state.epoch = self._rollouts_drawn * args.batch_size / len(self.train_dataset)
