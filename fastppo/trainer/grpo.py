@@ -417,13 +417,12 @@ class GRPOTrainer(TrainerBase):
                     extra,
                 )
             )
-            lengths.append(rollout.lengths.cpu())
-            truncated.append(rollout.is_truncated.cpu())
+            lengths.append(rollout.lengths)
+            truncated.append(rollout.is_truncated)
         counts = torch.tensor(counted, device=self.device).repeat_interleave(n)  # [completions]
-        per_func_all = gather_counted(torch.cat(per_func).to(self.device), counts, self.accelerator).cpu()
-        lengths_all, truncated_all = (
-            gather_counted(torch.cat(t).to(self.device), counts, self.accelerator).cpu()
-            for t in (lengths, truncated)
+        per_func_all, lengths_all, truncated_all = (
+            gather_counted(torch.cat(parts).to(self.device), counts, self.accelerator).cpu()
+            for parts in (per_func, lengths, truncated)
         )
         rewards = combine_rewards(per_func_all, self.rewards.weights)
         logged.load_state_dict(merge_metric_sums(logged.state_dict(), self.accelerator))
