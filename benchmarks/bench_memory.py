@@ -44,7 +44,7 @@ from .bench_step import (
     model_config,
     prepare_workload,
 )
-from .common import environment, on_gpu, results_dir, write_results_in
+from .common import environment, failure_note, on_gpu, results_dir, write_results_in
 
 DEFAULT_TRAINERS = ("fastppo", "trl")
 
@@ -237,7 +237,6 @@ def add_ratios(rows: list[dict]) -> None:
 def measure_largest(
     settings: MemorySettings,
     trainers: list[str],
-    out_dir: Path,
     on_probe: Callable[[], None] | None = None,
     on_row: Callable[[list[dict], dict[str, str]], None] | None = None,
 ) -> tuple[list[dict], dict[str, str]]:
@@ -265,8 +264,7 @@ def measure_largest(
                     name, dataclasses.replace(settings, budget_s=share), workload, Path(tmp), on_probe
                 )
             except Exception as error:  # not an out-of-memory: this trainer is broken here
-                first_line = (str(error).strip().splitlines() or [""])[0]
-                skipped[name] = f"failed: {type(error).__name__}: {first_line}"[:300]
+                skipped[name] = failure_note(error)
                 row = None
             if row is not None:
                 rows.append(row)
@@ -373,7 +371,7 @@ def run(
         }
         return write_results_in(out_dir, name, env, rows, extra)
 
-    rows, skipped = measure_largest(settings, names, out_dir, on_probe, on_row=write)
+    rows, skipped = measure_largest(settings, names, on_probe, on_row=write)
     return write(rows, skipped)
 
 

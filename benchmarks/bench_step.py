@@ -46,7 +46,15 @@ from typing import Any
 import torch
 
 from . import report
-from .common import device_tag, environment, matmul_flops_per_s, on_gpu, results_dir, write_results_in
+from .common import (
+    device_tag,
+    environment,
+    failure_note,
+    matmul_flops_per_s,
+    on_gpu,
+    results_dir,
+    write_results_in,
+)
 from .profiling import PhaseClock, StepProfiler
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -587,8 +595,7 @@ def run(
                 if isinstance(error, torch.OutOfMemoryError):
                     skipped[name] = "out of memory"
                 else:
-                    first_line = (str(error).strip().splitlines() or [""])[0]
-                    skipped[name] = f"failed: {type(error).__name__}: {first_line}"[:300]
+                    skipped[name] = failure_note(error)
                 warnings.warn(f"{name}: {skipped[name]}", stacklevel=2)
             _release()  # outside the except block: its traceback would keep the failed trainer alive
             path = write(workload)

@@ -109,6 +109,12 @@ def bench(
     return Timing(statistics.median(times), q[0], q[-1])
 
 
+def failure_note(error: BaseException, limit: int = 300) -> str:
+    """One line saying why an implementation or trainer failed (its row or ``skipped`` entry)."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"failed: {type(error).__name__}: {first_line}"[:limit]
+
+
 def peak_memory_bytes(fn: Callable[[], object]) -> int | None:
     """Peak CUDA memory allocated by ``fn()`` above what was allocated before it (None on CPU)."""
     if not on_gpu():

@@ -14,6 +14,7 @@ from .common import (
     bench,
     copy_bandwidth_bytes_per_s,
     environment,
+    failure_note,
     markdown_table,
     matmul_flops_per_s,
     on_gpu,
@@ -88,8 +89,7 @@ def measure(case: dict, impls: list[Impl], floor_ms: float, baseline: str) -> li
             except torch.OutOfMemoryError:
                 row["note"] = "out of memory"
             except Exception as error:  # a peer that breaks on this device must not end the run
-                first_line = (str(error).strip().splitlines() or [""])[0]
-                row["note"] = f"failed: {type(error).__name__}: {first_line}"[:200]
+                row["note"] = failure_note(error, limit=200)
             finally:
                 if on_gpu():
                     torch.cuda.empty_cache()

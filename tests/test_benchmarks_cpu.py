@@ -264,7 +264,7 @@ def test_memory_search_shares_the_budget_and_survives_a_broken_trainer(monkeypat
     monkeypatch.setattr(bench_memory, "search_trainer", fake_search)
     settings = bench_memory.MemorySettings(budget_s=100.0)
     rows, skipped = bench_memory.measure_largest(
-        settings, ["fastppo", "trl"], Path("unused"), on_row=lambda r, s: written.append(len(r))
+        settings, ["fastppo", "trl"], on_row=lambda r, s: written.append(len(r))
     )
     assert budgets[0] == pytest.approx(50.0, abs=1) and budgets[1] == pytest.approx(100.0, abs=1)
     assert [r["trainer"] for r in rows] == ["trl"] and "illegal memory access" in skipped["fastppo"]
