@@ -4,7 +4,9 @@ it: forward+backward, bf16 logits, GRPO token-level ratios with a k3 KL term.
 Floor: two reads of the logits and one write of their gradient (3*N*V*2 bytes). Rows of up to
 32768 logits are held on chip by the kernel (one read, 2*N*V*2 bytes: see block_config); the table
 states the 3-pass floor for every size, so on-chip sizes can exceed a fraction of 1. torch.compile
-runs at V=151936 only, with static shapes.
+runs at V=151936 only, with static shapes, last. On GPU, ``fastppo[...]`` rows time other tile
+limits than the defaults (the tuning sweep): streaming tiles of 4096 or 16384, or a row held on
+chip streamed twice instead.
 
     python -P -m fastppo.benchmarks.bench_policy_loss [--quick] [--out DIR]
 """
@@ -25,6 +27,7 @@ from .kernel_bench import (
     measure,
     parse_args,
     policy_inputs,
+    tile_variants,
 )
 from .peers import compiled_policy_loss, eager_policy_loss
 
@@ -65,6 +68,7 @@ def implementations(t: dict) -> list[Impl]:
         return run
 
     impls = [Impl("fastppo", fused), Impl("eager", eager())]
+    impls += tile_variants(fused, t["logits"].shape[-1], fused_loss=True)
     if on_gpu() and t["logits"].shape[-1] == COMPILE_VOCAB:
         impls.append(Impl("torch.compile", eager(compiled_policy_loss())))
     return impls

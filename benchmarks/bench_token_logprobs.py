@@ -4,7 +4,8 @@ selective_log_softmax: forward and forward+backward, bf16 logits.
 Floor: forward reads the logits once (N*V*2 bytes); forward+backward reads them twice and writes
 the gradient once (3*N*V*2 bytes). Fraction = floor time at the measured copy bandwidth / median.
 Targets (H100, V=151936): forward+backward >= 85% of copy bandwidth and >= 3x eager.
-Forward rows run without autograd, as scoring does; torch.compile runs at V=151936 only.
+Forward rows run without autograd, as scoring does; torch.compile runs at V=151936 only, last.
+On GPU, ``fastppo[block=B]`` rows time other streaming tiles than the default (the tuning sweep).
 
     python -P -m fastppo.benchmarks.bench_token_logprobs [--quick] [--out DIR]
 """
@@ -15,7 +16,16 @@ import torch
 from fastppo.kernels import token_logprobs
 
 from .common import on_gpu
-from .kernel_bench import COMPILE_VOCAB, Impl, Results, ceilings, logits_sizes, measure, parse_args
+from .kernel_bench import (
+    COMPILE_VOCAB,
+    Impl,
+    Results,
+    ceilings,
+    logits_sizes,
+    measure,
+    parse_args,
+    tile_variants,
+)
 from .peers import compiled_token_logprobs, eager_token_logprobs, trl_selective_log_softmax
 
 TEMPERATURE = 0.7
@@ -40,8 +50,9 @@ def implementations(logits, labels, upstream, backward: bool) -> list[Impl]:
         return forward_and_backward if backward else forward
 
     trl = trl_selective_log_softmax()
+    ours = timed(lambda x, y, t: token_logprobs(x, y, temperature=t))
     impls = [
-        Impl("fastppo", timed(lambda x, y, t: token_logprobs(x, y, temperature=t))),
+        Impl("fastppo", ours),
         Impl("eager", timed(eager_token_logprobs)),
         Impl(
             "trl",
@@ -50,6 +61,7 @@ def implementations(logits, labels, upstream, backward: bool) -> list[Impl]:
             "" if trl else "trl not installed",
         ),
     ]
+    impls += tile_variants(ours, logits.shape[-1], fused_loss=False)
     # inductor on CPU compiles for minutes and measures nothing we ship
     if on_gpu() and logits.shape[-1] == COMPILE_VOCAB:
         impls.append(Impl("torch.compile", timed(lambda x, y, t: compiled_token_logprobs()(x, y, t))))

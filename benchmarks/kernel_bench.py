@@ -4,11 +4,14 @@ implementations, the floor fractions, the printed table and the JSON record."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+import triton
+from fastppo.kernels.token_logprobs import triton as token_kernels
 
 from .common import (
     bench,
@@ -44,11 +47,54 @@ def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
 COMPILE_VOCAB = 151936
 
 
+# The targets' case. It runs first: a run stopped at its time limit has measured what matters most.
+TARGET_CASE = (16384, COMPILE_VOCAB)
+
+
 def logits_sizes(quick: bool) -> list[tuple[int, int]]:
-    """(tokens, vocab) of the logits-in benchmarks: the issue's grid on GPU, tiny on CPU."""
+    """(tokens, vocab) of the logits-in benchmarks: the issue's grid on GPU, target first; tiny on CPU."""
     if quick or not on_gpu():
         return list(itertools.product((64,), (1000, 32000)))
-    return list(itertools.product((4096, 16384), (32000, 128256, COMPILE_VOCAB)))
+    grid = itertools.product((4096, 16384), (32000, 128256, COMPILE_VOCAB))
+    return [TARGET_CASE] + [case for case in grid if case != TARGET_CASE]
+
+
+@contextlib.contextmanager
+def block_limits(max_block_v: int | None = None, single_tile_max_v: int | None = None) -> Iterator[None]:
+    """Launch the Triton kernels with other tile limits than the defaults (``MAX_BLOCK_V``,
+    ``SINGLE_TILE_MAX_V`` of ``token_logprobs/triton.py``, read at every launch), restored on exit:
+    the candidates a GPU run compares before a default is chosen."""
+    saved = token_kernels.MAX_BLOCK_V, token_kernels.SINGLE_TILE_MAX_V
+    if max_block_v is not None:
+        token_kernels.MAX_BLOCK_V = max_block_v
+    if single_tile_max_v is not None:
+        token_kernels.SINGLE_TILE_MAX_V = single_tile_max_v
+    try:
+        yield
+    finally:
+        token_kernels.MAX_BLOCK_V, token_kernels.SINGLE_TILE_MAX_V = saved
+
+
+def tile_variants(run: Callable[[], object], vocab: int, fused_loss: bool) -> list[Impl]:
+    """``fastppo`` rows under other tile limits than the defaults (GPU only: the interpreter times
+    nothing real). A streamed row: tiles of 4096 and 16384 beside the default 8192. A row the fused
+    loss holds on chip as one tile: streamed twice in default tiles instead (``single_tile_max_v=0``)."""
+    if not on_gpu():
+        return []
+    if fused_loss and triton.next_power_of_2(vocab) <= token_kernels.SINGLE_TILE_MAX_V:
+        variants = {"fastppo[stream]": {"single_tile_max_v": 0}}
+    else:
+        variants = {f"fastppo[block={b}]": {"max_block_v": b} for b in (4096, 16384)}
+
+    def under(limits: dict) -> Callable[[], None]:
+        def limited() -> None:
+            with block_limits(**limits):
+                run()
+
+        return limited
+
+    return [Impl(name, under(limits), note=f"tile limits {limits}") for name, limits in variants.items()]
+
 
 
 def policy_inputs(n_tokens: int, seq_len: int, device: str, old_logprob: float) -> dict:
