@@ -96,7 +96,6 @@ def tile_variants(run: Callable[[], object], vocab: int, fused_loss: bool) -> li
     return [Impl(name, under(limits), note=f"tile limits {limits}") for name, limits in variants.items()]
 
 
-
 def policy_inputs(n_tokens: int, seq_len: int, device: str, old_logprob: float) -> dict:
     """labels-free per-token loss inputs for ``n_tokens`` split into sequences of ``seq_len``:
     old log-probs near ``old_logprob`` (ratios both sides of 1), a reference, advantages, mask."""
