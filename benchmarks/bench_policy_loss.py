@@ -4,9 +4,9 @@ it: forward+backward, bf16 logits, GRPO token-level ratios with a k3 KL term.
 Floor: two reads of the logits and one write of their gradient (3*N*V*2 bytes). Rows of up to
 32768 logits are held on chip by the kernel (one read, 2*N*V*2 bytes: see block_config); the table
 states the 3-pass floor for every size, so on-chip sizes can exceed a fraction of 1. torch.compile
-runs at V=151936 only, with static shapes, last. On GPU, ``fastppo[...]`` rows time other tile
-limits than the defaults (the tuning sweep): streaming tiles of 4096 or 16384, or a row held on
-chip streamed twice instead.
+runs at V=151936 only, with static shapes, last. On GPU, ``fastppo[...]`` rows time other launch
+choices than the defaults (the tuning sweep, kernel_bench.tile_variants): streaming tiles of 4096
+or 16384 and no L2 hints for a streamed row; 32 warps, or streaming twice, for a row held on chip.
 
     python -P -m fastppo.benchmarks.bench_policy_loss [--quick] [--out DIR]
 """

@@ -541,6 +541,10 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             row[f"peak_memory_vs_{peer}"] = row["peak_allocated_bytes"] / base["peak_allocated_bytes"]
 
 
+# Why a trainer has no row when the run was stopped (SIGINT at the stage's limit) before or during it.
+STOPPED = "not measured: the run was stopped at its time limit"
+
+
 def run(
     settings: StepSettings,
     trainers: list[str] | None = None,
@@ -582,7 +586,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="fastppo-bench-") as tmp:
         workload = prepare_workload(settings, Path(tmp) / "model")
         path = write(workload)
-        for name in names:
+        for position, name in enumerate(names):
             reason = TRAINERS[name].unavailable()
             if reason:
                 skipped[name] = reason
@@ -591,6 +595,11 @@ def run(
                 rows.append(
                     measure(TRAINERS[name], workload, Path(tmp), out_dir if profile else None, on_step)
                 )
+            except KeyboardInterrupt:  # the stage's time limit (SIGINT): say who went unmeasured
+                for unmeasured in names[position:]:
+                    skipped.setdefault(unmeasured, STOPPED)
+                write(workload)
+                raise
             except Exception as error:  # the other trainers' rows still count
                 if isinstance(error, torch.OutOfMemoryError):
                     skipped[name] = "out of memory"

@@ -3,7 +3,7 @@ selective_log_softmax: forward and forward+backward, bf16 logits.
 
 Floor: forward reads the logits once (N*V*2 bytes); forward+backward reads them twice and writes
 the gradient once (3*N*V*2 bytes). Fraction = floor time at the measured copy bandwidth / median.
-Targets (H100, V=151936): forward+backward >= 85% of copy bandwidth and >= 3x eager.
+Targets (H100/H200, V=151936): forward+backward >= 90% of copy bandwidth and >= 10x eager.
 Forward rows run without autograd, as scoring does; torch.compile runs at V=151936 only, last.
 On GPU, ``fastppo[block=B]`` rows time other streaming tiles than the default (the tuning sweep).
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "ceilings": limits,
             "floor": "fwd: N*V*2 bytes; fwd+bwd: 3*N*V*2 bytes (bf16)",
-            "targets": {"fwd+bwd floor_fraction": 0.85, "speedup_vs_eager at V=151936": 3.0},
+            "targets": {"fwd+bwd floor_fraction": 0.9, "speedup_vs_eager at V=151936": 10.0},
         },
     )
     for n_tokens, vocab in logits_sizes(args.quick):

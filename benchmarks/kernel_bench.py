@@ -59,32 +59,45 @@ def logits_sizes(quick: bool) -> list[tuple[int, int]]:
     return [TARGET_CASE] + [case for case in grid if case != TARGET_CASE]
 
 
+# The launch choices of token_logprobs/triton.py a GPU run compares (module constants read at
+# every launch): the streaming tile, the widest row held on chip, its warps, the L2 hints.
+TUNABLES = ("MAX_BLOCK_V", "SINGLE_TILE_MAX_V", "SINGLE_TILE_WARPS", "L2_HINTS")
+
+
 @contextlib.contextmanager
-def block_limits(max_block_v: int | None = None, single_tile_max_v: int | None = None) -> Iterator[None]:
-    """Launch the Triton kernels with other tile limits than the defaults (``MAX_BLOCK_V``,
-    ``SINGLE_TILE_MAX_V`` of ``token_logprobs/triton.py``, read at every launch), restored on exit:
-    the candidates a GPU run compares before a default is chosen."""
-    saved = token_kernels.MAX_BLOCK_V, token_kernels.SINGLE_TILE_MAX_V
-    if max_block_v is not None:
-        token_kernels.MAX_BLOCK_V = max_block_v
-    if single_tile_max_v is not None:
-        token_kernels.SINGLE_TILE_MAX_V = single_tile_max_v
+def block_limits(**overrides: int | bool) -> Iterator[None]:
+    """Launch the Triton kernels with other ``TUNABLES`` than the defaults (lower-case keywords,
+    e.g. ``max_block_v=16384``), restored on exit."""
+    names = {name.lower(): name for name in TUNABLES}
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"unknown kernel tunables {unknown}; known: {sorted(names)}")
+    saved = {name: getattr(token_kernels, name) for name in TUNABLES}
+    for key, value in overrides.items():
+        setattr(token_kernels, names[key], value)
     try:
         yield
     finally:
-        token_kernels.MAX_BLOCK_V, token_kernels.SINGLE_TILE_MAX_V = saved
+        for name, value in saved.items():
+            setattr(token_kernels, name, value)
 
 
 def tile_variants(run: Callable[[], object], vocab: int, fused_loss: bool) -> list[Impl]:
-    """``fastppo`` rows under other tile limits than the defaults (GPU only: the interpreter times
-    nothing real). A streamed row: tiles of 4096 and 16384 beside the default 8192. A row the fused
-    loss holds on chip as one tile: streamed twice in default tiles instead (``single_tile_max_v=0``)."""
+    """``fastppo`` rows under other launch choices than the defaults (GPU only: the interpreter
+    times nothing real). A streamed row: tiles of 4096 and 16384 beside the default 8192, and for
+    the fused loss's two reads no L2 hints. A row the fused loss holds on chip as one tile: over 32
+    warps instead of 16, or streamed twice in default tiles instead (``single_tile_max_v=0``)."""
     if not on_gpu():
         return []
     if fused_loss and triton.next_power_of_2(vocab) <= token_kernels.SINGLE_TILE_MAX_V:
-        variants = {"fastppo[stream]": {"single_tile_max_v": 0}}
+        variants = {
+            "fastppo[warps=32]": {"single_tile_warps": 32},
+            "fastppo[stream]": {"single_tile_max_v": 0},
+        }
     else:
         variants = {f"fastppo[block={b}]": {"max_block_v": b} for b in (4096, 16384)}
+        if fused_loss:
+            variants["fastppo[no-l2-hints]"] = {"l2_hints": False}
 
     def under(limits: dict) -> Callable[[], None]:
         def limited() -> None:
@@ -93,7 +106,7 @@ def tile_variants(run: Callable[[], object], vocab: int, fused_loss: bool) -> li
 
         return limited
 
-    return [Impl(name, under(limits), note=f"tile limits {limits}") for name, limits in variants.items()]
+    return [Impl(name, under(limits), note=f"tunables {limits}") for name, limits in variants.items()]
 
 
 def policy_inputs(n_tokens: int, seq_len: int, device: str, old_logprob: float) -> dict:

@@ -43,3 +43,22 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
     """Reject NaN/inf in small per-token or per-sequence inputs (advantages, old log-probs). One sync."""
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} contains NaN or inf; expected finite values")
+
+
+def check_no_overlap(name: str, tensor: torch.Tensor, why: str) -> None:
+    """Refuse a tensor whose elements share memory (a stride-0 or interleaved view, such as
+    ``x.expand(...)``): writing into it would race, and one element would get two values.
+
+    Sufficient test: with the dims of size > 1 sorted by stride, each stride must reach past the
+    span of the dims inside it. It refuses some exotic layouts that do not overlap; a copy serves.
+    """
+    span = 1
+    for stride, size in sorted(
+        (st, sz) for sz, st in zip(tensor.shape, tensor.stride(), strict=True) if sz > 1
+    ):
+        if stride < span:
+            raise ValueError(
+                f"{name} has elements that share memory (shape {tuple(tensor.shape)}, strides "
+                f"{tensor.stride()}): {why}"
+            )
+        span += stride * (size - 1)

@@ -285,6 +285,22 @@ def test_step_benchmark_keeps_the_rows_of_trainers_that_ran_when_one_fails(monke
     assert result["skipped"] == {"trl": "failed: RuntimeError: Liger patch failed"}
 
 
+def test_step_benchmark_stopped_at_its_time_limit_records_who_went_unmeasured(monkeypatch, tmp_path):
+    def fake_measure(spec, workload, work_dir, profile_dir=None, on_step=None):
+        if spec.name == "trl":
+            raise KeyboardInterrupt  # what the session's `timeout --signal=INT` delivers
+        return {**GPU_ROW, "trainer": spec.name, "train_flops": 1.0}
+
+    monkeypatch.setattr(bench_step, "prepare_workload", lambda settings, directory: _fake_workload())
+    monkeypatch.setattr(bench_step, "measure", fake_measure)
+    with pytest.raises(KeyboardInterrupt):
+        bench_step.run(_fake_workload().settings, ["fastppo", "trl", "fastppo-fused-adamw"], tmp_path)
+    (path,) = tmp_path.glob("step-*.json")
+    result = json.loads(path.read_text())
+    assert [r["trainer"] for r in result["rows"]] == ["fastppo"]
+    assert result["skipped"] == {"trl": bench_step.STOPPED, "fastppo-fused-adamw": bench_step.STOPPED}
+
+
 def test_phase_clock_times_nested_phases_and_restores_wrapped_methods():
     class Work:
         def outer(self):

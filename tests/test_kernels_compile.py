@@ -1,5 +1,8 @@
 """Every Triton kernel compiles for sm_90 (Hopper) through Triton's GPU compiler and ptxas, here,
-without a GPU: the interpreter alone would accept code the GPU compiler rejects."""
+without a GPU: the interpreter alone would accept code the GPU compiler rejects. Compiled as a real
+launch is specialised; the variants the benchmark shapes use must not spill and must read the
+logits 16 bytes at a time (compile_for_hopper.py prints every variant's registers, stack, shared
+memory and SASS size: the record to compare a change against)."""
 
 from __future__ import annotations
 
@@ -33,5 +36,7 @@ def test_all_kernels_compile_for_hopper(tmp_path):
     done = subprocess.run(
         [sys.executable, "-P", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600
     )
+    regressions = [line for line in done.stdout.splitlines() if line.startswith("REGRESSION")]
+    assert not regressions, "\n".join(regressions)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "compiled 63 kernel variants for sm_90" in done.stdout
+    assert "compiled 84 kernel variants for sm_90" in done.stdout

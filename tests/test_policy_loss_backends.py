@@ -98,3 +98,40 @@ def test_on_policy_old_logprobs_none_equals_recorded_current_logprobs(backend, l
     for got, want in zip(*results, strict=True):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
     assert results[0][1].item() == 1.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_overwrite_logits_refuses_rows_that_share_memory(backend):
+    """An expanded [B, T, V] view has one row in memory for T of them: writing gradients in place
+    would race. Refused on both backends (the bad input is the same), naming the strides."""
+    row = torch.randn(1, 1, 129)
+    logits = row.expand(2, 5, 129)
+    args = (
+        torch.randint(0, 129, (2, 5)),
+        torch.full((2, 5), -4.8),
+        torch.tensor([1.0, -1.0]),
+        torch.ones(2, 5),
+    )
+    with pytest.raises(ValueError, match=r"share memory .*strides \(0, 0, 1\)"):
+        fused_policy_loss(logits, *args, overwrite_logits=True, backend=backend)
+    fused_policy_loss(logits, *args, backend=backend)  # read-only use of the same view is fine
+
+
+def test_overwriting_logits_a_graph_saved_fails_at_backward_instead_of_using_gradients():
+    """exp saves its output for its backward; the Triton path overwrites that output with dlogits.
+    The write bumps the autograd version, so backward refuses instead of multiplying by gradients."""
+    x = torch.randn(2, 5, 129, requires_grad=True)
+    logits = x.exp()  # ExpBackward keeps `logits`
+    args = (
+        torch.randint(0, 129, (2, 5)),
+        torch.full((2, 5), -4.8),
+        torch.tensor([1.0, -1.0]),
+        torch.ones(2, 5),
+    )
+    loss, _ = fused_policy_loss(logits, *args, overwrite_logits=True, backend="triton")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    x.grad = None
+    loss, _ = fused_policy_loss(x.exp(), *args, backend="triton")  # without overwrite: a fresh buffer
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -138,16 +138,22 @@ def test_values_and_gradients_match_float64(backend, case):
     check_against_float64(logits, labels, temperature, backend, case_id(case))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("temperature", [0.7, 1.0])
-def test_large_magnitude_logits_do_not_overflow(backend, temperature):
-    logits = torch.randn(6, 300)
+def large_magnitude_case(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with 1e4 logits: a five-way tie at the top, one survivor among -1e4, every third -1e4,
+    a flat top spanning two tiles of 256, and plain rows."""
+    logits = torch.randn(6, 300, device=device)
     logits[0, :5] = 1e4
     logits[1] = -1e4
     logits[1, 7] = 1e4
     logits[2, ::3] = -1e4
-    logits[3, 200:] = 1e4  # a flat top spanning two tiles of 256
-    labels = torch.tensor([0, 7, 1, 250, 5, 299])
+    logits[3, 200:] = 1e4
+    return logits, torch.tensor([0, 7, 1, 250, 5, 299], device=device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_large_magnitude_logits_do_not_overflow(backend, temperature):
+    logits, labels = large_magnitude_case()
     # Eager log_softmax subtracts the max first and never rounds lse ~ 1e4 / T to fp32; a stored fp32
     # lse is off by up to half an ulp, 2^-24 |lse| (~6e-4 here), and so is anything formed from it.
     lse_rounding = 2**-24 * 1e4 / temperature
@@ -397,6 +403,32 @@ def test_cuda_kernels_match_float64_at_benchmark_size(vocab):
     loss64, _, grad64 = float64_policy_grad(x.detach(), labels, old, advantages, mask, ref, settings, 1.0)
     assert abs(loss.item() - loss64.item()) <= 1e-5 * abs(loss64.item())
     assert max_err(x.grad, grad64) <= 1e-2 * grad64.abs().max().item()  # bf16 gradient rounding
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_cuda_large_magnitude_logits_keep_their_accuracy(temperature):
+    """The interpreter's case on compiled kernels: there the compiler may contract a multiply and
+    an add into one FMA, which can bring back the rounding that subtracting the max first avoids.
+    Same gate as on CPU (values exact to fp32 noise; lse rounding allowed on the gradient only)."""
+    logits, labels = large_magnitude_case("cuda")
+    check_against_float64(
+        logits, labels, temperature, "auto", f"cuda-1e4-T{temperature}", 2**-24 * 1e4 / temperature
+    )
+    settings = PolicyLossSettings(beta=0.04, temperature=temperature)
+    inputs = loss_inputs(6, 1, 300, 0.3, device="cuda")
+    mask = torch.ones(6, 1, device="cuda")
+    x = logits[:, None].clone().requires_grad_()
+    loss, _ = fused_policy_loss(
+        x, labels[:, None], inputs[2], inputs[3], mask, ref_logprobs=inputs[5], **loss_kwargs(settings)
+    )
+    loss.backward()
+    loss64, _, grad64 = float64_policy_grad(
+        x.detach(), labels[:, None], inputs[2], inputs[3], mask, inputs[5], settings, 1.0
+    )
+    assert torch.isfinite(x.grad).all()
+    assert abs(loss.item() - loss64.item()) <= 1e-5 * max(1.0, abs(loss64.item()))
+    assert max_err(x.grad, grad64) <= (1e-5 + 2**-24 * 1e4 / temperature) * grad64.abs().max().item()
 
 
 @pytest.mark.gpu

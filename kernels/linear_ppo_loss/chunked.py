@@ -27,18 +27,33 @@ if TYPE_CHECKING:
 
 # Default budget for one chunk of logits (plus the fp32 temporaries the reference makes of it). Each
 # chunk's grad_weight update reads and writes the whole [V, H] weight gradient, so small chunks turn
-# the backward memory-bound: 1 GiB is ~3500 bf16 rows of a 152k vocabulary on the Triton path,
-# five chunks for 16k tokens, and a few percent of an 80 GB GPU.
+# the backward memory-bound: 1 GiB is at most 3532 bf16 rows of a 152k vocabulary on the Triton
+# path (five even chunks of 3328 for 16k tokens), a few percent of an 80 GB GPU. The GPU run's
+# sweep (benchmarks/bench_linear_loss.py) times 2 and 4 GiB beside it.
 DEFAULT_CHUNK_BYTES = 2**30
+
+
+# Chunks of more rows than this are cut at multiples of it: whole 128-row tiles of the chunk's
+# GEMMs (cuBLAS's usual M tile on Hopper), two per multiple, and no ragged tile per chunk.
+CHUNK_ROW_MULTIPLE = 256
 
 
 def rows_per_chunk(
     n_rows: int, vocab: int, logits_dtype: torch.dtype, budget_bytes: int, fp32_temporaries: bool = True
 ) -> int:
     """Token rows per chunk so a chunk of logits fits the budget, with ~2 fp32 copies of it when
-    ``fp32_temporaries`` (the reference launchers make them; the Triton ones work in place)."""
+    ``fp32_temporaries`` (the reference launchers make them; the Triton ones work in place).
+
+    The rows are spread evenly over as few chunks as the budget allows (a 16384-token batch of
+    3532-row chunks would end in a 2256-row one; five of 3328 instead), each a multiple of
+    ``CHUNK_ROW_MULTIPLE`` where that still fits the budget.
+    """
     per_row = vocab * (torch.finfo(logits_dtype).bits // 8 + (8 if fp32_temporaries else 0))
-    return max(1, min(n_rows, budget_bytes // per_row))
+    most = max(1, min(n_rows, budget_bytes // per_row))
+    chunks = -(-n_rows // most) if n_rows else 1
+    even = -(-n_rows // chunks) if n_rows else most
+    rounded = -(-even // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
+    return rounded if CHUNK_ROW_MULTIPLE <= rounded <= most else even
 
 
 def chunk_logits(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import Backend, resolve_backend
-from .._checks import check_float
+from .._checks import check_float, check_no_overlap
 from .checks import check_policy_inputs
 from .reference import PolicyLossStats, kl_estimate, policy_loss_reference, policy_objective
 from .settings import PolicyLossSettings, loss_token_weights
@@ -50,7 +50,9 @@ def fused_policy_loss(
             ``old_logprobs=None``: on-policy, old = the detached current log-probs (ratio exactly 1).
         advantages: ``[B]`` (one per sequence) or ``[B, T]``.
         overwrite_logits: on the Triton path the gradient is written into ``logits`` itself
-            (the caller must not need them afterwards); saves one ``[B, T, V]`` buffer.
+            (the caller must not need them afterwards); saves one ``[B, T, V]`` buffer. Logits
+            whose rows share memory (``expand``-ed) are refused, and the write bumps their autograd
+            version, so a graph that saved them fails at backward instead of reading gradients.
         Other keywords: see ``PolicyLossSettings``.
 
     Returns:
@@ -76,6 +78,10 @@ def fused_policy_loss(
     check_float("logits", logits)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    if overwrite_logits:
+        check_no_overlap(
+            "logits", logits, "overwrite_logits=True writes each row's gradient in place; pass a copy"
+        )
     check_policy_inputs(
         tuple(logits.shape[:2]),
         logits.shape[-1],

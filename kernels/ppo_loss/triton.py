@@ -21,9 +21,12 @@ import triton
 import triton.language as tl
 
 from ..token_logprobs import kernel_rows
+from ..token_logprobs import triton as token_kernels
 from ..token_logprobs.triton import (
+    _LOG2E,
     _grad_tile,
-    _load_z,
+    _load_x,
+    _logp_of,
     _lse_finish,
     _lse_init,
     _lse_step,
@@ -121,6 +124,7 @@ def _policy_loss_fwd_kernel(
     WITH_ENTROPY: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    L2_HINTS: tl.constexpr,
 ):
     i_row = tl.program_id(0).to(tl.int64)
     p_row = _row_ptr(p_logits, i_row, T, stride_b, stride_t)
@@ -129,27 +133,32 @@ def _policy_loss_fwd_kernel(
     logp = tl.zeros((), tl.float32)  # masked tokens: logp = entropy = 0
     entropy = tl.zeros((), tl.float32)
     if weight != 0.0:  # masked tokens carry weight 0: zero loss, zero gradient, row not read
-        label = tl.load(p_labels + i_row)
-        z_label = tl.load(p_row + label).to(tl.float32) * inv_temp  # read before dlogits may overwrite it
-        if SINGLE_TILE:  # the row stays in registers for the gradient below: one read
-            o_v, b_z = _load_z(p_row, 0, V, inv_temp, BLOCK_V)
-            m, s, sz = _lse_init()
-            m, s, sz = _lse_step(m, s, sz, b_z, WITH_ENTROPY)
-            m, log_s, entropy = _lse_finish(m, s, sz)
-        else:
-            m, log_s, entropy = _row_lse(p_row, V, inv_temp, WITH_ENTROPY, BLOCK_V)
-        logp = (z_label - m) - log_s
+        c = inv_temp * _LOG2E
+        # Every per-row load is issued before the row is read, so their latency hides behind it.
+        label = tl.load(p_labels + i_row).to(tl.int32)  # ids < V < 2^31: 32-bit compares
+        x_label = tl.load(p_row + label).to(tl.float32)  # read before dlogits may overwrite it
+        adv = tl.load(p_adv + i_row)
         ref = 0.0
         if KL != 0:
             ref = tl.load(p_ref + i_row)
+        if not ON_POLICY:
+            old = tl.load(p_old + i_row)
+        if SINGLE_TILE:  # the row stays in registers for the gradient below: one read
+            o_v, b_x = _load_x(p_row, 0, V, BLOCK_V, "")
+            m, s, st = _lse_init()
+            m, s, st = _lse_step(m, s, st, b_x, c, WITH_ENTROPY)
+            m, log2_s, entropy = _lse_finish(m, s, st)
+        else:  # first of two reads: ask L2 to keep the row for the second
+            m, log2_s, entropy = _row_lse(
+                p_row, V, c, WITH_ENTROPY, BLOCK_V, "evict_last" if L2_HINTS else ""
+            )
+        logp = _logp_of(x_label, m, log2_s, inv_temp)
         if ON_POLICY:  # old policy = current one: ratio exactly 1
             old = logp
-        else:
-            old = tl.load(p_old + i_row)
         coef = _token_loss_dlogp(
             logp,
             old,
-            tl.load(p_adv + i_row),
+            adv,
             ref,
             weight,
             clip_lo,
@@ -162,10 +171,24 @@ def _policy_loss_fwd_kernel(
         )
         # dlogits = coef * (onehot(label) - p) / T
         if SINGLE_TILE:
-            b_d = _grad_tile(b_z, o_v, label, m, log_s, coef, 0.0, 0.0, inv_temp, False)
+            b_d = _grad_tile(b_x, o_v, label, m, log2_s, c, coef, 0.0, 0.0, inv_temp, False)
             tl.store(p_drow + o_v, b_d.to(p_drow.dtype.element_ty), mask=o_v < V)
-        else:  # second read of the row; it is likely still in L2
-            _write_row_grad(p_row, p_drow, V, inv_temp, label, m, log_s, coef, 0.0, 0.0, False, BLOCK_V)
+        else:  # second read of the row, from L2 where it stayed; not needed after this
+            _write_row_grad(
+                p_row,
+                p_drow,
+                V,
+                inv_temp,
+                label,
+                m,
+                log2_s,
+                coef,
+                0.0,
+                0.0,
+                False,
+                BLOCK_V,
+                "evict_first" if L2_HINTS else "",
+            )
     else:
         _write_row_zeros(p_drow, V, BLOCK_V)
     tl.store(p_logp + i_row, logp)
@@ -243,6 +266,7 @@ def fused_token_chunk(
             WITH_ENTROPY=want_entropy,
             SINGLE_TILE=config.single_tile,
             BLOCK_V=config.block_v,
+            L2_HINTS=token_kernels.L2_HINTS,
             num_warps=config.num_warps,
         )
     return logp, entropy if want_entropy else None
@@ -298,6 +322,9 @@ class _PolicyLossTriton(torch.autograd.Function):
         logp, entropy = _logprobs_and_grad(
             rows, labels, old_logprobs, advantages, mask, ref_logprobs, options, out
         )
+        if out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+            # Written behind autograd's back: a node that saved the logits must now refuse them.
+            torch.autograd.graph.increment_version(logits)
         loss, stats = policy_objective(
             logp, old_logprobs, advantages, mask, options.settings, ref_logprobs, entropy
         )
