@@ -2,7 +2,7 @@
 in float64 on ``hidden @ W^T + b``; chunking that is really bounded; bad input.
 
 Ground truth: ``F.linear`` -> ``log_softmax(. / T).gather`` -> TRL GRPOTrainer's loss as plain math
-(``fastppo.benchmarks.peers.trl_policy_loss``, independent of ``policy_objective``), float64
+(``fastppo.kernels.ppo_loss.trl_formula.trl_policy_loss``, independent of ``policy_objective``), float64
 autograd on the very inputs under test. Three-way: the error against float64 must stay within
 ``FACTOR[dtype]`` x the error of the eager peer in the test dtype (``F.linear`` in that dtype,
 log-softmax in fp32, autograd) plus a floor, and under a ceiling, all relative (loss: to
@@ -35,10 +35,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from fastppo.benchmarks.peers import eager_token_logprobs, trl_policy_loss
 from fastppo.kernels import linear_ppo_loss, linear_token_logprobs
 from fastppo.kernels.linear_ppo_loss import chunked
+from fastppo.kernels.linear_ppo_loss.reference import linear_policy_loss_reference
 from fastppo.kernels.ppo_loss import PolicyLossSettings
+from fastppo.kernels.ppo_loss.trl_formula import trl_policy_loss
+from fastppo.kernels.token_logprobs.reference import eager_token_logprobs
 
 BACKENDS = ["torch", "triton"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -252,6 +254,34 @@ def test_chunks_stay_within_the_budget_and_do_not_change_the_result(backend, lev
     # roundings of the largest entry, far below a chunk dropped or counted twice.
     for one, many in zip(*results, strict=True):
         assert max_err(one, many) <= 1e-5 * one.abs().max().item()
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_paths_equal_the_unchunked_reference(backend, level):
+    """The readable definition beside the op (reference.py: F.linear, then the logits-in reference)
+    and the chunked paths compute one function: loss, stats and gradients to fp32 rounding."""
+    t = make_case(torch.float32, 0.7, "BT")
+    settings = dataclasses.replace(cases()[1].settings, importance_sampling_level=level)
+    results = []
+    for run in ("reference", "chunked"):
+        hidden, weight, bias = (p.clone().requires_grad_() for p in t["params"])
+        args = (hidden, weight, t["labels"], t["old"], t["advantages"], t["mask"], settings)
+        if run == "reference":
+            loss, stats = linear_policy_loss_reference(*args, bias, t["ref"], compute_entropy=True)
+        else:
+            loss, stats = linear_ppo_loss(
+                *args,
+                bias=bias,
+                ref_logprobs=t["ref"],
+                compute_entropy=True,
+                chunk_bytes=chunk_bytes_for(ROWS_PER_CHUNK, torch.float32, backend),
+                backend=backend,
+            )
+        (loss * 1.3).backward()
+        results.append([loss, stats.logprobs, stats.ratio_mean, stats.entropy_mean, hidden.grad, weight.grad])
+    for want, got in zip(*results, strict=True):
+        assert max_err(got, want) <= 2e-6 * max(1.0, want.abs().max().item())
 
 
 def test_chunk_rows_are_even_whole_gemm_tiles_within_the_budget():

@@ -2,7 +2,7 @@
 ``GRPOTrainer._compute_loss``.
 
 Ground truth: ``log_softmax(logits / T).gather`` then TRL GRPOTrainer's loss formula as plain math
-(``fastppo.benchmarks.peers.trl_policy_loss``, written from TRL's code, not from
+(``fastppo.kernels.ppo_loss.trl_formula.trl_policy_loss``, written from TRL's code, not from
 ``policy_objective``), in float64 autograd on the very logits under test, so a wrong
 ``policy_objective`` or normaliser fails here. Stats are counted from the same float64 terms.
 
@@ -33,9 +33,10 @@ from collections import defaultdict
 
 import pytest
 import torch
-from fastppo.benchmarks.peers import TrlLossTerms, eager_token_logprobs, trl_policy_loss
 from fastppo.kernels import fused_policy_loss
 from fastppo.kernels.ppo_loss import PolicyLossSettings
+from fastppo.kernels.ppo_loss.trl_formula import TrlLossTerms, trl_policy_loss
+from fastppo.kernels.token_logprobs.reference import eager_token_logprobs
 
 BACKENDS = ["torch", "triton"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -12,7 +12,7 @@ from .._backend import Backend, resolve_backend
 from .._checks import check_float, check_labels, check_positive, check_same_shape
 from ..ppo_loss.checks import check_policy_inputs
 from ..ppo_loss.reference import PolicyLossStats, policy_objective
-from ..ppo_loss.settings import PolicyLossSettings
+from ..ppo_loss.settings import PolicyLossSettings, resolve_settings
 from ..token_logprobs import launchers
 from .chunked import DEFAULT_CHUNK_BYTES, backprop_chunks, fused_token_chunks, rows_per_chunk, scan_logprobs
 
@@ -224,44 +224,26 @@ def linear_ppo_loss(
     old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    settings: PolicyLossSettings | None = None,
     *,
     bias: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    loss_type: str = "grpo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
-    num_items_in_batch: float | None = None,
-    temperature: float = 1.0,
-    delta: float | None = None,
     compute_entropy: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     backend: Backend = "auto",
+    **loss_settings: object,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
     """``fused_policy_loss`` from ``hidden [B, T, H]`` and ``weight [V, H]`` (+ ``bias [V]``).
 
     Gradients flow to hidden, weight and bias (a tied embedding accumulates into the shared
     parameter). ``old_logprobs=None``: on-policy (ratio exactly 1), which saves the caller a
-    separate scoring pass. Peak extra memory is one chunk of ``chunk_bytes``, independent of B * T.
+    separate scoring pass. ``settings`` and the ``loss_settings`` keywords as in
+    ``fused_policy_loss``. Peak extra memory is one chunk of ``chunk_bytes``, independent of B * T.
 
     Example:
         >>> loss, stats = linear_ppo_loss(h, model.lm_head.weight, ids, old, adv, mask, loss_type="dapo")
     """
-    settings = PolicyLossSettings(
-        clip_low=clip_low,
-        clip_high=clip_high,
-        delta=delta,
-        beta=beta,
-        kl_estimator=kl_estimator,
-        loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch,
-        temperature=temperature,
-    )
+    settings = resolve_settings(settings, loss_settings)
     _check_linear(hidden, weight, bias)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
@@ -273,7 +255,7 @@ def linear_ppo_loss(
         advantages,
         mask,
         ref_logprobs,
-        beta,
+        settings.beta,
         f"hidden is {tuple(hidden.shape)}",
     )
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])

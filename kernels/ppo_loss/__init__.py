@@ -8,7 +8,7 @@ from .._backend import Backend, resolve_backend
 from .._checks import check_float, check_no_overlap
 from .checks import check_policy_inputs
 from .reference import PolicyLossStats, kl_estimate, policy_loss_reference, policy_objective
-from .settings import PolicyLossSettings, loss_token_weights
+from .settings import PolicyLossSettings, loss_token_weights, resolve_settings
 
 __all__ = [
     "PolicyLossSettings",
@@ -26,21 +26,13 @@ def fused_policy_loss(
     old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    settings: PolicyLossSettings | None = None,
     *,
     ref_logprobs: torch.Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    loss_type: str = "grpo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
-    num_items_in_batch: float | None = None,
-    temperature: float = 1.0,
-    delta: float | None = None,
     compute_entropy: bool = False,
     overwrite_logits: bool = False,
     backend: Backend = "auto",
+    **loss_settings: object,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
     """PPO/GRPO clipped-ratio loss (+ beta * KL to the reference) straight from logits.
 
@@ -49,32 +41,23 @@ def fused_policy_loss(
         labels: ``[B, T]`` sampled token ids. old_logprobs / ref_logprobs / mask: ``[B, T]``;
             ``old_logprobs=None``: on-policy, old = the detached current log-probs (ratio exactly 1).
         advantages: ``[B]`` (one per sequence) or ``[B, T]``.
+        settings: how the loss is formed (``PolicyLossSettings``); ``loss_settings`` keywords
+            (its field names: ``beta=0.04, loss_type="dapo"``, ...) override single fields.
         overwrite_logits: on the Triton path the gradient is written into ``logits`` itself
             (the caller must not need them afterwards); saves one ``[B, T, V]`` buffer. Logits
             whose rows share memory (``expand``-ed) are refused, and the write bumps their autograd
             version, so a graph that saved them fails at backward instead of reading gradients.
-        Other keywords: see ``PolicyLossSettings``.
 
     Returns:
         ``(loss, stats)``: scalar loss, and ``PolicyLossStats`` (detached per-batch means and the
         per-token log-probs).
 
     Example:
-        >>> loss, stats = fused_policy_loss(logits, ids, old_logp, adv, mask, beta=0.04, ref_logprobs=ref)
+        >>> settings = PolicyLossSettings(beta=0.04, loss_type="dapo", temperature=0.7)
+        >>> loss, stats = fused_policy_loss(logits, ids, old_logp, adv, mask, settings, ref_logprobs=ref)
         >>> loss.backward()
     """
-    settings = PolicyLossSettings(
-        clip_low=clip_low,
-        clip_high=clip_high,
-        delta=delta,
-        beta=beta,
-        kl_estimator=kl_estimator,
-        loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch,
-        temperature=temperature,
-    )
+    settings = resolve_settings(settings, loss_settings)
     check_float("logits", logits)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
@@ -90,7 +73,7 @@ def fused_policy_loss(
         advantages,
         mask,
         ref_logprobs,
-        beta,
+        settings.beta,
         f"logits are {tuple(logits.shape)}",
     )
     if resolve_backend(backend, logits) == "triton":

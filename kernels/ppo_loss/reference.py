@@ -32,13 +32,17 @@ class PolicyLossStats:
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate from sampled tokens (Schulman's k1/k2/k3)."""
+    """Per-token KL(pi || ref) estimate from sampled tokens (Schulman's k1/k2/k3): the one definition
+    the losses, their kernels (which differentiate it in place) and PPO's reward shaping share.
+
+    k3 = r - 1 - log r with r = ref / pi, written ``expm1(-x) + x`` (x = log pi/ref) so that small
+    log-ratios do not cancel to zero."""
     log_ratio = (logprobs - ref_logprobs).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)  # log pi/ref
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio.square()
-    return torch.exp(-log_ratio) + log_ratio - 1  # k3
+    return torch.expm1(-log_ratio) + log_ratio  # k3
 
 
 def policy_objective(

@@ -94,3 +94,14 @@ def loss_token_weights(mask: torch.Tensor, settings: PolicyLossSettings) -> torc
     if settings.num_items_in_batch is None:
         return mask / mask.sum().clamp(min=1.0)
     return mask / settings.num_items_in_batch
+
+
+def resolve_settings(settings: PolicyLossSettings | None, overrides: dict[str, object]) -> PolicyLossSettings:
+    """The settings a loss call runs with: ``settings`` (default ``PolicyLossSettings()``) with the
+    call's keyword ``overrides`` (any of its field names) applied. The keywords are a convenience
+    for one-off calls; trainers build one settings object and pass it."""
+    names = {field.name for field in dataclasses.fields(PolicyLossSettings)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown loss setting(s) {unknown}; PolicyLossSettings has {sorted(names)}")
+    return dataclasses.replace(settings or PolicyLossSettings(), **overrides)

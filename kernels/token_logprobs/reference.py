@@ -1,5 +1,9 @@
 """PyTorch reference for per-token log-probs: the test oracle and the CPU path.
 
+``eager_token_logprobs`` is the textbook formula (log_softmax, then gather): the eager peer of the
+benchmarks, and in float64 the tests' ground truth. The launchers below compute the same thing
+chunked, with the entropy and the backward a kernel needs.
+
 Exposes the same two launchers as ``triton.py`` (``token_logprobs_fwd`` / ``token_logprobs_bwd``),
 so one autograd Function and the chunked linear loss serve both backends. Chunked over rows, so
 neither direction ever holds an fp32 copy of the whole ``[N, V]`` logits. Math runs in fp32, or
@@ -92,3 +96,14 @@ def token_logprobs_bwd(
             d -= torch.where(p == 0, 0.0, p * (logp_all + entropy[rows, None])) * g_ent[rows, None]
         out[rows] = (d / temperature).to(out.dtype)
     return out
+
+
+def eager_token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """What TRL users wrote before fused kernels: log_softmax (in fp32 at least), then gather.
+
+    bf16/fp16 logits are upcast to fp32 (the eager peer); fp64 stays fp64 (the tests' ground truth).
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.log_softmax(logits / temperature, dim=-1).gather(-1, labels[..., None]).squeeze(-1)
