@@ -7,11 +7,14 @@ states the 3-pass floor for every size, so on-chip sizes can exceed a fraction o
 runs at V=151936 only, with static shapes, last. On GPU, ``fastppo[...]`` rows time other launch
 choices than the defaults (the tuning sweep, kernel_bench.tile_variants): streaming tiles of 4096
 or 16384 and no L2 hints for a streamed row; 32 warps, or streaming twice, for a row held on chip.
+At the target case, ``fastppo[<loss>]`` rows time TRL's loss family and options beside plain dapo.
 
     python -P -m fastppo.benchmarks.bench_policy_loss [--quick] [--out DIR]
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from fastppo.kernels import fused_policy_loss
@@ -20,6 +23,7 @@ from fastppo.kernels.ppo_loss import PolicyLossSettings
 from .common import on_gpu
 from .kernel_bench import (
     COMPILE_VOCAB,
+    TARGET_CASE,
     Impl,
     Results,
     ceilings,
@@ -33,6 +37,20 @@ from .peers import compiled_policy_loss, eager_policy_loss
 
 SETTINGS = PolicyLossSettings(beta=0.04, loss_type="grpo", temperature=0.7, clip_high=0.28)
 SEQ_LEN = 512
+# TRL's loss family at the target case, each beside plain dapo (the target: within 5% of it).
+# Token-local ones run the one fused launch; vespo and the masks take the two-pass path.
+PLAIN_DAPO = dataclasses.replace(SETTINGS, loss_type="dapo", beta=0.0)
+LOSS_FAMILY = {
+    "dapo": PLAIN_DAPO,
+    "cispo": dataclasses.replace(PLAIN_DAPO, loss_type="cispo", clip_high=5.0),
+    "sapo": dataclasses.replace(PLAIN_DAPO, loss_type="sapo"),
+    "luspo": dataclasses.replace(PLAIN_DAPO, loss_type="luspo"),
+    "vespo": dataclasses.replace(PLAIN_DAPO, loss_type="vespo"),
+    "dapo+kl-ratio": dataclasses.replace(PLAIN_DAPO, beta=0.04, kl_bias_correction=True),
+    "dapo+entropy-bonus": dataclasses.replace(PLAIN_DAPO, entropy_coef=0.01),
+    "dapo+top-entropy": dataclasses.replace(PLAIN_DAPO, top_entropy_quantile=0.2),
+    "dapo+off-policy-mask": dataclasses.replace(PLAIN_DAPO, off_policy_mask_threshold=0.5),
+}
 
 
 def setup_case(n_tokens: int, vocab: int, device: str) -> dict:
@@ -44,21 +62,21 @@ def setup_case(n_tokens: int, vocab: int, device: str) -> dict:
 
 
 def implementations(t: dict) -> list[Impl]:
-    def fused():
-        t["logits"].grad = None
-        loss, _ = fused_policy_loss(
-            t["logits"],
-            t["labels"],
-            t["old"],
-            t["advantages"],
-            t["mask"],
-            ref_logprobs=t["ref"],
-            beta=SETTINGS.beta,
-            loss_type=SETTINGS.loss_type,
-            temperature=SETTINGS.temperature,
-            clip_high=SETTINGS.clip_high,
-        )
-        loss.backward()
+    def fused(settings: PolicyLossSettings = SETTINGS):
+        def run():
+            t["logits"].grad = None
+            loss, _ = fused_policy_loss(
+                t["logits"],
+                t["labels"],
+                t["old"],
+                t["advantages"],
+                t["mask"],
+                settings,
+                ref_logprobs=t["ref"],
+            )
+            loss.backward()
+
+        return run
 
     def eager(fn=eager_policy_loss):
         def run():
@@ -67,8 +85,10 @@ def implementations(t: dict) -> list[Impl]:
 
         return run
 
-    impls = [Impl("fastppo", fused), Impl("eager", eager())]
-    impls += tile_variants(fused, t["logits"].shape[-1], fused_loss=True)
+    impls = [Impl("fastppo", fused()), Impl("eager", eager())]
+    impls += tile_variants(fused(), t["logits"].shape[-1], fused_loss=True)
+    if on_gpu() and (t["logits"].shape[0] * t["logits"].shape[1], t["logits"].shape[-1]) == TARGET_CASE:
+        impls += [Impl(f"fastppo[{name}]", fused(settings)) for name, settings in LOSS_FAMILY.items()]
     if on_gpu() and t["logits"].shape[-1] == COMPILE_VOCAB:
         impls.append(Impl("torch.compile", eager(compiled_policy_loss())))
     return impls

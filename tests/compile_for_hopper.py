@@ -73,7 +73,6 @@ def variants() -> list[Variant]:
         }
         checked = dtype == "bf16" and vocab % 16 == 0
         stream = token_kernels.block_config(vocab)
-        fused = token_kernels.block_config(vocab, single_tile_ok=True)
         tag = f"{dtype}-V{vocab}"
         for with_entropy in (False, True):
             out.append(
@@ -117,7 +116,10 @@ def variants() -> list[Variant]:
                     checked,
                 )
             )
+        # k0: the clipped family, no KL; k1: cispo, on-policy; k2: sapo, ratio-weighted KL;
+        # k3: the clipped family with the entropy and the entropy bonus's gradient
         for kl in (0, 1, 2, 3):
+            fused = token_kernels.block_config(vocab, single_tile_ok=True, entropy_grad=kl == 3)
             out.append(
                 Variant(
                     f"policy_loss-{tag}-B{fused.block_v}{'-single' * fused.single_tile}-k{kl}",
@@ -129,6 +131,7 @@ def variants() -> list[Variant]:
                         "p_adv": "*fp32",
                         "p_ref": "*fp32",
                         "p_weight": "*fp32",
+                        "p_ent_weight": "*fp32",
                         "p_logp": "*fp32",
                         "p_entropy": "*fp32",
                         "V": "i32",
@@ -137,13 +140,18 @@ def variants() -> list[Variant]:
                         "clip_hi": "fp32",
                         "delta": "fp32",
                         "beta": "fp32",
+                        "tau_pos": "fp32",
+                        "tau_neg": "fp32",
                     },
                     {
+                        "LOSS": {0: 0, 1: 1, 2: 2, 3: 0}[kl],
                         "HAS_DELTA": kl % 2 == 0,
                         "KL": kl,
                         "KL_CLAMP": 20.0,
+                        "KL_BIAS": kl == 2,
                         "ON_POLICY": kl == 1,
                         "WITH_ENTROPY": kl == 3,
+                        "WITH_ENTROPY_GRAD": kl == 3,
                         "SINGLE_TILE": fused.single_tile,
                         "BLOCK_V": fused.block_v,
                         "L2_HINTS": token_kernels.L2_HINTS,

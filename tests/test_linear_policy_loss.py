@@ -66,8 +66,11 @@ class Case:
     def id(self) -> str:
         s = self.settings
         kl = f"{s.kl_estimator}-beta{s.beta}" if s.beta else "beta0"
-        delta = ["delta"] * (s.delta is not None)
-        return "-".join([s.loss_type, s.importance_sampling_level, kl, f"adv{self.advantages}", *delta])
+        extras = ["delta"] * (s.delta is not None) + ["kl-ratio"] * s.kl_bias_correction
+        extras += [f"ent{s.entropy_coef}"] * (s.entropy_coef != 0)
+        extras += [f"topH{s.top_entropy_quantile}"] * (s.top_entropy_quantile < 1)
+        extras += [f"offpol{s.off_policy_mask_threshold}"] * (s.off_policy_mask_threshold is not None)
+        return "-".join([s.loss_type, s.importance_sampling_level, kl, f"adv{self.advantages}", *extras])
 
 
 def cases() -> list[Case]:
@@ -89,7 +92,19 @@ def cases() -> list[Case]:
             temperature=0.7,
         )
         out.append(Case(settings, "BT" if i % 3 == 1 else "B"))
-    return out
+    # the rest of TRL's loss family and its options: the fused chunk kernel for token-local ones
+    # (cispo, sapo, luspo, the ratio-weighted KL, the entropy bonus), two passes for the others
+    base = PolicyLossSettings(clip_low=0.2, clip_high=0.28, temperature=0.7, num_items_in_batch=13.0)
+    family = [
+        ({"loss_type": "cispo", "clip_high": 1.3, "beta": 0.1, "kl_bias_correction": True}, "B"),
+        ({"loss_type": "sapo", "entropy_coef": 0.03}, "BT"),
+        ({"loss_type": "luspo", "importance_sampling_level": "sequence", "delta": 1.5}, "B"),
+        ({"loss_type": "luspo", "beta": 0.1, "kl_estimator": "k1", "kl_bias_correction": True}, "BT"),
+        ({"loss_type": "vespo", "beta": 0.1, "kl_estimator": "k2"}, "B"),
+        ({"loss_type": "dapo", "top_entropy_quantile": 0.43, "entropy_coef": 0.02}, "BT"),
+        ({"loss_type": "grpo", "off_policy_mask_threshold": 0.05}, "B"),
+    ]
+    return out + [Case(dataclasses.replace(base, **changes), adv) for changes, adv in family]
 
 
 def make_case(dtype: torch.dtype, temperature: float, advantages: str) -> dict:
@@ -129,13 +144,19 @@ def textbook(t: dict, settings: PolicyLossSettings, dtype: torch.dtype, upstream
     logits = F.linear(*leaves)
     logp = eager_token_logprobs(logits, t["labels"], settings.temperature)
     compute = logp.dtype
+    logp_all = torch.log_softmax(logits.to(compute) / settings.temperature, -1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # differentiable: the entropy bonus's gradient
     terms = trl_policy_loss(
-        logp, t["old"].to(compute), t["advantages"].to(compute), t["mask"], settings, t["ref"].to(compute)
+        logp,
+        t["old"].to(compute),
+        t["advantages"].to(compute),
+        t["mask"],
+        settings,
+        t["ref"].to(compute),
+        entropy,
     )
     (terms.loss * upstream.to(compute)).backward()
     with torch.no_grad():
-        logp_all = torch.log_softmax(logits.to(compute) / settings.temperature, -1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
         entropy_mean = (entropy * t["mask"]).sum() / t["mask"].sum()
     return terms, [leaf.grad for leaf in leaves], entropy_mean
 

@@ -62,6 +62,9 @@ class Case:
         kl = f"{s.kl_estimator}-beta{s.beta}" if s.beta else "beta0"
         parts = [s.loss_type, s.importance_sampling_level, kl, f"adv{self.advantages}", f"T{s.temperature}"]
         parts += ["delta"] * (s.delta is not None) + ["on-policy"] * self.on_policy
+        parts += ["kl-ratio"] * s.kl_bias_correction + [f"ent{s.entropy_coef}"] * (s.entropy_coef != 0)
+        parts += [f"topH{s.top_entropy_quantile}"] * (s.top_entropy_quantile < 1)
+        parts += [f"offpol{s.off_policy_mask_threshold}"] * (s.off_policy_mask_threshold is not None)
         return "-".join(parts + ["streamed"] * self.streamed)
 
 
@@ -89,7 +92,58 @@ def matrix() -> list[Case]:
     on_policy = PolicyLossSettings(clip_high=0.28, beta=0.05, temperature=0.7)
     cases.append(Case(on_policy, "B", on_policy=True))
     cases.append(Case(dataclasses.replace(on_policy, importance_sampling_level="sequence"), "BT", True))
-    return cases
+    return cases + family_matrix()
+
+
+def family_matrix() -> list[Case]:
+    """The rest of TRL 1.16's loss family (cispo, sapo, luspo, vespo) at both importance levels, and
+    the options around every loss type: the KL term times the ratio, the entropy bonus, the
+    high-entropy token mask, the off-policy sequence mask. Token-local settings run the single
+    Triton pass (the kernel forms their derivative); the masks and vespo take the two-pass path."""
+    base = PolicyLossSettings(clip_low=0.2, clip_high=0.28, temperature=0.7, num_items_in_batch=17.0)
+    k3_corrected = {"beta": 0.1, "kl_estimator": "k3", "kl_bias_correction": True}
+    rows = [  # (loss_type, level, changes, advantages, on_policy, streamed)
+        ("cispo", "token", {"clip_high": 1.3, **k3_corrected}, "B", False, False),
+        ("cispo", "sequence", {"clip_high": 1.3, "entropy_coef": 0.02}, "BT", False, False),
+        ("cispo", "token", {"clip_high": 1.3, "entropy_coef": 0.03}, "BT", False, True),
+        ("sapo", "token", {"beta": 0.1, "kl_estimator": "k1", "entropy_coef": 0.01}, "B", False, False),
+        ("sapo", "sequence", {"sapo_temperature_pos": 0.8, "sapo_temperature_neg": 1.2}, "BT", False, False),
+        ("sapo", "token", k3_corrected, "B", True, True),
+        ("luspo", "sequence", {"delta": 1.5, **k3_corrected}, "B", False, False),
+        ("luspo", "token", {"temperature": 1.0}, "BT", False, True),
+        ("vespo", "token", {"beta": 0.1, "kl_estimator": "k2"}, "B", False, False),
+        ("vespo", "sequence", {"vespo_k_neg": 2.5, "vespo_lambda_pos": 2.0}, "BT", False, False),
+        ("dapo", "token", {"entropy_coef": 0.02, "delta": 1.5}, "BT", False, False),
+        ("grpo", "token", k3_corrected, "B", False, True),
+        ("bnpo", "token", {"top_entropy_quantile": 0.43, "beta": 0.1}, "B", False, False),
+        (
+            "dr_grpo",
+            "token",
+            {"off_policy_mask_threshold": 0.05, "max_completion_length": 10},
+            "B",
+            False,
+            False,
+        ),
+        ("dapo", "token", {"top_entropy_quantile": 0.33, "entropy_coef": 0.05}, "BT", False, True),
+        ("grpo", "sequence", {"entropy_coef": 0.04, **k3_corrected}, "B", False, False),
+        (
+            "grpo",
+            "token",
+            {"off_policy_mask_threshold": 0.05, "top_entropy_quantile": 0.57},
+            "BT",
+            False,
+            False,
+        ),
+    ]
+    return [
+        Case(
+            dataclasses.replace(base, loss_type=loss_type, importance_sampling_level=level, **changes),
+            advantages,
+            on_policy,
+            streamed,
+        )
+        for loss_type, level, changes, advantages, on_policy, streamed in rows
+    ]
 
 
 def policy_inputs(logp_true: torch.Tensor, advantages: str) -> dict:
@@ -136,13 +190,12 @@ def textbook(t: dict, case: Case, compute: torch.dtype, upstream: torch.Tensor) 
     logp = eager_token_logprobs(x, t["labels"], settings.temperature)
     old = None if case.on_policy else t["old"].to(compute)
     ref = t["ref"].to(compute)
-    terms = trl_policy_loss(logp, old, t["advantages"].to(compute), t["mask"], settings, ref)
+    logp_all = torch.log_softmax(x.to(torch.promote_types(compute, torch.float32)) / settings.temperature, -1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # differentiable: the entropy bonus's gradient
+    terms = trl_policy_loss(logp, old, t["advantages"].to(compute), t["mask"], settings, ref, entropy)
     (terms.loss * upstream.to(compute)).backward()
-    with torch.no_grad():
-        logp_all = torch.log_softmax(x / settings.temperature, -1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
     grad = x.grad if compute == torch.float64 else x.grad.to(t["logits"].dtype)
-    return Textbook(terms, logp.detach(), entropy, grad)
+    return Textbook(terms, logp.detach(), entropy.detach(), grad)
 
 
 def counted_stats(truth: Textbook, mask: torch.Tensor, settings: PolicyLossSettings) -> dict[str, float]:
@@ -159,7 +212,7 @@ def counted_stats(truth: Textbook, mask: torch.Tensor, settings: PolicyLossSetti
         x = x.double()
         return x.mean().item() if per_sequence else ((x * m).sum() / m.sum()).item()
 
-    return {
+    counted = {
         "ratio_mean": mean(terms.coef_1, per_sequence),
         "clip_low": mean(low, per_sequence),
         "clip_high": mean(high, per_sequence),
@@ -167,6 +220,17 @@ def counted_stats(truth: Textbook, mask: torch.Tensor, settings: PolicyLossSetti
         "kl_mean": mean(terms.per_token_kl),
         "entropy_mean": mean(truth.entropy),
     }
+    if settings.loss_type == "cispo":  # TRL's cispo_clip_ratio
+        counted["cispo_clip"] = mean(
+            (terms.coef_1 > settings.upper_clip) & (terms.advantages > 0), per_sequence
+        )
+    if terms.phi_seq is not None:  # TRL's vespo/phi_seq_mean: [B, 1], over sequences
+        counted["vespo_phi_mean"] = mean(terms.phi_seq, terms.phi_seq.shape[1] == 1)
+    if terms.entropy_mask is not None:
+        counted["entropy_kept"] = mean(terms.entropy_mask)
+    if terms.off_policy_mask is not None:
+        counted["off_policy_kept"] = mean(terms.off_policy_mask, terms.off_policy_mask.shape[1] == 1)
+    return counted
 
 
 def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -244,13 +308,20 @@ def test_loss_grad_and_stats_match_trl_formula_in_float64(backend, case, dtype, 
     assert torch.allclose(stats.logprobs[mask].double(), truth.logp[mask], atol=1e-5, rtol=0)
     assert (stats.logprobs[~mask] == 0).all()
     counted = counted_stats(truth, t["mask"], settings)
-    for name in ("clip_low", "clip_high", "clip_region"):  # counts: equal, not close
-        assert getattr(stats, name).item() == pytest.approx(counted[name], abs=1e-7), name
-    for name in ("ratio_mean", "kl_mean", "entropy_mean"):
-        got = getattr(stats, name).item()
-        assert abs(got - counted[name]) <= STAT_TOL * max(1.0, abs(counted[name])), name
-    if not case.on_policy and case.advantages == "B":  # the case exercises both clip sides
+    counts = ("clip_low", "clip_high", "clip_region", "cispo_clip", "entropy_kept", "off_policy_kept")
+    for name in counts:  # counts: equal, not close
+        if name in counted:
+            assert getattr(stats, name).item() == pytest.approx(counted[name], abs=1e-7), name
+    for name in ("ratio_mean", "kl_mean", "entropy_mean", "vespo_phi_mean"):
+        if name in counted:
+            got = getattr(stats, name).item()
+            assert abs(got - counted[name]) <= STAT_TOL * max(1.0, abs(counted[name])), name
+    clipped_family = settings.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+    if clipped_family and not case.on_policy and case.advantages == "B":  # the case exercises both clip sides
         assert counted["clip_low"] > 0 and counted["clip_high"] > 0
+    for name in ("entropy_kept", "off_policy_kept", "cispo_clip"):  # the masks and caps act on the case
+        if name in counted:
+            assert 0 < counted[name] < 1, (name, counted[name])
 
 
 class _OneProcess:
@@ -267,35 +338,51 @@ class _OneProcess:
     def reduce(self, x, reduction="sum"):
         return x
 
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
 
-def trl_compute_loss(logp, old, ref, advantages, mask, settings: PolicyLossSettings):
+
+def trl_compute_loss(logp, entropy, old, ref, advantages, mask, settings: PolicyLossSettings):
     """The installed TRL's own ``GRPOTrainer._compute_loss``, called unbound on a stand-in trainer
-    whose per-token log-probs are ``logp``; returns (loss, logged metrics)."""
+    whose per-token log-probs and entropies are ``logp`` and ``entropy``; returns (loss, logged metrics)."""
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     batch, length = logp.shape
     trainer = types.SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logp, torch.zeros_like(logp), None),
-        top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None,
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logp, entropy, None),
+        top_entropy_quantile=settings.top_entropy_quantile,
+        off_policy_mask_threshold=settings.off_policy_mask_threshold,
         importance_sampling_level=settings.importance_sampling_level,
         beta=settings.beta,
         loss_type=settings.loss_type,
         epsilon_low=settings.clip_low,
         epsilon_high=settings.upper_clip,
+        entropy_coef=settings.entropy_coef,
+        use_adaptive_entropy=False,
         use_vllm=False,
         vllm_importance_sampling_correction=False,
         args=types.SimpleNamespace(
-            use_bias_correction_kl=False, delta=settings.delta, steps_per_generation=1
+            use_bias_correction_kl=settings.kl_bias_correction,
+            delta=settings.delta,
+            steps_per_generation=1,
+            sapo_temperature_pos=settings.sapo_temperature_pos,
+            sapo_temperature_neg=settings.sapo_temperature_neg,
+            vespo_k_pos=settings.vespo_k_pos,
+            vespo_lambda_pos=settings.vespo_lambda_pos,
+            vespo_k_neg=settings.vespo_k_neg,
+            vespo_lambda_neg=settings.vespo_lambda_neg,
         ),
         model=types.SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1,
         max_completion_length=settings.max_completion_length,
         accelerator=_OneProcess(),
         _metrics={"train": defaultdict(list)},
-        _entropy_bonus_enabled=False,
+        _entropy_bonus_enabled=settings.entropy_coef != 0.0,
         aux_loss_enabled=False,
+        get_off_policy_mask=GRPOTrainer.get_off_policy_mask,
+        get_gamma_weights=GRPOTrainer.get_gamma_weights,
     )
+    trainer.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, trainer)
     inputs = {
         "prompt_ids": torch.zeros(batch, 1, dtype=torch.long),
         "prompt_mask": torch.ones(batch, 1, dtype=torch.long),
@@ -313,31 +400,68 @@ def trl_compute_loss(logp, old, ref, advantages, mask, settings: PolicyLossSetti
     return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
 
 
-@pytest.mark.parametrize("advantages", ["B", "BT"])
-@pytest.mark.parametrize("delta", [None, 1.5])
-@pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_parity_with_installed_trl_compute_loss(backend, loss_type, level, delta, advantages):
-    """Loss, gradient and logged clip/KL metrics; [B, T] advantages at sequence level give per-token
-    clip flags, which TRL averages over unmasked tokens."""
-    pytest.importorskip("trl")
-    settings = PolicyLossSettings(
+def parity_cases() -> list[PolicyLossSettings]:
+    """TRL's clipped family x level x delta, then the rest of its loss family and options."""
+    base = PolicyLossSettings(
         clip_low=0.2,
         clip_high=0.28,
-        delta=delta,
         beta=0.04,  # TRL's KL is k3
-        loss_type=loss_type,
-        importance_sampling_level=level,
         max_completion_length=10,
         num_items_in_batch=17.0,
         temperature=0.7,
     )
+    clipped = [
+        dataclasses.replace(base, loss_type=loss_type, importance_sampling_level=level, delta=delta)
+        for loss_type, level, delta in itertools.product(
+            ("grpo", "bnpo", "dr_grpo", "dapo"), ("token", "sequence"), (None, 1.5)
+        )
+    ]
+    family = [
+        {"loss_type": "cispo", "clip_high": 1.3, "kl_bias_correction": True},
+        {"loss_type": "cispo", "clip_high": 1.3, "importance_sampling_level": "sequence"},
+        {"loss_type": "sapo", "entropy_coef": 0.02},
+        {"loss_type": "sapo", "importance_sampling_level": "sequence", "sapo_temperature_neg": 1.3},
+        {"loss_type": "luspo", "importance_sampling_level": "sequence", "kl_bias_correction": True},
+        {"loss_type": "luspo", "delta": 1.5},
+        {"loss_type": "vespo", "vespo_k_pos": 1.5},
+        {"loss_type": "vespo", "importance_sampling_level": "sequence", "entropy_coef": 0.05},
+        {"loss_type": "dapo", "top_entropy_quantile": 0.41, "entropy_coef": 0.03},
+        {"loss_type": "grpo", "off_policy_mask_threshold": 0.05, "kl_bias_correction": True},
+        {"loss_type": "bnpo", "importance_sampling_level": "sequence", "top_entropy_quantile": 0.43},
+    ]
+    return clipped + [dataclasses.replace(base, **changes) for changes in family]
+
+
+def parity_id(settings: PolicyLossSettings) -> str:
+    defaults = PolicyLossSettings()
+    return "-".join(
+        f"{f.name}={getattr(settings, f.name)}"
+        for f in dataclasses.fields(settings)
+        if getattr(settings, f.name) != getattr(defaults, f.name) and f.name not in ("temperature", "beta")
+    )
+
+
+@pytest.mark.parametrize("advantages", ["B", "BT"])
+@pytest.mark.parametrize("settings", parity_cases(), ids=parity_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_with_installed_trl_compute_loss(backend, settings, advantages):
+    """Loss, gradient and logged metrics against TRL's own code: its clip/KL/cispo/vespo metrics;
+    [B, T] advantages at sequence level give per-token clip flags, which TRL averages over unmasked
+    tokens. The entropy bonus differentiates the entropy too."""
+    pytest.importorskip("trl")
     t = make_case(torch.float32, settings.temperature, advantages)
     x64 = t["logits"].double().requires_grad_()
     logp64 = eager_token_logprobs(x64, t["labels"], settings.temperature)
+    logp_all = torch.log_softmax(x64 / settings.temperature, -1)
+    entropy64 = -(logp_all.exp() * logp_all).sum(-1)
     theirs, metrics = trl_compute_loss(
-        logp64, t["old"].double(), t["ref"].double(), t["advantages"].double(), t["mask"].double(), settings
+        logp64,
+        entropy64,
+        t["old"].double(),
+        t["ref"].double(),
+        t["advantages"].double(),
+        t["mask"].double(),
+        settings,
     )
     theirs.backward()
     x = t["logits"].clone().requires_grad_()
@@ -347,21 +471,34 @@ def test_parity_with_installed_trl_compute_loss(backend, loss_type, level, delta
         t["old"],
         t["advantages"],
         t["mask"],
+        settings,
         ref_logprobs=t["ref"],
+        compute_entropy=True,
         backend=backend,
-        **loss_kwargs(settings),
     )
     ours.backward()
     assert abs(ours.item() - theirs.item()) <= 1e-5 * max(1.0, abs(theirs.item()))
     assert max_err(x.grad, x64.grad) <= 2e-5 * x64.grad.abs().max().item()
-    for ours_name, trl_name in [
-        ("clip_low", "clip_ratio/low_mean"),
-        ("clip_high", "clip_ratio/high_mean"),
-        ("clip_region", "clip_ratio/region_mean"),
-        ("kl_mean", "kl"),
-    ]:
-        assert getattr(stats, ours_name).item() == pytest.approx(metrics[trl_name], rel=1e-5, abs=1e-7)
-    assert metrics["clip_ratio/region_mean"] > 0  # the case clips
+    names = [("kl_mean", "kl"), ("entropy_mean", "entropy")]
+    if settings.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        names += [
+            ("clip_low", "clip_ratio/low_mean"),
+            ("clip_high", "clip_ratio/high_mean"),
+            ("clip_region", "clip_ratio/region_mean"),
+        ]
+    if settings.loss_type == "cispo":
+        names.append(("cispo_clip", "cispo_clip_ratio"))
+    if settings.loss_type == "vespo":
+        names.append(("vespo_phi_mean", "vespo/phi_seq_mean"))
+    for ours_name, trl_name in names:
+        assert getattr(stats, ours_name).item() == pytest.approx(metrics[trl_name], rel=1e-5, abs=1e-7), (
+            ours_name
+        )
+    if (
+        settings.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo")
+        and settings.off_policy_mask_threshold is None
+    ):
+        assert metrics["clip_ratio/region_mean"] > 0  # the case clips
 
 
 GOOD = {
@@ -401,6 +538,11 @@ GOOD = {
         ({"max_completion_length": 0}, "max_completion_length must be > 0"),
         ({"num_items_in_batch": 0.0}, "num_items_in_batch must be > 0"),
         ({"backend": "cuda"}, "backend must be 'auto', 'triton' or 'torch', got 'cuda'"),
+        ({"top_entropy_quantile": 1.5}, r"top_entropy_quantile must be in \[0, 1\], got 1.5"),
+        ({"off_policy_mask_threshold": -0.1}, "off_policy_mask_threshold must be a finite number >= 0"),
+        ({"sapo_temperature_neg": 0.0}, "sapo_temperature_neg must be a finite number > 0, got 0.0"),
+        ({"entropy_coef": math.nan}, "entropy_coef must be a finite number, got nan"),
+        ({"vespo_lambda_pos": math.inf}, "vespo_lambda_pos must be a finite number, got inf"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -414,3 +556,10 @@ def test_bad_input_names_the_value_on_both_backends(backend, change, message):
         tensors[0] = tensors[0].clone().requires_grad_()  # the Triton path's autograd Function too
     with pytest.raises(ValueError, match=message):
         fused_policy_loss(*tensors, **args)
+
+
+def test_an_unknown_loss_setting_is_refused_with_the_known_ones():
+    with pytest.raises(TypeError, match=r"unknown loss setting\(s\) \['epsilon'\]; PolicyLossSettings has"):
+        fused_policy_loss(
+            *(GOOD[k] for k in ("logits", "labels", "old_logprobs", "advantages", "mask")), epsilon=0.2
+        )

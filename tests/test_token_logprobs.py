@@ -19,6 +19,7 @@ per dtype is asserted as well, so a broken eager reference cannot widen the gate
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -301,6 +302,26 @@ LOSS_CASES = {
     "sequence-level": dict(
         old=0.3, settings=PolicyLossSettings(importance_sampling_level="sequence", beta=0.05)
     ),
+    # the kernel's other LOSS branches, the ratio-weighted KL and the entropy bonus's gradient
+    "cispo-kl-ratio": dict(
+        old=0.5,
+        settings=PolicyLossSettings(loss_type="cispo", clip_high=1.2, beta=0.1, kl_bias_correction=True),
+    ),
+    "sapo-entropy-T0.7": dict(
+        old=0.5, settings=PolicyLossSettings(loss_type="sapo", entropy_coef=0.05, temperature=0.7)
+    ),
+    "luspo-delta-k1-ratio": dict(
+        old=0.5,
+        settings=PolicyLossSettings(
+            loss_type="luspo", delta=1.3, beta=0.1, kl_estimator="k1", kl_bias_correction=True
+        ),
+    ),
+    "on-policy-entropy-k2-ratio": dict(
+        old=None,
+        settings=PolicyLossSettings(
+            loss_type="dapo", entropy_coef=-0.03, beta=0.1, kl_estimator="k2", kl_bias_correction=True
+        ),
+    ),
 }
 
 
@@ -320,15 +341,13 @@ def loss_inputs(batch: int, length: int, vocab: int, old_spread: float | None, d
 
 
 def loss_kwargs(settings: PolicyLossSettings) -> dict:
-    fields = ("clip_low", "clip_high", "delta", "beta", "kl_estimator", "loss_type")
-    more = ("importance_sampling_level", "max_completion_length", "num_items_in_batch", "temperature")
-    return {name: getattr(settings, name) for name in fields + more}
+    return {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}
 
 
 def float64_policy_grad(logits, labels, old, advantages, mask, ref, settings, upstream):
     """Loss and dLoss/dlogits by autograd of policy_objective on float64 log-probs."""
     x = logits.double().requires_grad_()
-    logp = textbook(x, torch.where(mask.bool(), labels, -100), settings.temperature)[0]
+    logp, entropy = textbook(x, torch.where(mask.bool(), labels, -100), settings.temperature)
     loss, stats = policy_objective(
         logp,
         None if old is None else old.double(),
@@ -336,6 +355,7 @@ def float64_policy_grad(logits, labels, old, advantages, mask, ref, settings, up
         mask,
         settings,
         ref.double() if settings.beta else None,
+        entropy if settings.needs_entropy else None,
     )
     (loss * upstream).backward()
     return loss.detach(), stats, x.grad

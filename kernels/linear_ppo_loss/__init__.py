@@ -11,7 +11,7 @@ import torch
 from .._backend import Backend, resolve_backend
 from .._checks import check_float, check_labels, check_positive, check_same_shape
 from ..ppo_loss.checks import check_policy_inputs
-from ..ppo_loss.reference import PolicyLossStats, policy_objective
+from ..ppo_loss.reference import Gather, PolicyLossStats, objective_grads, policy_objective
 from ..ppo_loss.settings import PolicyLossSettings, resolve_settings
 from ..token_logprobs import launchers
 from .chunked import DEFAULT_CHUNK_BYTES, backprop_chunks, fused_token_chunks, rows_per_chunk, scan_logprobs
@@ -123,27 +123,33 @@ class LossPlan:
     """How one ``linear_ppo_loss`` call runs, besides its tensors."""
 
     settings: PolicyLossSettings
-    compute_entropy: bool  # entropy as a stat (not differentiated)
+    compute_entropy: bool  # entropy as a stat (the loss reads it anyway when settings.needs_entropy)
     impl: ModuleType  # Triton or reference token_logprobs launchers
-    single_pass: bool  # Triton + token-level ratios: fused kernel, three matmuls per chunk
+    single_pass: bool  # Triton + token-local settings: fused kernel, three matmuls per chunk
     rows: int  # token rows per chunk
+    gather: Gather | None = None  # across processes, for the top_entropy_quantile threshold
+
+    @property
+    def want_entropy(self) -> bool:
+        return self.compute_entropy or self.settings.needs_entropy
 
 
 def _grads_single_pass(
     hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, plan, needs
 ):
-    """Triton, token level: one chunk loop gives log-probs and the gradients (three matmuls per chunk)."""
+    """Triton, token-local: one chunk loop gives log-probs and the gradients (three matmuls per chunk)."""
     from ..ppo_loss.triton import TokenInputs  # imports triton: only on the Triton backend
 
     inputs = TokenInputs.build(labels, old_logprobs, advantages, mask, ref_logprobs, plan.settings)
     return fused_token_chunks(
-        hidden, weight, bias, inputs, plan.settings, plan.compute_entropy, plan.rows, needs
+        hidden, weight, bias, inputs, plan.settings, plan.want_entropy, plan.rows, needs
     )
 
 
 def _grads_two_pass(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, plan, needs):
-    """Log-probs first; dLoss/dlogp by autograd of the [B, T] objective; then rebuild each chunk's
-    logits for its gradient (four matmuls per chunk). Serves sequence-level ratios and the reference."""
+    """Log-probs (and entropy) first; dLoss/dlogp (and dLoss/dH) by autograd of the [B, T]
+    objective; then rebuild each chunk's logits for its gradient (four matmuls per chunk). Serves
+    settings that couple tokens, and the reference."""
     batch, length = labels.shape
     settings = plan.settings
     flat_labels = torch.where(mask.bool(), labels, -100).reshape(-1)
@@ -154,16 +160,23 @@ def _grads_two_pass(hidden, weight, bias, labels, old_logprobs, advantages, mask
         flat_labels,
         settings.temperature,
         -100,
-        plan.compute_entropy,
+        plan.want_entropy,
         plan.impl,
         plan.rows,
     )
     if not any(needs):  # nothing to differentiate: one pass, no gradient work
         return logp, entropy, (None, None, None)
-    with torch.enable_grad():
-        leaf = logp.reshape(batch, length).requires_grad_()
-        loss, _ = policy_objective(leaf, old_logprobs, advantages, mask, settings, ref_logprobs)
-        (grad_logp,) = torch.autograd.grad(loss, leaf)
+    shaped = None if entropy is None else entropy.reshape(batch, length)
+    grad_logp, grad_entropy = objective_grads(
+        logp.reshape(batch, length),
+        shaped,
+        old_logprobs,
+        advantages,
+        mask,
+        settings,
+        ref_logprobs,
+        plan.gather,
+    )
     grads = backprop_chunks(
         hidden,
         weight,
@@ -176,6 +189,8 @@ def _grads_two_pass(hidden, weight, bias, labels, old_logprobs, advantages, mask
         plan.impl,
         plan.rows,
         needs=needs,
+        entropy=None if grad_entropy is None else entropy,
+        grad_entropy=None if grad_entropy is None else grad_entropy.reshape(-1),
     )
     return logp, entropy, grads
 
@@ -199,6 +214,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
             plan.settings,
             ref_logprobs,
             None if entropy is None else entropy.reshape(batch, length),
+            plan.gather,
         )
         ctx.grads = grads  # held on ctx, not saved: backward scales them in place
         return loss.detach(), stats
@@ -230,6 +246,7 @@ def linear_ppo_loss(
     ref_logprobs: torch.Tensor | None = None,
     compute_entropy: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    gather: Gather | None = None,
     backend: Backend = "auto",
     **loss_settings: object,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
@@ -237,7 +254,7 @@ def linear_ppo_loss(
 
     Gradients flow to hidden, weight and bias (a tied embedding accumulates into the shared
     parameter). ``old_logprobs=None``: on-policy (ratio exactly 1), which saves the caller a
-    separate scoring pass. ``settings`` and the ``loss_settings`` keywords as in
+    separate scoring pass. ``settings``, ``gather`` and the ``loss_settings`` keywords as in
     ``fused_policy_loss``. Peak extra memory is one chunk of ``chunk_bytes``, independent of B * T.
 
     Example:
@@ -260,15 +277,15 @@ def linear_ppo_loss(
     )
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     impl = launchers(backend, hidden)
-    # Triton + token-level ratios: the fused kernel gives log-probs and dlogits in one launch per chunk.
+    # Triton + token-local settings: the fused kernel gives log-probs and dlogits in one launch per chunk.
     on_triton = resolve_backend(backend, hidden) == "triton"
-    single_pass = settings.importance_sampling_level == "token" and on_triton
     plan = LossPlan(
         settings,
         compute_entropy,
         impl,
-        single_pass,
+        settings.token_local and on_triton,
         rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, chunk_bytes, not on_triton),
+        gather,
     )
     return _LinearPolicyLoss.apply(
         hidden_2d, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, plan

@@ -7,15 +7,26 @@ import torch
 from .._backend import Backend, resolve_backend
 from .._checks import check_float, check_no_overlap
 from .checks import check_policy_inputs
-from .reference import PolicyLossStats, kl_estimate, policy_loss_reference, policy_objective
+from .reference import (
+    Gather,
+    PolicyLossStats,
+    high_entropy_mask,
+    kl_estimate,
+    off_policy_mask,
+    policy_loss_reference,
+    policy_objective,
+)
 from .settings import PolicyLossSettings, loss_token_weights, resolve_settings
 
 __all__ = [
+    "Gather",
     "PolicyLossSettings",
     "PolicyLossStats",
     "fused_policy_loss",
+    "high_entropy_mask",
     "kl_estimate",
     "loss_token_weights",
+    "off_policy_mask",
     "policy_objective",
 ]
 
@@ -31,6 +42,7 @@ def fused_policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     compute_entropy: bool = False,
     overwrite_logits: bool = False,
+    gather: Gather | None = None,
     backend: Backend = "auto",
     **loss_settings: object,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
@@ -47,6 +59,9 @@ def fused_policy_loss(
             (the caller must not need them afterwards); saves one ``[B, T, V]`` buffer. Logits
             whose rows share memory (``expand``-ed) are refused, and the write bumps their autograd
             version, so a graph that saved them fails at backward instead of reading gradients.
+        gather: all-gathers a 1-D tensor of this process's values across processes (e.g. accelerate's
+            ``pad_across_processes`` + ``gather``): the ``top_entropy_quantile`` threshold is then the
+            global batch's, as TRL's; None: this call's tokens only.
 
     Returns:
         ``(loss, stats)``: scalar loss, and ``PolicyLossStats`` (detached per-batch means and the
@@ -89,7 +104,8 @@ def fused_policy_loss(
             ref_logprobs,
             compute_entropy,
             overwrite_logits,
+            gather,
         )
     return policy_loss_reference(
-        logits, labels, old_logprobs, advantages, mask, settings, ref_logprobs, compute_entropy
+        logits, labels, old_logprobs, advantages, mask, settings, ref_logprobs, compute_entropy, gather
     )

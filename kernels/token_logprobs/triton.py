@@ -265,16 +265,19 @@ class BlockConfig(NamedTuple):
     single_tile: bool  # the whole row is one tile: the fused loss reads it once, not twice
 
 
-def block_config(vocab: int, single_tile_ok: bool = False) -> BlockConfig:
+def block_config(vocab: int, single_tile_ok: bool = False, entropy_grad: bool = False) -> BlockConfig:
     """Tile and warps for a row of ``vocab`` logits.
 
     Streaming kernels read each row once whatever the tile, so they stream ``MAX_BLOCK_V`` tiles;
     the fused loss (``single_tile_ok``) keeps rows up to ``SINGLE_TILE_MAX_V`` on chip, over
-    ``SINGLE_TILE_WARPS`` warps past 16384. Module constants read at every launch, so benchmarks/
-    can time other values; unmeasured on GPU: first guesses to tune there.
+    ``SINGLE_TILE_WARPS`` warps past 16384. With the entropy bonus's gradient (``entropy_grad``)
+    the on-chip row is at most half as wide: its extra per-logit terms spilled at 32768 over 16
+    warps (16 B a thread with Triton 3.9, 152 B with 3.6, offline sm_90 compile). Module constants
+    read at every launch, so benchmarks/ can time other values; unmeasured on GPU: first guesses.
     """
     full = triton.next_power_of_2(max(vocab, 1))
-    block = full if full <= MAX_BLOCK_V or (single_tile_ok and full <= SINGLE_TILE_MAX_V) else MAX_BLOCK_V
+    widest = SINGLE_TILE_MAX_V // 2 if entropy_grad else SINGLE_TILE_MAX_V
+    block = full if full <= MAX_BLOCK_V or (single_tile_ok and full <= widest) else MAX_BLOCK_V
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16 if block <= 16384 else SINGLE_TILE_WARPS
     return BlockConfig(block, warps, block >= vocab)
 
