@@ -376,3 +376,41 @@ def test_step_and_memory_on_gpu_measure_memory_and_ratios(tmp_path):
     )
     memory = json.loads(bench_memory.run(search, ["fastppo"], tmp_path).read_text())
     assert memory["rows"][0]["kind"] == "measurement" and memory["rows"][0]["max_ok"] >= 8
+
+
+def test_tile_variants_launch_under_their_tunables_and_restore_the_defaults(monkeypatch):
+    """The GPU sweep's rows run the kernel under other module constants and put the defaults back,
+    also when the run fails; an unknown tunable is refused."""
+    from fastppo.benchmarks import kernel_bench
+    from fastppo.kernels.token_logprobs import triton as token_kernels
+
+    monkeypatch.setattr(kernel_bench, "on_gpu", lambda: True)
+    defaults = {name: getattr(token_kernels, name) for name in kernel_bench.TUNABLES}
+    seen = []
+
+    def run():
+        seen.append({name: getattr(token_kernels, name) for name in kernel_bench.TUNABLES})
+
+    streamed = kernel_bench.tile_variants(run, 151936, fused_loss=True)
+    on_chip = kernel_bench.tile_variants(run, 32000, fused_loss=True)
+    for impl in streamed + on_chip:
+        impl.run()
+    assert [i.name for i in streamed] == [
+        "fastppo[block=4096]",
+        "fastppo[block=16384]",
+        "fastppo[no-l2-hints]",
+    ]
+    assert [i.name for i in on_chip] == ["fastppo[warps=32]", "fastppo[stream]"]
+    changed = [{k: v for k, v in s.items() if v != defaults[k]} for s in seen]
+    assert changed == [
+        {"MAX_BLOCK_V": 4096},
+        {"MAX_BLOCK_V": 16384},
+        {"L2_HINTS": False},
+        {"SINGLE_TILE_WARPS": 32},
+        {"SINGLE_TILE_MAX_V": 0},
+    ]
+    with pytest.raises(RuntimeError), kernel_bench.block_limits(max_block_v=1024):
+        raise RuntimeError("a failing peer")
+    assert {name: getattr(token_kernels, name) for name in kernel_bench.TUNABLES} == defaults
+    with pytest.raises(ValueError, match="unknown kernel tunables"), kernel_bench.block_limits(block=3):
+        pass

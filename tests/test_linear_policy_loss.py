@@ -310,7 +310,10 @@ def test_chunk_rows_are_even_whole_gemm_tiles_within_the_budget():
     16384 tokens of a 152k vocabulary in 1 GiB (bf16, in place) are 5 chunks of 3328 (13 x 256),
     not four of 3532 and a ragged 2256."""
     vocab, per_row = 151936, 151936 * 2
-    assert chunked.rows_per_chunk(16384, vocab, torch.bfloat16, 2**30, fp32_temporaries=False) == 3328
+    for budget_gib, rows in ((1, 3328), (2, 5632), (4, 8192)):  # 5 x 3328, 3 x 5632, 2 x 8192
+        assert chunked.rows_per_chunk(16384, vocab, torch.bfloat16, budget_gib * 2**30, False) == rows
+    assert chunked.rows_per_chunk(300, vocab, torch.bfloat16, 2**30, False) == 300  # one chunk, as is
+    assert chunked.rows_per_chunk(5000, vocab, torch.bfloat16, 2**30, False) == 2560  # 2 x 2560
     for n_rows, budget in itertools.product((1, 255, 300, 5000, 16384, 16385), (2**26, 2**28, 2**30, 2**32)):
         rows = chunked.rows_per_chunk(n_rows, vocab, torch.bfloat16, budget, fp32_temporaries=False)
         most = max(1, min(n_rows, budget // per_row))
