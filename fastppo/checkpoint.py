@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapters import is_peft_model
 from .sharding import OPTIMIZER_DIR, is_sharded, load_full_state_dict, local
 
 PREFIX = "checkpoint-"
@@ -238,10 +239,6 @@ def _saved_weights(path: str, adapter: bool) -> dict[str, torch.Tensor]:
     for shard in shards:
         weights.update(load_file(os.path.join(path, shard)))
     return weights
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def load_pretrained_weights(model: nn.Module, path: str) -> None:

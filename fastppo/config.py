@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .memory.optim import SUPPORTED_OPTIMIZERS, resolve_config_optim
+from .optim import SUPPORTED_OPTIMIZERS, resolve_config_optim
 
 T = TypeVar("T")
 

@@ -16,7 +16,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .memory.shared_reference import SharedTrunkReference, adapters_disabled, has_adapters
+from .adapters import adapters_disabled, has_adapters
+from .memory.shared_reference import SharedTrunkReference
 from .scoring import (
     PolicyBatch,
     TrunkPass,

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .memory.trunk import unwrap_peft
+from .adapters import unwrap_peft
 from .sharding import gathered, is_sharded
 
 # Columns that hold the prompt itself (or what the rollout produces), not extra reward-function inputs.

@@ -7,7 +7,7 @@ import os
 from transformers import AutoTokenizer
 
 from fastppo.demo import build_dataset, build_tokenizer, run_demo, says_word
-from fastppo.logging import read_jsonl
+from fastppo.metrics import read_jsonl
 
 
 def test_reward_rises_within_bounded_steps(tmp_path):

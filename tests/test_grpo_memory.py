@@ -15,9 +15,8 @@ import datasets
 import pytest
 import torch
 
-from fastppo import GRPOConfig, GRPOTrainer
+from fastppo import GRPOConfig, GRPOTrainer, optim
 from fastppo.demo import build_policy, build_tokenizer
-from fastppo.memory import optim
 from fastppo.memory.accounting import (
     measured_optimizer_state_bytes,
     optimizer_state_bytes,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastppo.memory import optim
+from fastppo import optim
 from fastppo.memory.accounting import (
     gradient_bytes,
     measured_optimizer_state_bytes,
@@ -16,7 +16,7 @@ from fastppo.memory.accounting import (
     trainable_parameter_count,
     trainable_parameters,
 )
-from fastppo.memory.optim import build_bnb_optimizer, create_optimizer, default_optim_name, parameter_groups
+from fastppo.optim import build_bnb_optimizer, create_optimizer, default_optim_name, parameter_groups
 
 
 class Block(nn.Module):

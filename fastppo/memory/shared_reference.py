@@ -13,9 +13,7 @@ zero extra weights.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -82,32 +80,3 @@ class SharedTrunkReference(nn.Module):
         for own, source in pairs:
             for ref_param, param in zip(own.parameters(), source.parameters(), strict=True):
                 ref_param.lerp_(param.detach().to(ref_param.dtype), alpha)
-
-
-def has_adapters(model: nn.Module) -> bool:
-    """A PEFT model, or a transformers model with PEFT adapters loaded."""
-    return hasattr(model, "disable_adapter") or getattr(model, "_hf_peft_config_loaded", False)
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` as its base model: with LoRA the reference costs zero extra weights.
-
-    Example:
-        >>> with torch.no_grad(), adapters_disabled(policy):
-        ...     ref_hidden = policy.model(ids, attention_mask=mask).last_hidden_state
-    """
-    if hasattr(model, "disable_adapter"):  # peft.PeftModel
-        with model.disable_adapter():
-            yield model
-    elif getattr(model, "_hf_peft_config_loaded", False):  # transformers' PEFT integration
-        model.disable_adapters()
-        try:
-            yield model
-        finally:
-            model.enable_adapters()
-    else:
-        raise ValueError(
-            f"{type(model).__name__} has no adapters to disable; the adapter-free reference needs a "
-            "PEFT model (peft_config)"
-        )

@@ -21,15 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import unwrap_peft
+
 # Decoder attributes the split needs: Qwen2, Llama, Mistral, Qwen3 ... all have them.
 DECODER_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (adapters are injected in place)."""
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
 
 
 def find_decoder(model: nn.Module) -> nn.Module | None:

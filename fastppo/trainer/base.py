@@ -35,6 +35,7 @@ from transformers.trainer_utils import TrainOutput, enable_full_determinism, set
 
 from .. import checkpoint as ckpt
 from .. import sharding
+from ..adapters import has_adapters
 from ..distributed import (
     all_reduce_gradients,
     broadcast_object,
@@ -44,7 +45,7 @@ from ..distributed import (
     sum_over_processes,
 )
 from ..guards import NonFiniteGuard
-from ..logging import (
+from ..metrics import (
     METRICS_FILE,
     REWARD_PLOT_FILE,
     JsonlWriter,
@@ -52,8 +53,7 @@ from ..logging import (
     ProgressBar,
     plot_reward_curve,
 )
-from ..memory.optim import BNB_OPTIMIZERS, create_optimizer, warn_once
-from ..memory.shared_reference import has_adapters
+from ..optim import BNB_OPTIMIZERS, create_optimizer, warn_once
 from ..reference import FrozenCopyReference
 
 logger = logging.getLogger("fastppo")

@@ -38,7 +38,7 @@ from ..distributed import (
 )
 from ..grpo_config import GRPOConfig
 from ..kernels.ppo_loss import PolicyLossStats
-from ..logging import MetricsBuffer, print_completions
+from ..metrics import MetricsBuffer, print_completions
 from ..modeling import build_policy, eos_token_ids
 from ..reference import SharedTrunkPolicyReference, build_reference
 from ..rewards import combine_rewards, load_rewards, score_completions, score_rewards

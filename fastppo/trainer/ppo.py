@@ -45,7 +45,7 @@ from ..advantages import (
 from ..checkpoint import resolve_resume
 from ..distributed import evaluation_share, mean_over_processes, rank_rows
 from ..kernels.ppo_loss import PolicyLossSettings, PolicyLossStats
-from ..logging import print_completions
+from ..metrics import print_completions
 from ..modeling import build_policy, check_model_source, eos_token_ids, switch_off_dropout
 from ..ppo_config import PPOConfig
 from ..reference import SharedTrunkPolicyReference, build_reference
