@@ -97,7 +97,9 @@ def test_round_trip_restores_everything_the_base_owns(tmp_path):
     assert b.lr_scheduler.state_dict() == a.lr_scheduler.state_dict()
     assert b.lr_scheduler.get_last_lr() == a.lr_scheduler.get_last_lr()
     assert b.state.global_step == 2 and b.state.log_history == a.state.log_history
-    assert b._micro_step == a._micro_step and b._loss_sum == pytest.approx(a._loss_sum)
+    assert b._micro_step == a._micro_step and b.training_log.loss_sum == pytest.approx(
+        a.training_log.loss_sum
+    )
     assert b.metrics.flush() == {"pending": 2.0}
     torch_state, py_state, np_state, shuffle_state = rng_snapshot(b)
     assert torch.equal(torch_state, rng[0]) and py_state == rng[1]

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from fastppo import GRPOConfig, GRPOTrainer, optim
+from fastppo.batch import PolicyBatch
+from fastppo.config import ForwardPlan
 from fastppo.demo import build_policy, build_tokenizer
 from fastppo.memory.accounting import (
     measured_optimizer_state_bytes,
@@ -25,8 +27,8 @@ from fastppo.memory.accounting import (
 )
 from fastppo.memory.packing import VARLEN_ATTENTION, register_varlen_attention
 from fastppo.modeling import load_causal_lm
-from fastppo.reference import FrozenCopyReference, SharedTrunkPolicyReference
-from fastppo.scoring import PolicyBatch, policy_loss, score_logprobs
+from fastppo.policy_forward import PolicyForward
+from fastppo.reference import FrozenCopyReference, SharedTrunkReference
 
 LAYERS = 4
 # The shared trunk reruns the model's own ops (bit for bit, tests/test_memory_trunk.py); what is left
@@ -88,7 +90,7 @@ def record_scored_minibatches(trainer: GRPOTrainer) -> list[tuple[PolicyBatch, t
     def score(rollout):
         scores = original(rollout)
         for mb in scores.minibatches:
-            expected_old = score_logprobs(trainer.model, mb, 1.0, fused=True, chunk_bytes=1 << 20)
+            expected_old = PolicyForward(ForwardPlan(chunk_bytes=1 << 20)).score(trainer.model, mb, 1.0)
             seen.append((dataclasses.replace(mb), expected_old))
         return scores
 
@@ -106,8 +108,8 @@ def test_shared_trunk_reference_in_a_grpo_run(model_dir, tmp_path, frozen):
     get no gradient and no optimizer state; parameter and optimizer bytes are the formulas'."""
     trainer = trainer_for(model_dir, tmp_path, num_frozen_layers=frozen, num_iterations=2, max_steps=4)
     policy = trainer.model
-    assert isinstance(trainer.reference, SharedTrunkPolicyReference)
-    initial = FrozenCopyReference(copy.deepcopy(policy), fused=True, chunk_bytes=1 << 20)
+    assert isinstance(trainer.reference, SharedTrunkReference)
+    initial = FrozenCopyReference(copy.deepcopy(policy), PolicyForward(ForwardPlan(chunk_bytes=1 << 20)))
     frozen_params = [*policy.model.embed_tokens.parameters()]
     for layer in policy.model.layers[:frozen]:
         frozen_params.extend(layer.parameters())
@@ -116,12 +118,16 @@ def test_shared_trunk_reference_in_a_grpo_run(model_dir, tmp_path, frozen):
     assert policy.lm_head.weight is policy.model.embed_tokens.weight  # tied: frozen with the embedding
 
     seen = record_scored_minibatches(trainer)
-    joint_calls, joint = [], trainer.reference.logprobs_with_policy
-    trainer.reference.logprobs_with_policy = lambda *args: joint_calls.append(1) or joint(*args)
+    reads_policy_trunk, reference_logprobs = [], trainer.reference.logprobs
+    trainer.reference.logprobs = lambda batch, temperature, trunk=None: (
+        reads_policy_trunk.append(trunk is not None) or reference_logprobs(batch, temperature, trunk)
+    )
     start = [p.detach().clone() for p in trainable]
     trainer.train()
 
-    assert trainer.state.global_step == 4 and len(seen) == len(joint_calls) == 2  # one trunk pass each
+    # one trunk pass each: the reference reads the pass that scored the old log-probs
+    assert trainer.state.global_step == 4 and len(seen) == len(reads_policy_trunk) == 2
+    assert all(reads_policy_trunk)
     for mb, expected_old in seen:
         torch.testing.assert_close(mb.ref_logprobs, initial.logprobs(mb, 1.0), **LOGP_TOL)
         torch.testing.assert_close(mb.old_logprobs, expected_old, **LOGP_TOL)
@@ -144,16 +150,16 @@ def test_shared_trunk_reference_in_a_grpo_run(model_dir, tmp_path, frozen):
 
     layer_bytes = nbytes(policy.model.layers[0])
     expected = nbytes(policy) + (LAYERS - frozen) * layer_bytes + nbytes(policy.model.norm)
-    assert unique_parameter_bytes(policy, trainer.reference.module) == expected
+    assert unique_parameter_bytes(policy, trainer.reference) == expected
     assert expected < 2 * nbytes(policy)  # vs a deep-copied reference
-    assert trainable_parameters(policy, trainer.reference.module) == trainable
+    assert trainable_parameters(policy, trainer.reference) == trainable
 
 
 def test_sync_ref_model_touches_only_the_reference_own_layers(model_dir, tmp_path):
     trainer = trainer_for(
         model_dir, tmp_path, num_frozen_layers=2, sync_ref_model=True, ref_model_sync_steps=1, max_steps=1
     )
-    ref = trainer.reference.module
+    ref = trainer.reference
     before = copy.deepcopy(ref.state_dict())
     trunk = [p.detach().clone() for p in trainer.model.model.layers[:2].parameters()]
     trainer.train()
@@ -249,15 +255,15 @@ def ragged_batch(vocab: int, seed: int = 0) -> PolicyBatch:
 @pytest.fixture
 def pack_calls(monkeypatch) -> list[int]:
     """Rows of every batch packed by the scoring forwards (so a padded path cannot pass for packed)."""
-    import fastppo.scoring as scoring
+    import fastppo.policy_forward as policy_forward
 
-    calls, original = [], scoring.pack
+    calls, original = [], policy_forward.pack
 
     def spy(input_ids, attention_mask):
         calls.append(input_ids.shape[0])
         return original(input_ids, attention_mask)
 
-    monkeypatch.setattr(scoring, "pack", spy)
+    monkeypatch.setattr(policy_forward, "pack", spy)
     return calls
 
 
@@ -280,10 +286,10 @@ def test_padding_free_loss_logprobs_and_grads_equal_padded(tokenizer, attention,
     results = {}
     for padding_free in (False, True):
         policy.zero_grad(set_to_none=True)
-        kwargs = dict(fused=fused, chunk_bytes=1 << 20, padding_free=padding_free)
-        loss, stats = policy_loss(policy, batch, settings, **kwargs)
+        forward = PolicyForward(ForwardPlan(fused=fused, chunk_bytes=1 << 20, padding_free=padding_free))
+        loss, stats = forward.policy_loss(policy, batch, settings)
         loss.backward()
-        logp = score_logprobs(policy, batch, 0.7, **kwargs)
+        logp = forward.score(policy, batch, 0.7)
         grads = [p.grad.clone() for p in policy.parameters()]
         results[padding_free] = (loss.detach(), stats.entropy_mean, logp, grads)
     assert pack_calls == [4, 4]  # the padding-free loss and scoring forwards, not the padded ones
@@ -301,25 +307,30 @@ def test_padding_free_loss_logprobs_and_grads_equal_padded(tokenizer, attention,
 @pytest.mark.parametrize("attention", ["sdpa", VARLEN_ATTENTION])
 def test_padding_free_shared_trunk_scoring_equals_padded(tokenizer, attention, fused, pack_calls):
     from fastppo.memory.trunk import freeze_trunk
-    from fastppo.scoring import trunk_pass
 
     policy = policy_with_attention(tokenizer, attention)
     freeze_trunk(policy, 1)
     batch = ragged_batch(len(tokenizer), seed=3)
     scored = {}
     for padding_free in (False, True):
-        ref = SharedTrunkPolicyReference(
-            policy, 1, fused=fused, chunk_bytes=1 << 20, padding_free=padding_free
-        )
-        scored[padding_free] = (*ref.logprobs_with_policy(policy, batch, 1.0), ref.logprobs(batch, 1.0))
+        plan = ForwardPlan(fused=fused, chunk_bytes=1 << 20, padding_free=padding_free, num_frozen_layers=1)
+        forward = PolicyForward(plan)
+        ref = SharedTrunkReference(policy, 1, forward)
+        with forward.scoring(policy):  # old log-probs and the reference's from one trunk pass
+            policy_pass = forward.run(policy, batch)
+            old = forward.logprobs(policy_pass, batch, 1.0)
+        scored[padding_free] = (old, ref.logprobs(batch, 1.0, policy_pass.trunk), ref.logprobs(batch, 1.0))
         # A trunk pass run once for more tops (PPO: the critic too) gives the very same log-probs.
-        given = ref.logprobs_with_policy(
-            policy, batch, 1.0, shared=trunk_pass(policy, batch, 1, padding_free)
-        )
+        shared = forward.trunk_pass(policy, batch)
+        with forward.scoring(policy):
+            given = (
+                forward.logprobs(forward.top(policy, shared), batch, 1.0),
+                ref.logprobs(batch, 1.0, shared),
+            )
         for got, want in zip(given, scored[padding_free], strict=False):
             torch.testing.assert_close(got, want, rtol=0.0, atol=0.0)
     assert pack_calls == [4, 4, 4]
-    expected = score_logprobs(policy, batch, 1.0, fused=fused, chunk_bytes=1 << 20)
+    expected = PolicyForward(ForwardPlan(fused=fused, chunk_bytes=1 << 20)).score(policy, batch, 1.0)
     for padding_free, (old, ref_joint, ref_alone) in scored.items():
         tol = PACKED_LOGP_TOL if padding_free else LOGP_TOL
         torch.testing.assert_close(old, expected, **tol)
@@ -389,9 +400,8 @@ def test_memory_benchmark_accounting_rows_are_the_formula():
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 def test_policy_loss_on_a_shared_trunk_pass_equals_the_whole_forward(tokenizer, fused, padding_free):
     """What PPO calls to feed the policy loss and a TrunkValueModel critic from one trunk pass."""
-    from fastppo.memory.critic import TrunkValueModel
+    from fastppo.critic import TrunkValueModel
     from fastppo.memory.trunk import freeze_trunk
-    from fastppo.scoring import trunk_pass
 
     policy = policy_with_attention(tokenizer, "sdpa")
     freeze_trunk(policy, 2)
@@ -400,13 +410,14 @@ def test_policy_loss_on_a_shared_trunk_pass_equals_the_whole_forward(tokenizer, 
     settings = dataclasses.replace(
         GRPOConfig(output_dir="unused", beta=0.1).loss_settings(), num_items_in_batch=20.0
     )
-    kwargs = dict(fused=fused, chunk_bytes=1 << 20, padding_free=padding_free)
+    plan = ForwardPlan(fused=fused, chunk_bytes=1 << 20, padding_free=padding_free)
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    loss, _ = policy_loss(policy, batch, settings, **kwargs)
+    loss, _ = PolicyForward(plan).policy_loss(policy, batch, settings)
     expected = torch.autograd.grad(loss, trainable)
-    shared = trunk_pass(policy, batch, 2, padding_free)
+    trunked = PolicyForward(dataclasses.replace(plan, num_frozen_layers=2))
+    shared = trunked.trunk_pass(policy, batch)
     assert not shared.trunk.hidden.requires_grad  # the frozen trunk records nothing for backward
-    shared_loss, _ = policy_loss(policy, batch, settings, **kwargs, shared=shared)
+    shared_loss, _ = trunked.loss(trunked.top(policy, shared), batch, settings)
     values = shared.inputs.completion_positions(critic(shared.trunk))  # [b, Lc]
     assert values.shape == batch.completion_ids.shape and values.dtype == torch.float32
     grads = torch.autograd.grad(shared_loss + 0.0 * values.sum(), trainable)
@@ -432,12 +443,11 @@ def test_cuda_defaults_train_with_8bit_state_varlen_packing_and_a_shared_trunk(m
     batch = ragged_batch(trainer.model.config.vocab_size)
     fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
     batch = PolicyBatch(**{name: v if v is None else v.cuda() for name, v in fields.items()})
-    settings = dataclasses.replace(trainer.loss_settings, num_items_in_batch=20.0)
+    settings = dataclasses.replace(trainer.args.loss_settings(), num_items_in_batch=20.0)
     losses = []
     with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
         for padding_free in (False, True):
-            loss, _ = policy_loss(
-                trainer.model, batch, settings, fused=True, chunk_bytes=1 << 20, padding_free=padding_free
-            )
+            forward = PolicyForward(ForwardPlan(chunk_bytes=1 << 20, padding_free=padding_free))
+            loss, _ = forward.policy_loss(trainer.model, batch, settings)
             losses.append(float(loss))
     assert losses[1] == pytest.approx(losses[0], rel=2e-2, abs=1e-3)

@@ -14,9 +14,11 @@ import pytest
 import torch
 from fastppo.kernels.ppo_loss import PolicyLossSettings
 
+from fastppo.batch import PolicyBatch
+from fastppo.config import ForwardPlan
 from fastppo.demo import build_policy, build_tokenizer
+from fastppo.policy_forward import PolicyForward
 from fastppo.rollout import left_pad
-from fastppo.scoring import PolicyBatch, policy_loss, score_logprobs
 
 CASES = {
     "grpo": PolicyLossSettings(loss_type="grpo", beta=0.04, temperature=0.7, clip_high=0.28),
@@ -53,7 +55,7 @@ def make_batch(model, vocab: int, seed: int = 0) -> PolicyBatch:
         torch.arange(4),
         advantages=torch.tensor([1.3, -0.7, 0.4, -1.9]),
     )
-    current = score_logprobs(model, batch, 1.0, fused=False, chunk_bytes=2**20)
+    current = PolicyForward(ForwardPlan(fused=False, chunk_bytes=2**20)).score(model, batch, 1.0)
     noise = 0.4 * torch.randn(current.shape, generator=g)
     batch.old_logprobs = (current + noise) * completion_mask
     batch.ref_logprobs = (current - noise.flip(0)) * completion_mask
@@ -62,7 +64,9 @@ def make_batch(model, vocab: int, seed: int = 0) -> PolicyBatch:
 
 def loss_and_grads(model, batch, settings, fused: bool, chunk_bytes: int):
     model.zero_grad(set_to_none=True)
-    loss, stats = policy_loss(model, batch, settings, fused=fused, chunk_bytes=chunk_bytes)
+    loss, stats = PolicyForward(ForwardPlan(fused=fused, chunk_bytes=chunk_bytes)).policy_loss(
+        model, batch, settings
+    )
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     return loss.detach(), stats, grads
@@ -111,17 +115,15 @@ def test_on_policy_ratio_is_exactly_one(model, fused):
     policy, tokenizer = model
     batch = make_batch(policy, len(tokenizer))
     settings = dataclasses.replace(CASES["dapo"], beta=0.0)
+    forward = PolicyForward(ForwardPlan(fused=fused, chunk_bytes=4 * 1024))
     on_policy = dataclasses.replace(batch, old_logprobs=None)
-    _, stats = policy_loss(policy, on_policy, settings, fused=fused, chunk_bytes=4 * 1024)
+    _, stats = forward.policy_loss(policy, on_policy, settings)
     assert float(stats.ratio_mean) == 1.0
-    recorded = dataclasses.replace(
-        batch,
-        old_logprobs=score_logprobs(policy, batch, settings.temperature, fused=fused, chunk_bytes=4 * 1024),
-    )
-    _, stats = policy_loss(policy, recorded, settings, fused=fused, chunk_bytes=4 * 1024)
+    recorded = dataclasses.replace(batch, old_logprobs=forward.score(policy, batch, settings.temperature))
+    _, stats = forward.policy_loss(policy, recorded, settings)
     assert float(stats.ratio_mean) == 1.0
     # and an off-policy record does move it (the assertion above can fail)
-    _, stats = policy_loss(policy, batch, settings, fused=fused, chunk_bytes=4 * 1024)
+    _, stats = forward.policy_loss(policy, batch, settings)
     assert float(stats.ratio_mean) != 1.0
 
 

@@ -12,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from fastppo import GRPOConfig, GRPOTrainer
+from fastppo.config import ForwardPlan
 from fastppo.demo import build_policy, build_tokenizer
-from fastppo.scoring import policy_loss
+from fastppo.policy_forward import PolicyForward
 
 PROMPTS = [
     "say : cat",
@@ -239,9 +240,10 @@ def test_recorded_old_logprobs_give_ratio_exactly_one_on_first_pass(model_dir, t
     trainer = GRPOTrainer(model=model_dir, reward_funcs=id_reward, args=args, train_dataset=dataset())
     scores = trainer._score(trainer._rollout([dict(prompt=p) for p in PROMPTS[:2]]))
     trainer._advantages(scores)
+    forward = PolicyForward(ForwardPlan(fused=fused, chunk_bytes=1 << 20))
     for mb in scores.minibatches:
         assert mb.old_logprobs is not None
-        _, stats = policy_loss(trainer.model, mb, trainer.loss_settings, fused=fused, chunk_bytes=1 << 20)
+        _, stats = forward.policy_loss(trainer.model, mb, trainer.args.loss_settings())
         assert float(stats.ratio_mean) == 1.0
 
 

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
+from fastppo.batch import PolicyBatch
 from fastppo.demo import build_tokenizer
 from fastppo.metrics import MetricsBuffer, plot_reward_curve
 from fastppo.rewards import check_reward_output, combine_rewards, load_rewards, score_completions
 from fastppo.rollout import completion_mask, encode_prompts, left_pad
-from fastppo.scoring import PolicyBatch
 
 EOS, PAD = 1, 0
 

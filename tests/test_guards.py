@@ -47,7 +47,8 @@ def make_trainer(tmp_path, **overrides):
 
 
 def drive(trainer, steps: int, poison: dict[int, str]) -> list[dict[str, torch.Tensor]]:
-    """Train ``steps`` optimizer steps on a fixed batch through the base's backward/end_micro_step;
+    """Train ``steps`` optimizer steps on a fixed batch through the base's backward / optimizer_step /
+    after_step (one micro-batch per step);
     ``poison[step]`` = "loss" (NaN loss) or "grad" (finite loss, inf gradient on one weight).
     Returns the weights after each step."""
     trainer.begin_training(steps, "guard")
@@ -62,7 +63,8 @@ def drive(trainer, steps: int, poison: dict[int, str]) -> list[dict[str, torch.T
         trainer.backward(loss)
         if handle is not None:
             handle.remove()
-        stop = trainer.end_micro_step()
+        trainer.optimizer_step()
+        stop = trainer.after_step()
         after.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
         if stop:
             break

@@ -18,8 +18,8 @@ from fastppo.memory.packing import (
     register_varlen_attention,
     unpack,
 )
-from fastppo.memory.shared_reference import SharedTrunkReference
 from fastppo.memory.trunk import freeze_trunk, policy_top, run_trunk
+from fastppo.reference import SharedTrunkReference
 
 VOCAB = 97
 # Packed and padded forwards differ only in which zeros the attention sums (padding keys are masked

@@ -11,12 +11,12 @@ from fastppo.kernels import linear_token_logprobs
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from fastppo.adapters import adapters_disabled
+from fastppo.critic import TrunkValueModel, ValueHead
 from fastppo.memory.accounting import unique_parameter_bytes
 from fastppo.memory.activation_checkpointing import enable_gradient_checkpointing
-from fastppo.memory.critic import TrunkValueModel, ValueHead
-from fastppo.memory.shared_reference import SharedTrunkReference
 from fastppo.memory.trunk import freeze_trunk, policy_top, run_top, run_trunk
 from fastppo.optim import create_optimizer
+from fastppo.reference import SharedTrunkReference
 
 LAYERS = 4
 VOCAB = 101

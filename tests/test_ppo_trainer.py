@@ -8,6 +8,7 @@ their largest entry (accumulation order differs).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -16,10 +17,12 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from fastppo import PPOConfig, PPOTrainer
+from fastppo.batch import PolicyBatch
+from fastppo.critic import OwnLayersCritic, SeparateValueModel, clipped_value_loss
 from fastppo.demo import build_dataset, build_policy, build_tokenizer, run_demo, says_word
-from fastppo.reference import SharedTrunkPolicyReference
-from fastppo.scoring import PolicyBatch
-from fastppo.value import OwnLayersCritic, SeparateValueModel, completion_scores
+from fastppo.policy_forward import PolicyForward
+from fastppo.reference import SharedTrunkReference
+from fastppo.reward_model import completion_scores
 
 
 def config(tmp_path, **overrides) -> PPOConfig:
@@ -70,14 +73,17 @@ def value_model(tokenizer) -> LlamaForSequenceClassification:
     return LlamaForSequenceClassification(cfg)
 
 
+def use_path(t: PPOTrainer, fused: bool) -> None:
+    """The policy's forwards fused or plain from now on (the reference keeps the path it was built with)."""
+    t.policy_forward = PolicyForward(dataclasses.replace(t.policy_forward.plan, fused=fused))
+
+
 def loss_and_grads(t: PPOTrainer, record, fused: bool):
     """One micro-batch's PPO loss (policy + vf_coef * value) and the gradient of every trained tensor."""
-    t.args.use_fused_kernels = fused
+    use_path(t, fused)
     mb = record.batch.select(torch.arange(8))
     for module in t.trained_modules():
         module.zero_grad(set_to_none=True)
-    from fastppo.value import clipped_value_loss
-
     pg_loss, stats, values = t._loss_and_values(mb)
     width = mb.completion_ids.shape[1]
     vloss = clipped_value_loss(
@@ -115,13 +121,13 @@ def test_fused_and_plain_paths_give_the_same_record_loss_and_gradients(tmp_path,
         value_model=value_model(tokenizer) if critic == "value_model" else None,
     )
     if memory:
-        assert isinstance(t.reference, SharedTrunkPolicyReference)
+        assert isinstance(t.reference, SharedTrunkReference)
     if critic == "own_layers":
         assert isinstance(t.critic, OwnLayersCritic)
     rollout = t._rollout([t.train_dataset[i] for i in range(16)])
     records = {}
     for fused in (True, False):
-        t.args.use_fused_kernels = fused
+        use_path(t, fused)
         records[fused] = t._record(rollout)
         t._rewards_and_advantages(records[fused])
     for name in ("values", "returns", "kl"):

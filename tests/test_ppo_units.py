@@ -13,7 +13,7 @@ from fastppo.advantages import (
     masked_whiten,
     shaped_rewards,
 )
-from fastppo.value import clipped_value_loss
+from fastppo.critic import clipped_value_loss
 
 F64 = torch.float64
 
