@@ -7,7 +7,7 @@ decoder's forward does, from its public parts (``embed_tokens``, ``layers``, ``n
 and ``transformers.masking_utils``): embed, build the attention mask per layer type, rotary
 position embeddings once, then layers ``[0, K)``. Every later layer receives exactly the inputs the
 model's own forward would give it (``LayerInputs``), so ``policy_top(run_trunk(...))`` equals
-``model.model(...).last_hidden_state`` bit for bit (tests/test_memory_trunk.py).
+``model.model(...).last_hidden_state`` bit for bit (tests/memory/test_trunk.py).
 """
 
 from __future__ import annotations

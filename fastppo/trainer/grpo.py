@@ -17,7 +17,6 @@ rollout: the old policy *is* the current one then, and only the ratio's gradient
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import torch
@@ -176,13 +175,12 @@ class GRPOTrainer(TrainerBase):
         while not self.finished:
             buffer = self.buffer  # the rollout a checkpoint fell inside, else None: a new one
             if buffer is None:
-                t0 = time.perf_counter()
-                rollout = self._rollout(next(prompts))  # 1. rollout
-                t1 = time.perf_counter()
-                scores = self._score(rollout)  # 2. score
-                advantages = self._advantages(scores)  # 3. advantages
-                self.metrics.add("time/rollout", t1 - t0)
-                self.metrics.add("time/score", time.perf_counter() - t1)
+                rows = next(prompts)
+                with self.metrics.timed("time/rollout"):
+                    rollout = self._rollout(rows)  # 1. rollout
+                with self.metrics.timed("time/score"):
+                    scores = self._score(rollout)  # 2. score
+                    advantages = self._advantages(scores)  # 3. advantages
                 if args.log_completions:
                     self._samples = self._completion_rows(rollout, scores, advantages.values)
                 buffer = MinibatchPasses(scores.minibatches, args.num_iterations)
@@ -272,11 +270,10 @@ class GRPOTrainer(TrainerBase):
         if buffer.done == 0:  # a resumed rollout's tokens were counted before the checkpoint
             self.add_tokens(sum(mb.num_tokens for mb in buffer.minibatches))
         for mb in self.micro_batches(buffer):
-            start = time.perf_counter()
-            with self.accelerator.autocast():  # 4. optimise
-                loss, stats = self.policy_forward.policy_loss(self.model, mb, settings)
-            self.backward(loss * scale)
-            self.metrics.add("time/minibatch", time.perf_counter() - start)
+            with self.metrics.timed("time/minibatch"):
+                with self.accelerator.autocast():  # 4. optimise
+                    loss, stats = self.policy_forward.policy_loss(self.model, mb, settings)
+                self.backward(loss * scale)
             self._record_loss_stats(stats, mb)
             if self.window_complete:
                 self.optimizer_step()  # 5. step

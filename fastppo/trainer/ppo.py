@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any
 
 import torch
@@ -217,13 +216,12 @@ class PPOTrainer(TrainerBase):
         while not self.finished:
             buffer = self.buffer  # the rollout a checkpoint fell inside, else None: a new one
             if buffer is None:
-                t0 = time.perf_counter()
-                rollout = self._rollout(next(prompts))  # 1. rollout
-                t1 = time.perf_counter()
-                record = self._record(rollout)  # 2. score
-                self._rewards_and_advantages(record)  # 3. advantages
-                self.metrics.add("time/rollout", t1 - t0)
-                self.metrics.add("time/score", time.perf_counter() - t1)
+                rows = next(prompts)
+                with self.metrics.timed("time/rollout"):
+                    rollout = self._rollout(rows)  # 1. rollout
+                with self.metrics.timed("time/score"):
+                    record = self._record(rollout)  # 2. score
+                    self._rewards_and_advantages(record)  # 3. advantages
                 self._log_rollout(rollout, record)
                 if (
                     sample_every
@@ -352,19 +350,18 @@ class PPOTrainer(TrainerBase):
         if buffer.done == 0:  # a resumed rollout's tokens were counted before the checkpoint
             self.add_tokens(record.batch.num_tokens * args.num_ppo_epochs)
         for mb in self.micro_batches(buffer):
-            start = time.perf_counter()
             width = mb.completion_ids.shape[1]
-            with self.accelerator.autocast():  # 4. optimise
-                pg_loss, stats, values = self._loss_and_values(mb)
-                value_loss = clipped_value_loss(
-                    values,
-                    record.values[mb.rows, :width],
-                    record.returns[mb.rows, :width],
-                    mb.loss_mask,
-                    args.cliprange_value,
-                )
-            self.backward((pg_loss + args.vf_coef * value_loss.loss) * scale)
-            self.metrics.add("time/minibatch", time.perf_counter() - start)
+            with self.metrics.timed("time/minibatch"):
+                with self.accelerator.autocast():  # 4. optimise
+                    pg_loss, stats, values = self._loss_and_values(mb)
+                    value_loss = clipped_value_loss(
+                        values,
+                        record.values[mb.rows, :width],
+                        record.returns[mb.rows, :width],
+                        mb.loss_mask,
+                        args.cliprange_value,
+                    )
+                self.backward((pg_loss + args.vf_coef * value_loss.loss) * scale)
             self._record_minibatch(mb, stats, pg_loss, value_loss)
             if self.window_complete:
                 self.optimizer_step()  # 5. step
