@@ -375,6 +375,11 @@ class FastppoOptions:
         check_int("max_consecutive_nonfinite_steps", self.max_consecutive_nonfinite_steps, 1)
         check_memory_options(self)
 
+    @property
+    def data_order_seed(self) -> int:
+        """The seed of the prompt order: ``data_seed`` when set (0 included), else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
+
     def forward_plan(self) -> ForwardPlan:
         """How every forward over sampled sequences runs (``fastppo.policy_forward``)."""
         return ForwardPlan(

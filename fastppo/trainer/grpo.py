@@ -170,8 +170,7 @@ class GRPOTrainer(TrainerBase):
         args = self.args
         resume = resolve_resume(resume_from_checkpoint, args.output_dir)
         self.begin_training(args.optimizer_steps(len(self.train_dataset)), "GRPO", resume_from=resume)
-        seed = args.data_seed if args.data_seed is not None else args.seed
-        prompts = self.prompt_stream(args.prompts_per_rollout, seed, args.shuffle_dataset)
+        prompts = self.prompt_stream(args.prompts_per_rollout, args.data_order_seed, args.shuffle_dataset)
         while not self.finished:
             buffer = self.buffer  # the rollout a checkpoint fell inside, else None: a new one
             if buffer is None:

@@ -212,7 +212,7 @@ class PPOTrainer(TrainerBase):
         resume = resolve_resume(resume_from_checkpoint, args.output_dir)
         self.begin_training(args.optimizer_steps(rows), "PPO", resume_from=resume)
         sample_every = args.samples_every(rows)
-        prompts = self.prompt_stream(args.batch_size, args.data_seed or args.seed)
+        prompts = self.prompt_stream(args.batch_size, args.data_order_seed)
         while not self.finished:
             buffer = self.buffer  # the rollout a checkpoint fell inside, else None: a new one
             if buffer is None:

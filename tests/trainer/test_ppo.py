@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification
 from fastppo import PPOTrainer
 from fastppo.batch import PolicyBatch
 from fastppo.critic import OwnLayersCritic, SeparateValueModel, clipped_value_loss
+from fastppo.data import prompt_batches
 from fastppo.demo import build_dataset, build_policy, build_tokenizer, run_demo, says_word
 from fastppo.policy_forward import PolicyForward
 from fastppo.reference import SharedTrunkReference
@@ -408,3 +409,13 @@ def test_a_given_optimizer_also_steps_the_critic(trainer):
 def test_generation_kwargs_cannot_change_the_sampling_distribution(ppo_config):
     with pytest.raises(ValueError, match=r"generation_kwargs must not set \['temperature'\]"):
         ppo_config(SHAPE, generation_kwargs={"temperature": 0.5, "max_time": 10})
+
+
+def test_data_seed_zero_orders_the_prompts(trainer):
+    """``data_seed=0`` orders the prompts like any other data seed (``data_seed or seed`` took 0 for
+    unset and shuffled with ``seed``, as GRPO never did)."""
+    t = trainer(data_seed=0, max_steps=1)  # seed=3
+    drawn, rollout = [], t._rollout
+    t._rollout = lambda rows: drawn.append(rows) or rollout(rows)
+    t.train()
+    assert drawn == [next(prompt_batches(t.train_dataset, t.args.batch_size, seed=0))]
