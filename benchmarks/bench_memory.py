@@ -293,9 +293,9 @@ def accounting_modules(model: str, algo: str, frozen: int | None) -> list[torch.
 
     from transformers import AutoModelForCausalLM
 
-    from fastppo.memory.critic import TrunkValueModel, ValueHead
-    from fastppo.memory.shared_reference import SharedTrunkReference
+    from fastppo.critic import TrunkValueModel, ValueHead
     from fastppo.memory.trunk import freeze_trunk
+    from fastppo.reference import SharedTrunkReference
 
     with torch.device("meta"):
         policy = AutoModelForCausalLM.from_config(model_config(model), dtype=ACCOUNTING_DTYPE)

@@ -323,16 +323,10 @@ def _instrument_trl(trainer, clock: PhaseClock) -> None:
 
 
 def _instrument_fastppo(trainer, clock: PhaseClock) -> None:
-    import fastppo.trainer.grpo as grpo
-
     for step in ("_rollout", "_score", "_advantages"):
         clock.wrap(trainer, step, "rollout")
     clock.wrap(trainer.sampler, "generate", "generation")
-    if trainer.reference is not None:
-        clock.wrap(trainer.reference, "logprobs", "scoring", inside="rollout")
-        if hasattr(trainer.reference, "logprobs_with_policy"):  # shared trunk: old + reference in one
-            clock.wrap(trainer.reference, "logprobs_with_policy", "scoring", inside="rollout")
-    clock.wrap(grpo, "score_logprobs", "scoring", inside="rollout")  # old log-probs (module-level; restored)
+    clock.wrap(trainer, "_score_minibatch", "scoring", inside="rollout")  # old and reference log-probs
 
 
 def _instrument_fastppo_ppo(trainer, clock: PhaseClock) -> None:

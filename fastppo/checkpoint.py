@@ -6,16 +6,22 @@ A run killed at any moment leaves either the previous checkpoints or the new com
 ``.tmp-checkpoint-*`` folder from a killed run is never taken for a checkpoint and is removed at the
 next save or resume.
 
+``save_checkpoint`` / ``load_checkpoint`` write and restore a whole trainer (any ``Checkpointable``:
+both trainers are); the rest of this module is the files they are made of.
+
 Layout of ``checkpoint-<step>/`` (the weights as ``save_pretrained`` writes them, so a checkpoint is
-also a loadable model folder; the rest is what ``TrainerBase.load_checkpoint`` restores):
+also a loadable model folder; the rest is what ``load_checkpoint`` restores):
 
     config.json, model.safetensors | adapter_model.safetensors, tokenizer files
     trainer_state.json, training_args.json
     optimizer.pt      optimizer.state_dict() (bitsandbytes' 8-bit state included: it lives there)
     scheduler.pt      lr_scheduler.state_dict()
     rng_state.pt      python / numpy / torch CPU / CUDA generators and the trainer's own generators
-    trainer_base.pt   the base trainer's counters (accumulation position, losses and metrics not yet logged)
-    extras.pt         the subclass's ``checkpoint_extras()`` (rollout buffer, value model, ...)
+    trainer_base.pt   the trainer's counters (accumulation position, losses and metrics not yet logged)
+    extras.pt         the rollout being optimised and its position, a synced reference's own weights,
+                      the trainer's own state (PPO: the critic's weights, the last rollout's metrics)
+
+Every process writes its own RNG, counters and extras (``rank_file``: ``extras-1.pt`` for process 1).
 
 Every ``.pt`` file holds only tensors, numbers, strings and containers of them: it loads with
 ``torch.load(weights_only=True)``, so resuming never unpickles code.
@@ -25,19 +31,28 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import nn
+from transformers import TrainerState
 
+from . import sharding
+from .adapters import is_peft_model
+from .distributed import broadcast_object
 from .sharding import OPTIMIZER_DIR, is_sharded, load_full_state_dict, local
+
+logger = logging.getLogger("fastppo")
 
 PREFIX = "checkpoint-"
 TEMP_PREFIX = ".tmp-checkpoint-"
@@ -240,10 +255,6 @@ def _saved_weights(path: str, adapter: bool) -> dict[str, torch.Tensor]:
     return weights
 
 
-def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 def load_pretrained_weights(model: nn.Module, path: str) -> None:
     """Restore the weights ``save_pretrained`` wrote to ``path`` into ``model`` in place.
 
@@ -322,3 +333,133 @@ def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generat
 def _as_tuples(value: Any) -> Any:
     """random.setstate needs tuples; a save/load round trip may hand lists back."""
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# --- a whole trainer --------------------------------------------------------------------------------
+
+
+class Checkpointable(Protocol):
+    """What ``save_checkpoint`` and ``load_checkpoint`` read and restore of a trainer."""
+
+    args: Any  # GRPOConfig / PPOConfig (output_dir, save_only_model, save_total_limit)
+    model: nn.Module  # the policy, saved with save_pretrained
+    state: TrainerState
+    accelerator: Accelerator
+    sharding: Any  # ShardingSettings, or None when every process holds whole models
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+
+    def trained_modules(self) -> list[nn.Module]: ...
+
+    def optimizer_owner(self) -> nn.Module:
+        """The modules the optimizer steps as one module (torch.distributed.checkpoint's names)."""
+        ...
+
+    def save_model(self, output_dir: str) -> None: ...
+
+    def generators(self) -> dict[str, torch.Generator]: ...
+
+    def counters_state(self) -> dict[str, Any]: ...
+
+    def load_counters_state(self, state: dict[str, Any]) -> None: ...
+
+    def extras_state(self) -> dict[str, Any]: ...
+
+    def load_extras_state(self, extras: dict[str, Any]) -> None: ...
+
+
+def save_checkpoint(trainer: Checkpointable) -> str | None:
+    """``<output_dir>/checkpoint-<step>``, written atomically: the policy, tokenizer, trainer state and,
+    unless ``save_only_model``, optimizer, scheduler, RNG states, counters and extras. Older ones
+    beyond ``save_total_limit`` are removed. Every process must call it (sharded weights gather).
+
+    Returns None, writing nothing, when a trained weight holds NaN/inf: a checkpoint must never be
+    a worse resume point than the previous one.
+    """
+    args, accelerator = trainer.args, trainer.accelerator
+    bad = nonfinite_parameters(trainer.trained_modules())  # the same on every process...
+    if trainer.sharding is not None:  # ...unless each holds a shard: all must take the same branch
+        bad = sorted({name for names in gather_object([bad]) for name in names})
+    if bad:
+        logger.error(
+            "checkpoint at step %d NOT written: %d trained parameter(s) hold NaN/inf (first: %s)",
+            trainer.state.global_step,
+            len(bad),
+            bad[0],
+        )
+        return None
+    main, rank = accelerator.is_main_process, accelerator.process_index
+    path = os.path.join(args.output_dir, f"{PREFIX}{trainer.state.global_step}")
+    temp = broadcast_object(temp_directory(path) if main else None, accelerator)
+    try:
+        trainer.save_model(temp)  # written by the main process (sharded weights gathered by all)
+        if main:  # state, optimizer and schedule are the same on every process
+            trainer.state.save_to_json(os.path.join(temp, STATE_FILE))
+            with open(os.path.join(temp, ARGS_FILE), "w", encoding="utf-8") as f:
+                f.write(args.to_json_string())
+            if not args.save_only_model:
+                save_torch(trainer.lr_scheduler.state_dict(), temp, SCHEDULER_FILE)
+                if trainer.sharding is None:
+                    save_torch(trainer.optimizer.state_dict(), temp, OPTIMIZER_FILE)
+        if trainer.sharding is not None and not args.save_only_model:  # every process its shards
+            sharding.save_optimizer(
+                trainer.optimizer_owner(), trainer.optimizer, os.path.join(temp, OPTIMIZER_DIR)
+            )
+        if not args.save_only_model:  # each process's own data, RNG and buffers
+            save_torch(rng_state(trainer.generators()), temp, rank_file(RNG_FILE, rank))
+            save_torch(trainer.counters_state(), temp, rank_file(BASE_FILE, rank))
+            save_torch(trainer.extras_state(), temp, rank_file(EXTRAS_FILE, rank))
+        accelerator.wait_for_everyone()
+        if main:
+            publish(temp, path)
+            rotate_checkpoints(args.output_dir, args.save_total_limit, keep=path)
+    except BaseException:
+        if main:
+            shutil.rmtree(temp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+    return path
+
+
+def load_checkpoint(trainer: Checkpointable, path: str) -> None:
+    """Restore a ``save_checkpoint`` folder into ``trainer`` (its optimizer and scheduler built).
+    Checked before anything changes: the fsdp setting, the process count and (a checkpoint of another
+    model shape) the weights' shapes; then optimizer, scheduler, state, counters, RNGs and extras."""
+    accelerator = trainer.accelerator
+    path = resolve_resume(path, trainer.args.output_dir)
+    saved_sharded = os.path.isdir(os.path.join(path, OPTIMIZER_DIR))
+    if saved_sharded != (trainer.sharding is not None):
+        raise ValueError(
+            f"{path!r} was saved {'with' if saved_sharded else 'without'} fsdp and this run is "
+            f"{'not ' if trainer.sharding is None else ''}sharded: resume with the same fsdp setting"
+        )
+    # the main process's counters say how many processes wrote the checkpoint (every run has one)
+    saved_processes = load_torch(path, BASE_FILE).get("num_processes", 1)
+    if saved_processes != accelerator.num_processes:
+        raise ValueError(
+            f"{path!r} was saved by {saved_processes} process(es) but this run has "
+            f"{accelerator.num_processes}: resume with the same number of processes"
+        )
+    load_pretrained_weights(accelerator.unwrap_model(trainer.model), path)
+    try:
+        if trainer.sharding is None:
+            trainer.optimizer.load_state_dict(load_torch(path, OPTIMIZER_FILE))
+        else:
+            sharding.load_optimizer(
+                trainer.optimizer_owner(), trainer.optimizer, os.path.join(path, OPTIMIZER_DIR)
+            )
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ValueError(
+            f"optimizer state in {path!r} does not fit this run's optimizer (different trainable "
+            f"parameters, optim or LoRA config?): {exc}"
+        ) from exc
+    trainer.lr_scheduler.load_state_dict(load_torch(path, SCHEDULER_FILE))
+    saved = TrainerState.load_from_json(os.path.join(path, STATE_FILE))
+    trainer.state.global_step = saved.global_step
+    trainer.state.epoch = saved.epoch
+    trainer.state.log_history = saved.log_history
+    trainer.state.num_input_tokens_seen = saved.num_input_tokens_seen
+    rank = accelerator.process_index
+    trainer.load_counters_state(load_torch(path, rank_file(BASE_FILE, rank)))
+    restore_rng_state(load_torch(path, rank_file(RNG_FILE, rank)), trainer.generators())
+    trainer.load_extras_state(load_torch(path, rank_file(EXTRAS_FILE, rank)))

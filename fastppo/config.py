@@ -15,11 +15,12 @@ import functools
 import math
 import warnings
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from .memory.optim import SUPPORTED_OPTIMIZERS, resolve_config_optim
+from .kernels.linear_ppo_loss.chunked import DEFAULT_CHUNK_BYTES
+from .optim import SUPPORTED_OPTIMIZERS, resolve_config_optim
 
 T = TypeVar("T")
 
@@ -53,6 +54,13 @@ SUPPORTED_TRAINING_ARGUMENTS = frozenset(
 )
 # Sharding with FSDP2 (fastppo.sharding).
 SHARDING_ARGUMENTS = frozenset({"fsdp", "fsdp_config"})
+# fastppo's own switches (FastppoOptions), the same in both configs.
+FASTPPO_OPTIONS = frozenset(
+    """
+    use_fused_kernels kernel_chunk_bytes num_frozen_layers padding_free max_consecutive_nonfinite_steps
+    skip_invalid_rewards
+    """.split()
+)
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -297,3 +305,86 @@ def check_memory_options(config: Any) -> None:
         attn is None or isinstance(attn, str),
         f"model_init_kwargs['attn_implementation'] must be a string, got {attn!r}",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardPlan:
+    """How every forward over sampled sequences runs (``fastppo.policy_forward``); a config's
+    ``forward_plan()`` builds it once, so the switches do not travel through the call sites."""
+
+    fused: bool = True  # hidden states -> chunked kernels; False: full logits -> log_softmax (plain)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # memory budget of one chunk of logits (fused)
+    padding_free: bool = False  # packed rows of attended tokens instead of padded ones
+    num_frozen_layers: int | None = None  # K: the shared frozen trunk; None: every layer trains
+
+
+@dataclasses.dataclass
+class FastppoOptions:
+    """What GRPOConfig and PPOConfig share beyond ``TrainingArguments``: fastppo's own switches, two
+    defaults both change, the checks every config runs, and the plan the forwards follow.
+
+    A config is ``class XConfig(FastppoOptions, TrainingArguments)`` with its own fields, the set of
+    fields it implements (``SUPPORTED``) and a ``__post_init__`` that calls this one first.
+    """
+
+    SUPPORTED: ClassVar[frozenset[str]] = frozenset()  # the config's own fields its trainer implements
+
+    # TrainingArguments defaults both trainers differ on (TRL's GRPO, legacy TRL's PPO)
+    logging_steps: float = option(10, "Log every X optimizer steps (a float < 1 is a fraction of max_steps).")
+    optim: str | None = option(
+        None, "AdamW implementation; None: 'adamw_8bit' on CUDA when bitsandbytes runs, else 'adamw_torch'."
+    )
+    # fastppo's own switches
+    use_fused_kernels: bool = option(
+        True,
+        "fastppo: hidden states -> chunked fused loss (no [tokens, vocab] logits); "
+        "False runs the plain PyTorch path (for A/B checks).",
+    )
+    kernel_chunk_bytes: int = option(
+        DEFAULT_CHUNK_BYTES, "fastppo: memory budget of one chunk of logits in the fused path."
+    )
+    num_frozen_layers: int | None = option(
+        None,
+        "fastppo: freeze the input embedding (and a tied lm_head) and the first K decoder layers; the "
+        "reference (and PPO's 'own_layers' critic) shares them and owns only the layers above. "
+        "None: train every parameter.",
+    )
+    padding_free: bool = option(
+        False,
+        "fastppo: score and train on packed rows (no padding tokens computed), as TRL's SFTConfig; "
+        "best with flash_attention_2 or fastppo_varlen attention.",
+    )
+    max_consecutive_nonfinite_steps: int = option(
+        3, "fastppo: optimizer steps skipped for a non-finite loss/gradient in a row before training stops."
+    )
+    skip_invalid_rewards: bool = option(
+        False, "fastppo: drop samples whose reward is NaN/inf (logged) instead of raising."
+    )
+
+    def __post_init__(self) -> None:
+        """Unknown-default, report_to and device checks, then ``TrainingArguments``' own, then the
+        values the trainers honour and fastppo's switches."""
+        supported = SUPPORTED_TRAINING_ARGUMENTS | SHARDING_ARGUMENTS | FASTPPO_OPTIONS | self.SUPPORTED
+        check_unsupported(self, supported)
+        check_report_to(self.report_to)
+        resolve_device_defaults(self)
+        super().__post_init__()  # TrainingArguments
+        check_training_arguments(self)
+        check_generation_kwargs(self.generation_kwargs)
+        check_int("kernel_chunk_bytes", self.kernel_chunk_bytes, 1)
+        check_int("max_consecutive_nonfinite_steps", self.max_consecutive_nonfinite_steps, 1)
+        check_memory_options(self)
+
+    @property
+    def data_order_seed(self) -> int:
+        """The seed of the prompt order: ``data_seed`` when set (0 included), else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    def forward_plan(self) -> ForwardPlan:
+        """How every forward over sampled sequences runs (``fastppo.policy_forward``)."""
+        return ForwardPlan(
+            fused=self.use_fused_kernels,
+            chunk_bytes=self.kernel_chunk_bytes,
+            padding_free=self.padding_free,
+            num_frozen_layers=self.num_frozen_layers,
+        )

@@ -18,33 +18,29 @@ value is rejected (see ``fastppo.config``). Deliberate differences from TRL 1.16
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
 from .config import (
-    SHARDING_ARGUMENTS,
-    SUPPORTED_TRAINING_ARGUMENTS,
+    FastppoOptions,
     check_choice,
-    check_generation_kwargs,
     check_int,
-    check_memory_options,
     check_number,
-    check_report_to,
-    check_training_arguments,
-    check_unsupported,
     option,
     require,
-    resolve_device_defaults,
     strict_config,
     unsupported,
 )
-from .kernels.linear_ppo_loss.chunked import DEFAULT_CHUNK_BYTES
 from .kernels.ppo_loss.settings import IMPORTANCE_LEVELS, LOSS_TYPES, PolicyLossSettings
+from .rollout import PromptSettings, SamplingSettings
 
 SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+# The kernels implement every TRL 1.16 loss type; the trainer does not pass their settings through yet.
 TRL_ONLY_LOSSES = ("cispo", "sapo", "luspo", "vespo")
+TRAINER_LOSSES = tuple(t for t in LOSS_TYPES if t not in TRL_ONLY_LOSSES)
 
 # GRPO fields implemented by GRPOTrainer.
 SUPPORTED_GRPO = frozenset(
@@ -56,15 +52,16 @@ SUPPORTED_GRPO = frozenset(
     repetition_penalty cache_implementation beta num_iterations epsilon delta epsilon_high
     importance_sampling_level reward_weights multi_objective_aggregation scale_rewards loss_type
     mask_truncated_completions sync_ref_model ref_model_mixup_alpha ref_model_sync_steps log_completions
-    num_completions_to_print use_fused_kernels kernel_chunk_bytes eval_do_sample
-    max_consecutive_nonfinite_steps skip_invalid_rewards num_frozen_layers padding_free
+    num_completions_to_print eval_do_sample
     """.split()
 )
 
 
 @strict_config
-class GRPOConfig(TrainingArguments):
+class GRPOConfig(FastppoOptions, TrainingArguments):
     """Configuration of ``fastppo.GRPOTrainer`` (TRL 1.16 names and defaults; see the module docstring)."""
+
+    SUPPORTED: ClassVar[frozenset[str]] = SUPPORTED_GRPO
 
     _VALID_DICT_FIELDS = [
         *TrainingArguments._VALID_DICT_FIELDS,
@@ -76,10 +73,6 @@ class GRPOConfig(TrainingArguments):
 
     # TrainingArguments fields whose defaults TRL overrides
     learning_rate: float = option(1e-6, "Initial learning rate of AdamW (TRL's default).")
-    optim: str | None = option(
-        None, "AdamW implementation; None: 'adamw_8bit' on CUDA when bitsandbytes runs, else 'adamw_torch'."
-    )
-    logging_steps: float = option(10, "Log every X optimizer steps (a float < 1 is a fraction of max_steps).")
     gradient_checkpointing: bool | None = option(
         None, "Recompute activations in backward; None: on with CUDA."
     )
@@ -222,50 +215,20 @@ class GRPOConfig(TrainingArguments):
     use_transformers_paged: bool = unsupported(False, "deprecated paged generation")
     vllm_importance_sampling_cap: float | None = option(None, "vLLM only (inert).")
 
-    # fastppo's own switches
-    use_fused_kernels: bool = option(
-        True,
-        "fastppo: hidden states -> chunked fused loss (no [tokens, vocab] logits); "
-        "False runs the plain PyTorch path (for A/B checks).",
-    )
-    kernel_chunk_bytes: int = option(
-        DEFAULT_CHUNK_BYTES, "fastppo: memory budget of one chunk of logits in the fused path."
-    )
+    # fastppo's own switches (the others are FastppoOptions')
     eval_do_sample: bool = option(
         True, "fastppo: evaluate() samples like training; False: one greedy completion per prompt."
-    )
-    num_frozen_layers: int | None = option(
-        None,
-        "fastppo: freeze the input embedding (and a tied lm_head) and the first K decoder layers; the "
-        "reference then shares them and owns only the layers above. None: train every parameter.",
-    )
-    padding_free: bool = option(
-        False,
-        "fastppo: score and train on packed rows (no padding tokens computed), as TRL's SFTConfig; "
-        "best with flash_attention_2 or fastppo_varlen attention.",
-    )
-    max_consecutive_nonfinite_steps: int = option(
-        3, "fastppo: optimizer steps skipped for a non-finite loss/gradient in a row before training stops."
-    )
-    skip_invalid_rewards: bool = option(
-        False, "fastppo: drop samples whose reward is NaN/inf (logged) instead of raising."
     )
 
     def __post_init__(self) -> None:
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
-        check_unsupported(self, SUPPORTED_TRAINING_ARGUMENTS | SHARDING_ARGUMENTS | SUPPORTED_GRPO)
-        check_report_to(self.report_to)
-        resolve_device_defaults(self)
-        super().__post_init__()
-        check_training_arguments(self)
+        super().__post_init__()  # FastppoOptions: TrainingArguments' checks and fastppo's switches
         require(
             self.pad_to_multiple_of in (None, "auto"),
             f"pad_to_multiple_of={self.pad_to_multiple_of!r} is not supported (only None or 'auto')",
         )
-        check_generation_kwargs(self.generation_kwargs)
         self._derive_batch_sizes()
         self._check_grpo()
-        check_memory_options(self)
 
     # --- checks, one place each -------------------------------------------------------------------
 
@@ -318,11 +281,11 @@ class GRPOConfig(TrainingArguments):
             check_number("delta", self.delta, 1.0, float("inf"), low_open=True, high_open=True)
         check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_LEVELS)
         note = (
-            " (TRL's other loss types are not implemented by fastppo's kernels)"
+            " (TRL's other loss types are in fastppo's kernels, not yet in GRPOTrainer)"
             if self.loss_type in TRL_ONLY_LOSSES
             else ""
         )
-        check_choice("loss_type", self.loss_type, LOSS_TYPES, note)
+        check_choice("loss_type", self.loss_type, TRAINER_LOSSES, note)
         check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         check_choice("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
         if self.reward_weights is not None:
@@ -340,12 +303,32 @@ class GRPOConfig(TrainingArguments):
             not (self.sync_ref_model and self.beta == 0.0),
             "sync_ref_model=True needs beta > 0: with beta == 0 no reference model is built",
         )
-        check_int("kernel_chunk_bytes", self.kernel_chunk_bytes, 1)
-        check_int("max_consecutive_nonfinite_steps", self.max_consecutive_nonfinite_steps, 1)
         if self.num_completions_to_print is not None:
             check_int("num_completions_to_print", self.num_completions_to_print, 1)
 
     # --- derived values used by the trainer -------------------------------------------------------
+
+    @property
+    def prompts_per_rollout(self) -> int:
+        """Prompts of one rollout over all processes (each sampled num_generations times)."""
+        return self.generation_batch_size // self.num_generations
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Minibatches backpropagated into one optimizer step."""
+        return self.gradient_accumulation_steps
+
+    def optimizer_steps(self, dataset_rows: int) -> int:
+        """Optimizer steps in the run: max_steps, else num_train_epochs over the dataset's rollouts."""
+        if self.max_steps > 0:
+            return self.max_steps
+        rollouts_per_epoch = dataset_rows // self.prompts_per_rollout
+        micro = self.num_train_epochs * rollouts_per_epoch * self.steps_per_generation * self.num_iterations
+        return max(1, math.ceil(micro / self.gradient_accumulation_steps))
+
+    def epochs_done(self, rollouts: int, dataset_rows: int) -> float:
+        """``state.epoch`` after ``rollouts`` rollouts (incomplete last batches are dropped)."""
+        return rollouts / (dataset_rows // self.prompts_per_rollout)
 
     @property
     def records_old_logprobs(self) -> bool:
@@ -370,4 +353,25 @@ class GRPOConfig(TrainingArguments):
             importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length,
             temperature=self.temperature,
+        )
+
+    def sampling_settings(self, do_sample: bool = True) -> SamplingSettings:
+        """How completions are drawn (``do_sample=False``: greedy evaluation)."""
+        return SamplingSettings(
+            max_new_tokens=self.max_completion_length,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            do_sample=do_sample,
+            cache_implementation=self.cache_implementation,
+            extra=tuple((self.generation_kwargs or {}).items()),
+        )
+
+    def prompt_settings(self) -> PromptSettings:
+        return PromptSettings(
+            max_prompt_length=self.max_prompt_length,
+            chat_template_kwargs=self.chat_template_kwargs,
+            keep_columns=not self.remove_unused_columns,
         )

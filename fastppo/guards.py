@@ -1,6 +1,6 @@
 """Numeric guard for optimizer steps: a non-finite loss or gradient norm never reaches the weights.
 
-Policy (``TrainerBase.end_micro_step`` applies it at the end of every accumulation window):
+Policy (``TrainerBase.optimizer_step`` applies it at the end of every accumulation window):
 - a window whose summed loss or gradient norm is NaN/inf is *skipped*: gradients are zeroed, the
   optimizer does not step and neither does the learning-rate scheduler (the schedule counts real
   updates, as transformers' Trainer does when fp16's GradScaler skips a step); ``global_step`` still

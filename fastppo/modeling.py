@@ -13,9 +13,9 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .memory.checkpointing import enable_gradient_checkpointing
+from .adapters import has_adapters
+from .memory.activation_checkpointing import enable_gradient_checkpointing
 from .memory.packing import VARLEN_ATTENTION, pick_attn_implementation, register_varlen_attention
-from .memory.shared_reference import has_adapters
 from .memory.trunk import freeze_trunk
 from .rewards import check_vocab
 
@@ -134,7 +134,7 @@ def prepare_policy(
     ``num_frozen_layers`` decoder layers), activation checkpointing, dropout off.
 
     Freezing happens here, before any optimizer exists, so frozen parameters never get state.
-    Checkpointing goes through ``memory.checkpointing``: with the default non-reentrant
+    Checkpointing goes through ``memory.activation_checkpointing``: with the default non-reentrant
     implementation a frozen trunk (or LoRA's frozen embedding) is not recorded for backward at all.
     """
     check_vocab(model, tokenizer, "policy")

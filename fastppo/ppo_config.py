@@ -14,27 +14,22 @@ default to ``None`` (fastppo never downloads; legacy TRL's scripts read them, it
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 from transformers import TrainingArguments
 
 from .config import (
-    SHARDING_ARGUMENTS,
-    SUPPORTED_TRAINING_ARGUMENTS,
+    FastppoOptions,
     check_choice,
-    check_generation_kwargs,
     check_int,
-    check_memory_options,
     check_number,
-    check_report_to,
-    check_training_arguments,
-    check_unsupported,
     option,
     require,
-    resolve_device_defaults,
     strict_config,
     unsupported,
 )
-from .kernels.linear_ppo_loss.chunked import DEFAULT_CHUNK_BYTES
+from .kernels.ppo_loss.settings import PolicyLossSettings
+from .rollout import PromptSettings, SamplingSettings
 
 KL_ESTIMATORS = ("k1", "k3")
 CRITICS = ("policy_head", "own_layers")
@@ -45,15 +40,16 @@ SUPPORTED_PPO = frozenset(
     exp_name dataset_num_proc num_mini_batches total_episodes local_rollout_forward_batch_size
     num_sample_generations response_length stop_token stop_token_id temperature missing_eos_penalty
     sft_model_path reward_model_path num_ppo_epochs whiten_rewards kl_coef kl_estimator cliprange vf_coef
-    cliprange_value gamma lam remove_unused_columns generation_kwargs use_fused_kernels kernel_chunk_bytes
-    max_consecutive_nonfinite_steps skip_invalid_rewards num_frozen_layers padding_free critic
+    cliprange_value gamma lam remove_unused_columns generation_kwargs critic
     """.split()
 )
 
 
 @strict_config
-class PPOConfig(TrainingArguments):
+class PPOConfig(FastppoOptions, TrainingArguments):
     """Configuration of ``fastppo.PPOTrainer`` (legacy TRL names and defaults; see the module docstring)."""
+
+    SUPPORTED: ClassVar[frozenset[str]] = SUPPORTED_PPO
 
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "generation_kwargs"]
 
@@ -93,10 +89,6 @@ class PPOConfig(TrainingArguments):
     lam: float = option(0.95, "GAE lambda.")
     # --- TrainingArguments defaults legacy TRL's PPO differs on -------------------------------------
     max_grad_norm: float = option(0.0, "Gradient clipping norm; 0: none (legacy TRL PPO never clipped).")
-    logging_steps: float = option(10, "Log every X optimizer steps (a float < 1 is a fraction of max_steps).")
-    optim: str | None = option(
-        None, "AdamW implementation; None: 'adamw_8bit' on CUDA when bitsandbytes runs, else 'adamw_torch'."
-    )
     # --- fastppo ----------------------------------------------------------------------------------
     critic: str = option(
         "policy_head",
@@ -104,39 +96,15 @@ class PPOConfig(TrainingArguments):
         "(one pass, no extra layers); 'own_layers' = a trainable copy of the layers above the frozen "
         "trunk (num_frozen_layers) with its own head, sharing the trunk's pass.",
     )
-    num_frozen_layers: int | None = option(
-        None,
-        "fastppo: freeze the input embedding (and a tied lm_head) and the first K decoder layers; the "
-        "reference and an 'own_layers' critic share them. None: train every parameter.",
-    )
-    padding_free: bool = option(
-        False, "fastppo: score and train on packed rows (no padding tokens computed), as TRL's SFTConfig."
-    )
     remove_unused_columns: bool = option(
         False, "Keep the dataset's other columns: reward functions receive them as keyword lists."
     )
     generation_kwargs: dict | None = option(
         None, "fastppo: extra generate() arguments (top_p, top_k, ...), applied last."
     )
-    use_fused_kernels: bool = option(
-        True, "fastppo: hidden states -> chunked fused loss (no [tokens, vocab] logits)."
-    )
-    kernel_chunk_bytes: int = option(
-        DEFAULT_CHUNK_BYTES, "fastppo: memory budget of one chunk of logits in the fused path."
-    )
-    max_consecutive_nonfinite_steps: int = option(
-        3, "fastppo: optimizer steps skipped for a non-finite loss/gradient in a row before training stops."
-    )
-    skip_invalid_rewards: bool = option(
-        False, "fastppo: drop samples whose reward is NaN/inf (logged) instead of raising."
-    )
 
     def __post_init__(self) -> None:
-        check_unsupported(self, SUPPORTED_TRAINING_ARGUMENTS | SHARDING_ARGUMENTS | SUPPORTED_PPO)
-        check_report_to(self.report_to)
-        resolve_device_defaults(self)
-        super().__post_init__()
-        check_training_arguments(self)
+        super().__post_init__()  # FastppoOptions: TrainingArguments' checks and fastppo's switches
         self._check_ppo()
 
     def _check_ppo(self) -> None:
@@ -163,8 +131,6 @@ class PPOConfig(TrainingArguments):
         check_number("cliprange_value", self.cliprange_value, 0.0, float("inf"), high_open=True)
         check_number("gamma", self.gamma, 0.0, 1.0)
         check_number("lam", self.lam, 0.0, 1.0)
-        check_int("kernel_chunk_bytes", self.kernel_chunk_bytes, 1)
-        check_int("max_consecutive_nonfinite_steps", self.max_consecutive_nonfinite_steps, 1)
         require(
             not (self.stop_token is not None and self.stop_token_id is not None),
             f"set stop_token ({self.stop_token!r}) or stop_token_id ({self.stop_token_id}), not both",
@@ -175,13 +141,11 @@ class PPOConfig(TrainingArguments):
             f"{self.gradient_accumulation_steps}: a rollout of per_device_train_batch_size x "
             "gradient_accumulation_steps rows splits into mini-batches of whole micro-batches",
         )
-        check_generation_kwargs(self.generation_kwargs)
         check_choice("critic", self.critic, CRITICS)
         require(
             self.critic != "own_layers" or self.num_frozen_layers is not None,
             "critic='own_layers' copies the layers above the frozen trunk: set num_frozen_layers",
         )
-        check_memory_options(self)
 
     # --- derived batch sizes (legacy TRL 0.19's names and arithmetic) -----------------------------
 
@@ -219,3 +183,33 @@ class PPOConfig(TrainingArguments):
         if self.max_steps > 0:
             return self.max_steps
         return self.num_updates(dataset_rows) * self.num_ppo_epochs * self.num_mini_batches
+
+    def epochs_done(self, rollouts: int, dataset_rows: int) -> float:
+        """``state.epoch`` after ``rollouts`` rollouts of ``batch_size`` prompts."""
+        return rollouts * self.batch_size / dataset_rows
+
+    def samples_every(self, dataset_rows: int) -> int:
+        """Rollouts between two printed sample tables (num_sample_generations over the run); 0: none."""
+        if not self.num_sample_generations:
+            return 0
+        return max(1, self.num_updates(dataset_rows) // self.num_sample_generations)
+
+    def loss_settings(self) -> PolicyLossSettings:
+        """The kernel's policy loss: legacy TRL's clipped surrogate, a masked mean over the
+        micro-batch's tokens (bnpo), no KL term (the KL is in the rewards)."""
+        return PolicyLossSettings(
+            clip_low=self.cliprange, beta=0.0, loss_type="bnpo", temperature=self.temperature
+        )
+
+    def sampling_settings(self, do_sample: bool = True) -> SamplingSettings:
+        """How completions are drawn (``do_sample=False``: greedy evaluation and samples)."""
+        return SamplingSettings(
+            max_new_tokens=self.response_length,
+            temperature=self.temperature,
+            top_k=0,
+            do_sample=do_sample,
+            extra=tuple((self.generation_kwargs or {}).items()),
+        )
+
+    def prompt_settings(self) -> PromptSettings:
+        return PromptSettings(keep_columns=not self.remove_unused_columns)

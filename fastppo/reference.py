@@ -1,11 +1,16 @@
-"""The reference policy: used only for the KL term (beta > 0), so none is built when beta == 0.
+"""The reference policy: frozen, used only for the KL term, so none is built when its coefficient is 0
+(GRPO's ``beta``, PPO's ``kl_coef``; TRL PR #2806).
 
-A small interface (``ReferencePolicy``) so implementations can differ in what they hold:
-``FrozenCopyReference`` (a frozen deep copy: the default), ``AdapterDisabledReference`` (a PEFT
-policy with its adapters switched off: zero extra weights), ``SharedTrunkPolicyReference`` (with
-``num_frozen_layers=K``: the policy's frozen embedding and first K layers are shared, the reference
-owns a frozen copy of only the layers above; one trunk pass scores the policy and the reference).
-``build_reference`` is the one place that picks.
+One protocol (``ReferencePolicy``), three ways of holding it, picked in one place (``build_reference``):
+- ``FrozenCopyReference``: a frozen deep copy of the policy (the default), or the ``ref_model`` a user
+  passed, frozen in place;
+- ``AdapterDisabledReference``: a PEFT policy with its adapters switched off: zero extra weights;
+- ``SharedTrunkReference`` (``num_frozen_layers=K``): the policy's frozen embedding and first K layers
+  are shared and the reference owns a frozen copy of only the layers above, the final norm and (when
+  not tied to the embedding) lm_head, so its extra memory is ``(L - K) * layer + norm (+ lm_head)``
+  instead of a whole model (TRL #1245 asked for this), and one trunk pass serves the policy's and
+  the reference's log-probs (and a trunk critic's values).
+Each scores with the trainer's ``PolicyForward``, so fused / plain and padded / packed hold for it too.
 """
 
 from __future__ import annotations
@@ -16,93 +21,118 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .memory.shared_reference import SharedTrunkReference, adapters_disabled, has_adapters
-from .scoring import (
-    PolicyBatch,
-    TrunkPass,
-    completion_hidden_states,
-    eval_mode,
-    head_logprobs,
-    lm_parts,
-    logit_transform,
-    score_logprobs,
-    trunk_pass,
+from .adapters import adapters_disabled, has_adapters
+from .batch import PolicyBatch
+from .config import ForwardPlan
+from .memory.trunk import (
+    Trunk,
+    check_trunk_frozen,
+    decoder_of,
+    head_is_tied,
+    lm_head_of,
+    own_top_copy,
+    run_top,
 )
+from .policy_forward import PolicyForward, TrunkPass, eval_mode, logit_transform
+from .sharding import load_local_state_dict, local_state_dict
 
 
 class ReferencePolicy(Protocol):
-    def logprobs(self, batch: PolicyBatch, temperature: float) -> torch.Tensor:
-        """``[b, Lc]`` fp32 log-probs of the completion tokens under the reference (no grad)."""
+    """What the trainers ask of a reference policy."""
+
+    synced: bool  # sync_ref_model: its own weights move during training (and travel in checkpoints)
+
+    def logprobs(
+        self, batch: PolicyBatch, temperature: float, trunk: TrunkPass | None = None
+    ) -> torch.Tensor:
+        """``[b, Lc]`` fp32 log-probs of the completion tokens under the reference (no grad).
+        ``trunk``: the policy's trunk pass over this batch, which a reference sharing the trunk reads
+        instead of running its own (the others hold no trunk of the policy's and ignore it)."""
+        ...
+
+    def own_weights(self) -> nn.Module | None:
+        """The weights it holds apart from the policy (sharded with fsdp; checkpointed when synced),
+        or None when it holds none."""
         ...
 
     def sync(self, policy: nn.Module, alpha: float) -> None:
         """TR-DPO mix (Gorbatovski et al. 2024): ``ref = alpha * policy + (1 - alpha) * ref``."""
         ...
 
+    def checkpoint_state(self) -> dict[str, torch.Tensor] | None: ...
 
-class _Scorer:
-    """How every reference runs its forwards: fused kernels or not, chunk budget, packed or padded."""
-
-    def __init__(self, *, fused: bool, chunk_bytes: int, padding_free: bool):
-        self.fused = fused
-        self.chunk_bytes = chunk_bytes
-        self.padding_free = padding_free
-
-    def score(self, model: nn.Module, batch: PolicyBatch, temperature: float) -> torch.Tensor:
-        return score_logprobs(
-            model,
-            batch,
-            temperature,
-            fused=self.fused,
-            chunk_bytes=self.chunk_bytes,
-            padding_free=self.padding_free,
-        )
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor] | None) -> None: ...
 
 
-class FrozenCopyReference(_Scorer):
+class _SyncedWeightsState:
+    """A reference's checkpoint state: this process's part of its own weights when syncing changes
+    them, None otherwise (a frozen reference is rebuilt as it was)."""
+
+    synced: bool
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor] | None:
+        return local_state_dict(self.own_weights()) if self.synced else None
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        if state is not None:
+            load_local_state_dict(self.own_weights(), state)
+
+
+@torch.no_grad()
+def _mix_into(own: nn.Module, source: nn.Module, alpha: float) -> None:
+    """``own = alpha * source + (1 - alpha) * own``, parameter by parameter."""
+    for ref_param, param in zip(own.parameters(), source.parameters(), strict=True):
+        ref_param.lerp_(param.detach().to(ref_param.dtype), alpha)
+
+
+class FrozenCopyReference(_SyncedWeightsState):
     """A frozen model (no grad, eval mode): a deep copy of the policy taken before training, or a
     reference model the user passed (legacy PPO's ``ref_model``), frozen in place, never copied."""
 
     def __init__(
         self,
         policy: nn.Module,
+        policy_forward: PolicyForward,
         *,
-        fused: bool,
-        chunk_bytes: int,
-        padding_free: bool = False,
         copy_policy: bool = True,
+        synced: bool = False,
     ):
-        super().__init__(fused=fused, chunk_bytes=chunk_bytes, padding_free=padding_free)
         self.model = (copy.deepcopy(policy) if copy_policy else policy).eval()
         self.model.requires_grad_(False)
+        self.policy_forward, self.synced = policy_forward, synced
 
-    def logprobs(self, batch: PolicyBatch, temperature: float) -> torch.Tensor:
-        return self.score(self.model, batch, temperature)
+    def logprobs(
+        self, batch: PolicyBatch, temperature: float, trunk: TrunkPass | None = None
+    ) -> torch.Tensor:
+        return self.policy_forward.score(self.model, batch, temperature)
 
     def own_weights(self) -> nn.Module:
-        """The weights this reference owns (checkpointed when sync_ref_model changes them)."""
         return self.model
 
-    @torch.no_grad()
     def sync(self, policy: nn.Module, alpha: float) -> None:
-        for ref_param, param in zip(self.model.parameters(), policy.parameters(), strict=True):
-            ref_param.lerp_(param.detach().to(ref_param.dtype), alpha)
+        _mix_into(self.model, policy, alpha)
 
 
-class AdapterDisabledReference(_Scorer):
+class AdapterDisabledReference(_SyncedWeightsState):
     """A PEFT policy scored with its adapters disabled: the base model, no extra weights.
 
     Syncing it is meaningless (the base weights are frozen), so ``build_reference`` refuses
     ``sync_ref_model`` for PEFT policies instead of silently doing nothing (TRL's is broken there).
     """
 
-    def __init__(self, peft_model: nn.Module, *, fused: bool, chunk_bytes: int, padding_free: bool = False):
-        super().__init__(fused=fused, chunk_bytes=chunk_bytes, padding_free=padding_free)
-        self.model = peft_model
+    synced = False
 
-    def logprobs(self, batch: PolicyBatch, temperature: float) -> torch.Tensor:
+    def __init__(self, peft_model: nn.Module, policy_forward: PolicyForward):
+        self.model, self.policy_forward = peft_model, policy_forward
+
+    def logprobs(
+        self, batch: PolicyBatch, temperature: float, trunk: TrunkPass | None = None
+    ) -> torch.Tensor:
         with adapters_disabled(self.model):
-            return self.score(self.model, batch, temperature)
+            return self.policy_forward.score(self.model, batch, temperature)
+
+    def own_weights(self) -> None:
+        return None
 
     def sync(self, policy: nn.Module, alpha: float) -> None:
         raise ValueError(
@@ -110,112 +140,121 @@ class AdapterDisabledReference(_Scorer):
         )
 
 
-class SharedTrunkPolicyReference(_Scorer):
-    """``memory.SharedTrunkReference`` behind the ``ReferencePolicy`` interface.
+class SharedTrunkReference(_SyncedWeightsState, nn.Module):
+    """Frozen layers ``[K, L)`` + norm (+ lm_head if untied) on top of the policy's frozen trunk.
 
-    Extra weights: layers ``[K, L)``, the final norm and (untied) lm_head, not a whole model.
-    ``logprobs_with_policy`` runs the trunk once and both tops on it (old and reference log-probs
-    of a minibatch for the price of one trunk); ``sync`` mixes only the layers the reference owns.
+    Its ``parameters()`` are only what it owns, so optimizers, ``state_dict`` and the memory
+    accounting never see the shared trunk twice. ``policy_forward``: how it scores (default: fused,
+    padded); its plan's ``num_frozen_layers`` must be K.
+
+    Example:
+        >>> freeze_trunk(policy, 20)
+        >>> ref = SharedTrunkReference(policy, 20)
+        >>> trunk = run_trunk(policy, ids, num_layers=20, attention_mask=mask)
+        >>> h_ref = ref.top(trunk)  # [B, L, H]; log-probs: linear_token_logprobs(h_ref, ref.head.weight, ...)
     """
 
     def __init__(
         self,
         policy: nn.Module,
         num_frozen_layers: int,
+        policy_forward: PolicyForward | None = None,
         *,
-        fused: bool,
-        chunk_bytes: int,
-        padding_free: bool = False,
+        synced: bool = False,
     ):
-        super().__init__(fused=fused, chunk_bytes=chunk_bytes, padding_free=padding_free)
+        super().__init__()
         if (transform := logit_transform(policy)) is not None:
             raise ValueError(
                 f"num_frozen_layers: the shared-trunk reference applies the bare lm_head, but the model "
                 f"rescales its logits ({transform}); leave num_frozen_layers=None for this model"
             )
-        self.policy = policy
-        self.module = SharedTrunkReference(policy, num_frozen_layers)
+        policy_forward = policy_forward or PolicyForward(ForwardPlan(num_frozen_layers=num_frozen_layers))
+        if policy_forward.plan.num_frozen_layers != num_frozen_layers:
+            raise ValueError(
+                f"the reference shares {num_frozen_layers} layers but its forward plan's trunk has "
+                f"{policy_forward.plan.num_frozen_layers}"
+            )
+        check_trunk_frozen(policy, num_frozen_layers, "the shared-trunk reference")
+        self.num_shared_layers = num_frozen_layers
+        self.layers, self.norm = own_top_copy(policy, num_frozen_layers)
+        # Tied head: the frozen shared embedding *is* the initial lm_head; nothing to copy.
+        self.tied_head = head_is_tied(policy)
+        self.lm_head = None if self.tied_head else copy.deepcopy(lm_head_of(policy))
+        self.requires_grad_(False)
+        self.eval()
+        # Held without registering it as a submodule: the policy's parameters are not ours.
+        object.__setattr__(self, "policy", policy)
+        self.policy_forward, self.synced = policy_forward, synced
 
     @property
-    def num_shared_layers(self) -> int:
-        return self.module.num_shared_layers
+    def head(self) -> nn.Linear:
+        """The reference's lm_head: its own frozen copy, or the policy's (frozen) tied one."""
+        return lm_head_of(self.policy) if self.tied_head else self.lm_head
 
-    def _head_logprobs(
-        self, head: nn.Linear, hidden: torch.Tensor, batch: PolicyBatch, temperature: float
+    def train(self, mode: bool = True) -> SharedTrunkReference:
+        return super().train(False)  # always eval: the reference never uses dropout
+
+    @torch.no_grad()
+    def top(self, trunk: Trunk) -> torch.Tensor:
+        """``[B, L, H]`` the reference's final hidden states from the policy's trunk pass."""
+        if trunk.num_layers != self.num_shared_layers:
+            raise ValueError(
+                f"the reference shares {self.num_shared_layers} layers but the trunk ran {trunk.num_layers}; "
+                f"call run_trunk(..., num_layers={self.num_shared_layers})"
+            )
+        return run_top(trunk, self.layers, self.norm)
+
+    @torch.no_grad()
+    def logprobs(
+        self, batch: PolicyBatch, temperature: float, trunk: TrunkPass | None = None
     ) -> torch.Tensor:
-        return head_logprobs(head, hidden, batch, temperature, fused=self.fused, chunk_bytes=self.chunk_bytes)
-
-    @torch.no_grad()
-    def logprobs(self, batch: PolicyBatch, temperature: float) -> torch.Tensor:
-        with eval_mode(self.policy):  # the trunk is the policy's: no dropout in it either
-            shared = trunk_pass(self.policy, batch, self.num_shared_layers, self.padding_free)
-        return self.logprobs_from_trunk(shared, batch, temperature)
-
-    @torch.no_grad()
-    def logprobs_from_trunk(self, shared: TrunkPass, batch: PolicyBatch, temperature: float) -> torch.Tensor:
-        """``[b, Lc]`` reference log-probs from a trunk pass already run for the policy (or a critic)."""
-        hidden = shared.inputs.completion_positions(self.module.top(shared.trunk))
-        return self._head_logprobs(self.module.head, hidden, batch, temperature)
-
-    @torch.no_grad()
-    def logprobs_with_policy(
-        self,
-        policy: nn.Module,
-        batch: PolicyBatch,
-        temperature: float,
-        shared: TrunkPass | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([b, Lc], [b, Lc])`` fp32 log-probs under ``policy`` (the old log-probs) and under the
-        reference, no grad, from one trunk pass (``shared``: one already run, e.g. for a critic too)."""
-        if policy is not self.policy:
-            raise ValueError("the shared-trunk reference scores only the policy it shares its trunk with")
-        with eval_mode(policy):
-            if shared is None:
-                shared = trunk_pass(policy, batch, self.num_shared_layers, self.padding_free)
-            policy_hidden = completion_hidden_states(policy, batch, shared=shared)
-        _, head = lm_parts(policy)
-        return (
-            self._head_logprobs(head, policy_hidden, batch, temperature),
-            self.logprobs_from_trunk(shared, batch, temperature),
-        )
-
-    def sync(self, policy: nn.Module, alpha: float) -> None:
-        self.module.sync(policy, alpha)
+        if trunk is None:
+            with eval_mode(self.policy):  # the trunk is the policy's: no dropout in it either
+                trunk = self.policy_forward.trunk_pass(self.policy, batch)
+        hidden = trunk.inputs.completion_positions(self.top(trunk.trunk))
+        return self.policy_forward.head_logprobs(self.head, hidden, batch, temperature)
 
     def own_weights(self) -> nn.Module:
-        """The weights this reference owns (checkpointed when sync_ref_model changes them)."""
-        return self.module
+        return self
+
+    @torch.no_grad()
+    def sync(self, policy: nn.Module, alpha: float) -> None:
+        """TR-DPO mix (TRL's ``SyncRefModelCallback``) of the layers the reference owns. The shared
+        trunk is the policy's own frozen modules, so it is already in sync."""
+        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise ValueError(f"ref_model_mixup_alpha must be in [0, 1], got {alpha!r}")
+        decoder = decoder_of(policy)
+        _mix_into(self.layers, nn.ModuleList(decoder.layers[self.num_shared_layers :]), alpha)
+        _mix_into(self.norm, decoder.norm, alpha)
+        if self.lm_head is not None:
+            _mix_into(self.lm_head, lm_head_of(policy), alpha)
 
 
 def build_reference(
     policy: nn.Module,
+    policy_forward: PolicyForward,
     *,
-    beta: float,
-    sync: bool,
-    fused: bool,
-    chunk_bytes: int,
-    padding_free: bool = False,
-    num_frozen_layers: int | None = None,
+    kl_coef: float,
+    sync: bool = False,
     ref_model: nn.Module | None = None,
 ) -> ReferencePolicy | None:
-    """The reference for ``policy``, or None when ``beta == 0`` (no KL term: nothing is built).
+    """The reference for ``policy``, or None when ``kl_coef == 0`` (no KL term: nothing is built).
 
-    ``ref_model`` given: that model, frozen in place. PEFT policy: adapters disabled.
+    ``ref_model`` given: that model, frozen in place. PEFT policy: adapters disabled. The plan's
     ``num_frozen_layers`` set (the trunk already frozen by ``modeling.prepare_policy``): shares that
-    trunk. Otherwise: a frozen deep copy.
+    trunk. Otherwise: a frozen deep copy. ``sync``: sync_ref_model will mix the policy into it.
     """
-    if beta == 0.0:
+    if kl_coef == 0.0:
         return None
-    scoring = dict(fused=fused, chunk_bytes=chunk_bytes, padding_free=padding_free)
     if ref_model is not None:
-        return FrozenCopyReference(ref_model, copy_policy=False, **scoring)
+        return FrozenCopyReference(ref_model, policy_forward, copy_policy=False, synced=sync)
     if has_adapters(policy):
         if sync:
             raise ValueError(
                 "sync_ref_model=True with a PEFT policy: the reference is the base model with adapters "
                 "disabled, which syncing cannot change; set sync_ref_model=False"
             )
-        return AdapterDisabledReference(policy, **scoring)
-    if num_frozen_layers is not None:
-        return SharedTrunkPolicyReference(policy, num_frozen_layers, **scoring)
-    return FrozenCopyReference(policy, **scoring)
+        return AdapterDisabledReference(policy, policy_forward)
+    if (frozen := policy_forward.plan.num_frozen_layers) is not None:
+        return SharedTrunkReference(policy, frozen, policy_forward, synced=sync)
+    return FrozenCopyReference(policy, policy_forward, synced=sync)

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .memory.trunk import unwrap_peft
+from .adapters import unwrap_peft
 from .sharding import gathered, is_sharded
 
 # Columns that hold the prompt itself (or what the rollout produces), not extra reward-function inputs.
@@ -35,6 +35,15 @@ class SamplingSettings:
     do_sample: bool = True  # False: greedy (evaluation)
     cache_implementation: str | None = None  # e.g. "static" (with torch.compile on GPU); None: dynamic cache
     extra: tuple[tuple[str, Any], ...] = ()  # user generation_kwargs, applied last (they override the above)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSettings:
+    """How dataset rows become the prompts a rollout samples from."""
+
+    max_prompt_length: int | None = None  # longer prompts keep their last tokens; None: keep all
+    chat_template_kwargs: dict[str, Any] | None = None  # extra apply_chat_template arguments
+    keep_columns: bool = True  # the dataset's other columns reach the reward functions
 
 
 class Sampler(Protocol):
@@ -251,14 +260,11 @@ def sample_rollout(
     settings: SamplingSettings,
     eos_token_ids: Sequence[int],
     device: torch.device,
-    *,
-    max_prompt_length: int | None = None,
-    chat_template_kwargs: dict[str, Any] | None = None,
-    keep_columns: bool = True,
+    prompt_settings: PromptSettings = PromptSettings(),
 ) -> Rollout:
     """Sample ``n`` completions for each dataset row (which holds a "prompt" or "input_ids")."""
     prompts, prompt_ids, prompt_mask, truncated = encode_rows(
-        tokenizer, rows, max_prompt_length, chat_template_kwargs
+        tokenizer, rows, prompt_settings.max_prompt_length, prompt_settings.chat_template_kwargs
     )
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     completion_ids = sampler.generate(prompt_ids, prompt_mask, n, settings)
@@ -269,7 +275,7 @@ def sample_rollout(
     repeated_prompts = [p for p in prompts for _ in range(n)]
     chat = is_conversational(prompts[0])
     columns = {}
-    if keep_columns:
+    if prompt_settings.keep_columns:
         keys = [k for k in rows[0] if k not in PROMPT_COLUMNS]
         columns = {k: [row[k] for row in repeated] for k in keys}
     return Rollout(
@@ -284,15 +290,3 @@ def sample_rollout(
         columns=columns,
         num_truncated_prompts=truncated,
     )
-
-
-def prompt_batches(
-    dataset: Any, size: int, seed: int, shuffle: bool = True
-) -> Iterator[list[dict[str, Any]]]:
-    """Endless batches of ``size`` dataset rows: reshuffled each epoch, an incomplete last batch dropped."""
-    count = len(dataset)
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
-        for start in range(0, count - size + 1, size):
-            yield [dataset[int(i)] for i in order[start : start + size]]

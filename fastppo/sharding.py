@@ -49,7 +49,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from .memory.trunk import find_decoder, unwrap_peft
+from .adapters import unwrap_peft
+from .memory.trunk import find_decoder
 
 OPTIMIZER_DIR = "optimizer_sharded"  # a torch.distributed.checkpoint folder inside a checkpoint
 

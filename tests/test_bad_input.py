@@ -9,83 +9,63 @@ import os
 import datasets
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from fastppo import GRPOConfig, GRPOTrainer
-from fastppo.demo import build_policy, build_tokenizer
+from fastppo.demo import build_tokenizer
 from fastppo.modeling import load_tokenizer
 from fastppo.rewards import INVALID_METRIC, RewardFunctionError, RewardSet, check_vocab, score_rewards
 
 PROMPTS = ["say : cat", "say : dog", "say : bird", "say : sun"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(saved_tiny_model):
-    return saved_tiny_model()
-
-
-def config(tmp_path, **overrides) -> GRPOConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=3,
-        max_steps=1,
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-    )
-    values.update(overrides)
-    return GRPOConfig(**values)
+# The run every trainer here makes (grpo_trainer adds a quiet short run around it).
+SHAPE = dict(per_device_train_batch_size=4, num_generations=2, max_completion_length=3, max_steps=1)
 
 
 def ones(completions, **kwargs):
     return [1.0] * len(completions)
 
 
-def trainer(tmp_path, model=None, dataset=None, reward=ones, **overrides):
-    tokenizer = build_tokenizer()
-    return GRPOTrainer(
-        model=model if model is not None else build_policy(tokenizer, hidden_size=32),
-        processing_class=None if isinstance(model, str) else tokenizer,
-        reward_funcs=reward,
-        args=config(tmp_path, **overrides),
-        train_dataset=dataset if dataset is not None else datasets.Dataset.from_dict({"prompt": PROMPTS}),
+@pytest.fixture
+def trainer(grpo_trainer):
+    """``trainer(reward=ones, dataset=None, **fields)``: a GRPO trainer of this file's run on PROMPTS
+    (or ``dataset``), on a fresh tiny Llama unless ``model=`` says otherwise."""
+    return lambda reward=ones, dataset=None, **fields: grpo_trainer(
+        SHAPE, prompts=PROMPTS, reward=reward, train_dataset=dataset, **fields
     )
 
 
 # --- model and tokenizer ------------------------------------------------------------------------------
 
 
-def test_missing_model_path(tmp_path):
+def test_missing_model_path(tmp_path, trainer):
     with pytest.raises(ValueError, match="model path .*missing.* does not exist"):
-        trainer(tmp_path, model=str(tmp_path / "missing"))
+        trainer(model=str(tmp_path / "missing"))
 
 
-def test_model_folder_without_config(tmp_path):
+def test_model_folder_without_config(tmp_path, trainer):
     (tmp_path / "empty-model").mkdir()
     with pytest.raises(ValueError, match="has no config.json"):
-        trainer(tmp_path, model=str(tmp_path / "empty-model"))
+        trainer(model=str(tmp_path / "empty-model"))
 
 
-def test_unreadable_model_config(tmp_path, model_dir):
+def test_unreadable_model_config(tmp_path, model_dir, trainer):
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in os.listdir(model_dir):
         (broken / name).write_bytes((tmp_path / model_dir / name).read_bytes())
     (broken / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json"):
-        trainer(tmp_path, model=str(broken))
+        trainer(model=str(broken))
 
 
-def test_corrupt_model_weights(tmp_path, model_dir):
+def test_corrupt_model_weights(tmp_path, model_dir, trainer):
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in os.listdir(model_dir):
         (broken / name).write_bytes((tmp_path / model_dir / name).read_bytes())
     (broken / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="could not be loaded: .*header"):
-        trainer(tmp_path, model=str(broken))
+        trainer(model=str(broken))
 
 
 def test_tokenizer_without_pad_token_uses_eos(model_dir):
@@ -102,51 +82,40 @@ def test_tokenizer_without_pad_or_eos():
         load_tokenizer(None, tokenizer, False)
 
 
-def small_vocab_model(vocab: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return LlamaForCausalLM(config)
+# A policy or reward model whose embedding table is smaller than the demo tokenizer's 16 tokens.
+SMALL_VOCAB = dict(pad_token_id=0, eos_token_id=1)
 
 
-def test_policy_vocab_smaller_than_tokenizer(tmp_path):
+def test_policy_vocab_smaller_than_tokenizer(trainer, tiny_model):
     with pytest.raises(ValueError, match="embedding table has 8 rows"):
-        trainer(tmp_path, model=small_vocab_model(8))
+        trainer(model=tiny_model(vocab_size=8, **SMALL_VOCAB))
 
 
-def test_reward_model_vocab_smaller_than_tokenizer():
-    from transformers import LlamaForSequenceClassification
-
-    config = small_vocab_model(8).config
-    config.num_labels = 1
+def test_reward_model_vocab_smaller_than_tokenizer(tiny_model):
+    reward_model = tiny_model(head="sequence_classification", vocab_size=8, **SMALL_VOCAB)
     with pytest.raises(ValueError, match="16 tokens but the model's embedding table has 8 rows"):
-        check_vocab(LlamaForSequenceClassification(config), build_tokenizer(), "reward model 'rm'")
-    check_vocab(small_vocab_model(64), build_tokenizer(), "policy")  # a larger table is normal
+        check_vocab(reward_model, build_tokenizer(), "reward model 'rm'")
+    check_vocab(
+        tiny_model(vocab_size=64, **SMALL_VOCAB), build_tokenizer(), "policy"
+    )  # a larger table is normal
 
 
 # --- datasets -----------------------------------------------------------------------------------------
 
 
-def test_dataset_without_prompt_column(tmp_path):
+def test_dataset_without_prompt_column(trainer):
     with pytest.raises(ValueError, match=r"needs a 'prompt' column .*\['question'\]"):
-        trainer(tmp_path, dataset=datasets.Dataset.from_dict({"question": PROMPTS}))
+        trainer(dataset=datasets.Dataset.from_dict({"question": PROMPTS}))
 
 
-def test_empty_dataset(tmp_path):
+def test_empty_dataset(trainer):
     with pytest.raises(ValueError, match="train_dataset is empty"):
-        trainer(tmp_path, dataset=datasets.Dataset.from_dict({"prompt": []}))
+        trainer(dataset=datasets.Dataset.from_dict({"prompt": []}))
 
 
-def test_dataset_smaller_than_one_rollout(tmp_path):
+def test_dataset_smaller_than_one_rollout(trainer):
     with pytest.raises(ValueError, match="has 1 prompts but one rollout needs .* = 2"):
-        trainer(tmp_path, dataset=datasets.Dataset.from_dict({"prompt": PROMPTS[:1]}))
+        trainer(dataset=datasets.Dataset.from_dict({"prompt": PROMPTS[:1]}))
 
 
 @pytest.mark.parametrize(
@@ -154,14 +123,14 @@ def test_dataset_smaller_than_one_rollout(tmp_path):
     [([1, 2], "prompt 0 is int"), (["", ""], r"prompt 0 \(''\) encodes to no tokens")],
     ids=["not-text", "empty"],
 )
-def test_unusable_prompt_values(tmp_path, prompts, message):
-    run = trainer(tmp_path, dataset=datasets.Dataset.from_dict({"prompt": prompts}))
+def test_unusable_prompt_values(prompts, message, trainer):
+    run = trainer(dataset=datasets.Dataset.from_dict({"prompt": prompts}))
     with pytest.raises(ValueError, match=message):
         run.train()
 
 
-def test_prompts_longer_than_max_prompt_length_are_cut_and_counted(tmp_path):
-    run = trainer(tmp_path, max_prompt_length=2)
+def test_prompts_longer_than_max_prompt_length_are_cut_and_counted(trainer):
+    run = trainer(max_prompt_length=2)
     run.train()
     assert run.state.log_history[0]["prompts/truncated"] == 2.0  # "say : cat" and "say : dog" (3 tokens)
 
@@ -183,9 +152,9 @@ def test_prompts_longer_than_max_prompt_length_are_cut_and_counted(tmp_path):
         ("max_completion_lenght", 8, "did you mean 'max_completion_length'"),
     ],
 )
-def test_invalid_config_numbers(tmp_path, field, value, message):
+def test_invalid_config_numbers(field, value, message, grpo_config):
     with pytest.raises(ValueError, match=message):
-        config(tmp_path, **{field: value})
+        grpo_config(SHAPE, **{field: value})
 
 
 # --- reward functions ---------------------------------------------------------------------------------
@@ -271,18 +240,17 @@ def nan_for_second(completions, **kwargs):
     return [float("nan") if i == 1 else 1.0 for i in range(len(completions))]
 
 
-def test_bad_reward_in_training_names_the_function(tmp_path):
+def test_bad_reward_in_training_names_the_function(trainer):
     with pytest.raises(RewardFunctionError, match="'nan_for_second' returned nan for sample 1"):
-        trainer(tmp_path, reward=nan_for_second).train()
+        trainer(reward=nan_for_second).train()
 
 
 def nan_for_1_and_5(completions, **kwargs):
     return [float("nan") if i in (1, 5) else float(i) for i in range(len(completions))]
 
 
-def test_skip_invalid_rewards_in_training_drops_the_samples_from_the_loss(tmp_path):
+def test_skip_invalid_rewards_in_training_drops_the_samples_from_the_loss(trainer):
     run = trainer(
-        tmp_path,
         reward=nan_for_1_and_5,
         skip_invalid_rewards=True,
         per_device_train_batch_size=8,

@@ -65,6 +65,7 @@ def _new_results(out: Path, planted: Path) -> list[dict]:
     return [r for r in report.load_results(out) if Path(r["path"]) != planted]
 
 
+@pytest.mark.slow  # the whole benchmark suite at CPU sizes (shared module fixture)
 def test_suite_runs_every_suite_and_exits_zero(suite_run):
     out, planted, _, done = suite_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -74,6 +75,7 @@ def test_suite_runs_every_suite_and_exits_zero(suite_run):
     assert len({r["benchmark"] for r in kernel_results}) >= len(suite.KERNEL_SCRIPTS), families
 
 
+@pytest.mark.slow  # the whole benchmark suite at CPU sizes (shared module fixture)
 def test_every_cpu_result_records_device_versions_and_commit(suite_run):
     out, planted, _, _ = suite_run
     results = _new_results(out, planted)
@@ -88,6 +90,7 @@ def test_every_cpu_result_records_device_versions_and_commit(suite_run):
         assert result["rows"], result["path"]
 
 
+@pytest.mark.slow  # the whole benchmark suite at CPU sizes (shared module fixture)
 def test_cpu_results_never_mix_with_gpu_results(suite_run):
     out, planted, before, _ = suite_run
     assert planted.read_text() == before  # the GPU result is untouched
@@ -101,6 +104,7 @@ def test_cpu_results_never_mix_with_gpu_results(suite_run):
     assert "NVIDIA H100 80GB HBM3" in block and "(shrunk)" not in block  # every CPU row's model is "(shrunk)"
 
 
+@pytest.mark.slow  # the whole benchmark suite at CPU sizes (shared module fixture)
 def test_step_rows_compare_the_same_work(suite_run):
     out, planted, _, _ = suite_run
     (step,) = [r for r in _new_results(out, planted) if report.family(r) == "step"]
@@ -120,6 +124,7 @@ def test_step_rows_compare_the_same_work(suite_run):
     )
 
 
+@pytest.mark.slow  # the whole benchmark suite at CPU sizes (shared module fixture)
 def test_profile_writes_a_trace_and_a_top_kernel_summary(suite_run):
     out, _, _, _ = suite_run
     traces = list(out.glob("*.trace.json.gz"))
@@ -130,6 +135,7 @@ def test_profile_writes_a_trace_and_a_top_kernel_summary(suite_run):
     assert "phase/generation" in summary and "phase/rollout" in summary
 
 
+@pytest.mark.slow  # the whole benchmark suite at CPU sizes (shared module fixture)
 def test_memory_on_cpu_is_accounting_not_measurement(suite_run):
     out, planted, _, _ = suite_run
     (memory,) = [r for r in _new_results(out, planted) if report.family(r) == "memory"]
@@ -414,3 +420,21 @@ def test_tile_variants_launch_under_their_tunables_and_restore_the_defaults(monk
     assert {name: getattr(token_kernels, name) for name in kernel_bench.TUNABLES} == defaults
     with pytest.raises(ValueError, match="unknown kernel tunables"), kernel_bench.block_limits(block=3):
         pass
+
+
+def test_memory_benchmark_accounting_rows_are_the_formula():
+    """bench_memory's CPU rows: a deep-copied reference doubles the parameters; a shared trunk adds
+    only the reference's own layers; 8-bit state is smaller than torch AdamW's."""
+    from fastppo.memory.accounting import unique_parameter_bytes
+
+    rows = {
+        (r["algo"], r["num_frozen_layers"], r["optim"]): r for r in bench_memory.account(["qwen2.5-0.5b"])
+    }
+    policy, _ = bench_memory.accounting_modules("qwen2.5-0.5b", "grpo", None)
+    _, shared = bench_memory.accounting_modules("qwen2.5-0.5b", "grpo", 12)
+    assert rows["grpo", None, "adamw_torch"]["parameter_bytes"] == 2 * unique_parameter_bytes(policy)
+    own = sum(p.numel() * p.element_size() for p in shared.parameters())  # layers [12, 24) + norm
+    assert rows["grpo", 12, "adamw_torch"]["parameter_bytes"] == unique_parameter_bytes(policy) + own
+    for algo in ("grpo", "ppo"):
+        for k in (None, 12):
+            assert rows[algo, k, "adamw_8bit"]["static_bytes"] < rows[algo, k, "adamw_torch"]["static_bytes"]

@@ -11,18 +11,13 @@ import subprocess
 import sys
 import textwrap
 
-import datasets
 import numpy as np
 import pytest
 import torch
 
-from fastppo import GRPOConfig, GRPOTrainer
+from fastppo import GRPOTrainer
 from fastppo import checkpoint as ckpt
 from fastppo.demo import build_policy, build_tokenizer
-
-
-def id_reward(completion_ids, **kwargs):
-    return [float(len(ids) + ids[0] % 3) if ids else 0.0 for ids in completion_ids]
 
 
 class HookedTrainer(GRPOTrainer):
@@ -38,31 +33,12 @@ class HookedTrainer(GRPOTrainer):
         self.restored = extras
 
 
-def make_trainer(tmp_path, hidden_size=32, seed=0, cls=HookedTrainer, **overrides):
-    tokenizer = build_tokenizer()
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=4,
-        max_steps=2,
-        logging_steps=1,
-        learning_rate=1e-2,
-        lr_scheduler_type="linear",
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        seed=seed,
-    )
-    values.update(overrides)
-    return cls(
-        model=build_policy(tokenizer, seed=seed, hidden_size=hidden_size),
-        processing_class=tokenizer,
-        reward_funcs=id_reward,
-        args=GRPOConfig(**values),
-        train_dataset=datasets.Dataset.from_dict(
-            {"prompt": ["say : cat", "say : dog", "say : sun", "say : red"]}
-        ),
+@pytest.fixture
+def make_trainer(grpo_trainer):
+    """``make_trainer(hidden_size=32, seed=0, cls=HookedTrainer, **fields)``: grpo_trainer's run, where
+    ``seed`` seeds both the run and the initial weights."""
+    return lambda hidden_size=32, seed=0, cls=HookedTrainer, **fields: grpo_trainer(
+        cls=cls, hidden_size=hidden_size, model_seed=seed, seed=seed, **fields
     )
 
 
@@ -75,8 +51,8 @@ def rng_snapshot(trainer):
     )
 
 
-def test_round_trip_restores_everything_the_base_owns(tmp_path):
-    a = make_trainer(tmp_path)
+def test_round_trip_restores_everything_the_base_owns(make_trainer):
+    a = make_trainer()
     a.train()
     a.metrics.add("pending", 2.0, 3.0)  # logged after the checkpoint: must survive it
     rng = rng_snapshot(a)
@@ -85,7 +61,7 @@ def test_round_trip_restores_everything_the_base_owns(tmp_path):
     assert sorted(os.listdir(a.args.output_dir)) == ["checkpoint-2", "metrics.jsonl", "reward_curve.png"]
     torch.rand(5), random.random(), np.random.rand(), torch.rand(5, generator=a._shuffle)  # move every RNG
 
-    b = make_trainer(tmp_path, seed=1)  # other initial weights, other seeds
+    b = make_trainer(seed=1)  # other initial weights, other seeds
     b.begin_training(2, "resume", resume_from=path)
     for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         torch.testing.assert_close(pb, pa, rtol=0, atol=0, msg=name)
@@ -97,7 +73,9 @@ def test_round_trip_restores_everything_the_base_owns(tmp_path):
     assert b.lr_scheduler.state_dict() == a.lr_scheduler.state_dict()
     assert b.lr_scheduler.get_last_lr() == a.lr_scheduler.get_last_lr()
     assert b.state.global_step == 2 and b.state.log_history == a.state.log_history
-    assert b._micro_step == a._micro_step and b._loss_sum == pytest.approx(a._loss_sum)
+    assert b._micro_step == a._micro_step and b.training_log.loss_sum == pytest.approx(
+        a.training_log.loss_sum
+    )
     assert b.metrics.flush() == {"pending": 2.0}
     torch_state, py_state, np_state, shuffle_state = rng_snapshot(b)
     assert torch.equal(torch_state, rng[0]) and py_state == rng[1]
@@ -107,14 +85,14 @@ def test_round_trip_restores_everything_the_base_owns(tmp_path):
 
 
 @pytest.mark.gpu
-def test_8bit_optimizer_state_round_trips(tmp_path):
+def test_8bit_optimizer_state_round_trips(make_trainer):
     """bitsandbytes AdamW8bit's quantised state (uint8 + absmax) survives a checkpoint exactly.
     Compared on the live per-parameter state: bitsandbytes' state_dict() nests its tensors under a
     key of its own (0.50), which a walk over state_dict()["state"] would not see."""
-    a = make_trainer(tmp_path, optim="adamw_8bit", hidden_size=64)
+    a = make_trainer(optim="adamw_8bit", hidden_size=64)
     a.train()
     path = a.save_checkpoint()
-    b = make_trainer(tmp_path, optim="adamw_8bit", hidden_size=64, seed=1)
+    b = make_trainer(optim="adamw_8bit", hidden_size=64, seed=1)
     b.begin_training(2, "resume", resume_from=path)
 
     def live_state(trainer) -> list[dict]:
@@ -154,11 +132,11 @@ def test_resume_errors_name_the_problem(tmp_path):
         ckpt.resolve_resume(str(tmp_path / "checkpoint-3"), str(tmp_path))
 
 
-def test_checkpoint_of_another_model_shape_is_refused_before_loading(tmp_path):
-    a = make_trainer(tmp_path, max_steps=1)
+def test_checkpoint_of_another_model_shape_is_refused_before_loading(tmp_path, make_trainer):
+    a = make_trainer(max_steps=1)
     a.train()
     path = a.save_checkpoint()
-    b = make_trainer(tmp_path / "b", hidden_size=48)
+    b = make_trainer(output_dir=str(tmp_path / "b" / "out"), hidden_size=48)
     before = {k: v.clone() for k, v in b.model.state_dict().items()}
     with pytest.raises(ValueError, match=r"different model shape: model\.embed_tokens\.weight is \(16, 32\)"):
         b.begin_training(1, "resume", resume_from=path)
@@ -166,8 +144,8 @@ def test_checkpoint_of_another_model_shape_is_refused_before_loading(tmp_path):
         assert torch.equal(value, before[name]), name  # nothing half-loaded
 
 
-def test_nan_weights_are_never_checkpointed(tmp_path, caplog):
-    trainer = make_trainer(tmp_path, max_steps=1)
+def test_nan_weights_are_never_checkpointed(caplog, make_trainer):
+    trainer = make_trainer(max_steps=1)
     trainer.train()
     with torch.no_grad():
         trainer.model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
@@ -176,8 +154,8 @@ def test_nan_weights_are_never_checkpointed(tmp_path, caplog):
     assert "NOT written" in caplog.text and "up_proj" in caplog.text
 
 
-def test_failure_before_the_rename_leaves_no_checkpoint(tmp_path, monkeypatch):
-    trainer = make_trainer(tmp_path, max_steps=1)
+def test_failure_before_the_rename_leaves_no_checkpoint(monkeypatch, make_trainer):
+    trainer = make_trainer(max_steps=1)
     trainer.train()
 
     def fail(*args):
@@ -248,9 +226,9 @@ def test_checkpoint_folders_follow_the_umask(tmp_path):
     assert os.stat(temp).st_mode & 0o777 == 0o755  # readable by others, as save_pretrained's folders
 
 
-def test_resuming_a_finished_run_trains_no_further(tmp_path):
-    make_trainer(tmp_path, save_strategy="steps", save_steps=2).train()
-    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=1)
+def test_resuming_a_finished_run_trains_no_further(tmp_path, make_trainer):
+    make_trainer(save_strategy="steps", save_steps=2).train()
+    trainer = make_trainer(save_strategy="steps", save_steps=1)
     trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 2
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2"]
@@ -320,6 +298,7 @@ def metric_records(out: str) -> dict[int, dict]:
         return {r["step"]: r for r in map(json.loads, f)}
 
 
+@pytest.mark.slow  # three training subprocesses
 def test_sigkilled_grpo_run_resumes_exactly(tmp_path):
     """GRPO SIGKILLed inside a rollout's optimisation (num_iterations=2, checkpoint-5 holds the rollout
     buffer at pass 1 of 4; the synced reference has its own weights) and resumed with

@@ -15,6 +15,7 @@ from fastppo.demo import build_policy, build_tokenizer
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # a fresh interpreter per run
 @pytest.mark.parametrize("where", ["elsewhere", "checkout"])
 def test_demo_subprocess_writes_plot_and_metrics(tmp_path, where):
     """`python -m fastppo demo` from any folder, including the checkout's root (where `kernels/`

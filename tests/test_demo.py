@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from transformers import AutoTokenizer
 
 from fastppo.demo import build_dataset, build_tokenizer, run_demo, says_word
-from fastppo.logging import read_jsonl
+from fastppo.metrics import read_jsonl
 
 
+@pytest.mark.slow  # learning: 120 GRPO steps
 def test_reward_rises_within_bounded_steps(tmp_path):
     summary = run_demo(output_dir=str(tmp_path), max_steps=120, progress=False)
     # a random policy says the word ~30% of the time; copying it is learnt within ~100 steps

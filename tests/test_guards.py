@@ -6,48 +6,21 @@ from __future__ import annotations
 
 import math
 
-import datasets
 import pytest
 import torch
 
-from fastppo import GRPOConfig, GRPOTrainer
-from fastppo.demo import build_policy, build_tokenizer
 from fastppo.guards import NonFiniteGuard, NonFiniteTrainingError
 
 NAN, INF = float("nan"), float("inf")
 
 
-def id_reward(completion_ids, **kwargs):
-    return [float(len(ids) + ids[0] % 3) if ids else 0.0 for ids in completion_ids]
-
-
-def make_trainer(tmp_path, **overrides):
-    tokenizer = build_tokenizer()
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=4,
-        max_steps=4,
-        logging_steps=1,
-        learning_rate=1e-2,
-        lr_scheduler_type="linear",
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-    )
-    values.update(overrides)
-    return GRPOTrainer(
-        model=build_policy(tokenizer, hidden_size=32),
-        processing_class=tokenizer,
-        reward_funcs=id_reward,
-        args=GRPOConfig(**values),
-        train_dataset=datasets.Dataset.from_dict({"prompt": ["say : cat", "say : dog"]}),
-    )
+# grpo_trainer's run, on two prompts and for four optimizer steps.
+PROMPTS = ("say : cat", "say : dog")
 
 
 def drive(trainer, steps: int, poison: dict[int, str]) -> list[dict[str, torch.Tensor]]:
-    """Train ``steps`` optimizer steps on a fixed batch through the base's backward/end_micro_step;
+    """Train ``steps`` optimizer steps on a fixed batch through the base's backward / optimizer_step /
+    after_step (one micro-batch per step);
     ``poison[step]`` = "loss" (NaN loss) or "grad" (finite loss, inf gradient on one weight).
     Returns the weights after each step."""
     trainer.begin_training(steps, "guard")
@@ -62,7 +35,8 @@ def drive(trainer, steps: int, poison: dict[int, str]) -> list[dict[str, torch.T
         trainer.backward(loss)
         if handle is not None:
             handle.remove()
-        stop = trainer.end_micro_step()
+        trainer.optimizer_step()
+        stop = trainer.after_step()
         after.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
         if stop:
             break
@@ -70,8 +44,8 @@ def drive(trainer, steps: int, poison: dict[int, str]) -> list[dict[str, torch.T
 
 
 @pytest.mark.parametrize("kind", ["loss", "grad"])
-def test_a_nonfinite_step_is_skipped_and_counted(tmp_path, kind):
-    trainer = make_trainer(tmp_path)
+def test_a_nonfinite_step_is_skipped_and_counted(kind, grpo_trainer):
+    trainer = grpo_trainer(prompts=PROMPTS, max_steps=4)
     after = drive(trainer, 4, {2: kind})
     for name, value in after[1].items():
         assert torch.equal(value, after[0][name]), name  # step 2 changed nothing
@@ -86,8 +60,8 @@ def test_a_nonfinite_step_is_skipped_and_counted(tmp_path, kind):
     assert trainer.guard.consecutive == 0 and trainer.guard.skipped == 1
 
 
-def test_a_streak_stops_training_with_the_causes(tmp_path):
-    trainer = make_trainer(tmp_path, max_consecutive_nonfinite_steps=2)
+def test_a_streak_stops_training_with_the_causes(grpo_trainer):
+    trainer = grpo_trainer(prompts=PROMPTS, max_steps=4, max_consecutive_nonfinite_steps=2)
     with pytest.raises(NonFiniteTrainingError) as info:
         drive(trainer, 4, {2: "grad", 3: "loss", 4: "loss"})
     message = str(info.value)
@@ -122,9 +96,9 @@ def test_guard_policy_unit():
     assert (restored.consecutive, restored.skipped) == (3, 15)
 
 
-def test_grpo_run_with_poisoned_gradients_stops(tmp_path):
+def test_grpo_run_with_poisoned_gradients_stops(grpo_trainer):
     """End to end: every gradient poisoned -> GRPO stops at step 3 (default limit) with finite weights."""
-    trainer = make_trainer(tmp_path, max_steps=5)
+    trainer = grpo_trainer(prompts=PROMPTS, max_steps=5)
     trainer.model.model.layers[0].mlp.up_proj.weight.register_hook(lambda g: g * NAN)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(NonFiniteTrainingError, match="optimizer step 3"):

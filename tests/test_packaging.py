@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,6 +43,7 @@ def test_kernels_is_only_importable_as_fastppo_kernels(tmp_path):
     assert origin == "None" or not origin.startswith(str(ROOT / "kernels"))
 
 
+@pytest.mark.slow  # a subprocess importing trl
 def test_repository_root_on_sys_path_does_not_shadow_hugging_face_kernels():
     # `python -c` from the checkout puts the root first on sys.path; transformers then probes
     # `kernels` and must not import our folder's code (nor crash), and trl must import.

@@ -14,8 +14,10 @@ import torch
 from accelerate.utils import DistributedType
 
 from fastppo import PPOConfig, PPOTrainer
+from fastppo.batch import PolicyBatch
+from fastppo.config import ForwardPlan
 from fastppo.demo import build_dataset, build_policy, build_tokenizer, says_word
-from fastppo.scoring import PolicyBatch, completion_hidden_states
+from fastppo.policy_forward import PolicyForward
 from fastppo.sharding import ShardingSettings, sharding_settings
 
 
@@ -137,11 +139,12 @@ def test_sharded_hidden_states_path_equals_the_decoder_path(monkeypatch):
         rows=torch.arange(3),
     )
     for padding_free in (False, True):
+        forward = PolicyForward(ForwardPlan(padding_free=padding_free))
         with torch.no_grad():
-            expected = completion_hidden_states(model, batch, padding_free)
-            monkeypatch.setattr("fastppo.scoring.is_sharded", lambda m: True)
+            expected = forward.run(model, batch).hidden
+            monkeypatch.setattr("fastppo.policy_forward.is_sharded", lambda m: True)
             model.unshard = lambda: None  # what FSDPModule adds; the root stays whole here
-            got = completion_hidden_states(model, batch, padding_free)
+            got = forward.run(model, batch).hidden
             monkeypatch.undo()
             del model.unshard
         mask = completion_mask.bool()

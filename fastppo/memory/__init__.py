@@ -1,1 +1,3 @@
-"""Memory savers: a reference sharing the policy's frozen trunk, 8-bit optimizers, padding-free packing."""
+"""Memory savers: the shared frozen trunk (one pass the policy's own layers, a shared-trunk reference
+and a trunk critic all read), padding-free packing, activation checkpointing that leaves a frozen
+trunk out of the backward, and the byte accounting that checks what they save."""

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .optim import BNB_OPTIMIZERS, TORCH_OPTIMIZERS
+from ..optim import BNB_OPTIMIZERS, TORCH_OPTIMIZERS
 
 # bitsandbytes 8-bit AdamW (blockwise): tensors smaller than this keep fp32 state
 BNB_MIN_8BIT_SIZE = 4096

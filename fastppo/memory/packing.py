@@ -60,7 +60,7 @@ class PackedBatch:
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedBatch:
     """Pack the tokens where ``attention_mask`` is 1 (e.g. a left-padded prompt + right-padded
     completion) row by row. Positions count attended tokens, as ``generate`` and
-    ``fastppo.scoring.sequence_inputs`` do, so packed and padded forwards see the same positions.
+    ``fastppo.batch.sequence_inputs`` do, so packed and padded forwards see the same positions.
     Two device syncs (the packed length and the longest sequence)."""
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(

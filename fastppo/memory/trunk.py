@@ -7,7 +7,7 @@ decoder's forward does, from its public parts (``embed_tokens``, ``layers``, ``n
 and ``transformers.masking_utils``): embed, build the attention mask per layer type, rotary
 position embeddings once, then layers ``[0, K)``. Every later layer receives exactly the inputs the
 model's own forward would give it (``LayerInputs``), so ``policy_top(run_trunk(...))`` equals
-``model.model(...).last_hidden_state`` bit for bit (tests/test_memory_trunk.py).
+``model.model(...).last_hidden_state`` bit for bit (tests/memory/test_trunk.py).
 """
 
 from __future__ import annotations
@@ -21,15 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import unwrap_peft
+
 # Decoder attributes the split needs: Qwen2, Llama, Mistral, Qwen3 ... all have them.
 DECODER_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (adapters are injected in place)."""
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
 
 
 def find_decoder(model: nn.Module) -> nn.Module | None:

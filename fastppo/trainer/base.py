@@ -1,33 +1,36 @@
-"""What every fastppo trainer shares: the accelerator, optimizer and scheduler, gradient accumulation,
-the optimizer-step flow (log / save / evaluate / callbacks), metrics files and saving.
+"""What both trainers share, as the steps their ``train()`` calls in order (nothing here calls back into
+a trainer's loop):
 
-Subclasses (GRPO, PPO) write ``train()`` as their numbered steps and call ``backward`` per
-minibatch and ``end_micro_step`` after it; this class decides when the optimizer steps (and skips a
-step whose loss or gradient is not finite: ``fastppo.guards``). Losses are scaled by the subclass
-(the loss type owns its normaliser), never by accelerate.
+  begin_training    optimizer, scheduler, resume (``checkpoint.load_checkpoint``), metrics file
+  prompt_stream     this process's rows of each rollout (a resumed run continues its stream)
+  sample            completions for dataset rows with the current policy
+  micro_batches     the micro-batches of the rollout under optimisation, from where it stands
+  backward          one micro-batch's already-scaled loss (the loss type owns its normaliser, so
+                    accelerate never scales it)
+  optimizer_step    at the end of an accumulation window: the mean gradient over processes,
+                    clipping, the non-finite guard (``fastppo.guards``), optimizer and LR schedule
+  after_step        transformers' step schedule and the callbacks: log / evaluate / save; stop?
+  end_training      progress bar, reward curve, on_train_end
 
-Checkpoints (``fastppo.checkpoint``) hold everything this class owns; a subclass adds its own state
-through three hooks, all called at an optimizer-step boundary:
-  ``generators()``          -> the ``torch.Generator``s it draws from (state saved and restored)
-  ``checkpoint_extras()``   -> a dict of tensors / numbers / strings / lists / dicts (rollout buffer,
-                               its position, value model, the reference's own layers, ...)
-  ``restore_extras(extras)`` <- that dict, tensors on the CPU (move them where they belong)
+Around them: the accelerator (the models are not wrapped in DDP: ``fastppo.distributed``), FSDP2
+sharding, the forward plan every pass follows (``policy_forward``), the reference policy, the
+logging window (``TrainingLog``), evaluation's prompt loop, saving, and the checkpoint state: the
+counters, the rollout under optimisation with its position (so a run resumed inside a rollout
+continues exactly, FIELD-NOTES 11), a synced reference's weights and the trainer's own extras.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import math
 import os
-import shutil
-import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import gather_object
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, get_scheduler
 from transformers.integrations import get_reporting_integration_callbacks
@@ -35,26 +38,23 @@ from transformers.trainer_utils import TrainOutput, enable_full_determinism, set
 
 from .. import checkpoint as ckpt
 from .. import sharding
+from ..adapters import has_adapters
+from ..batch import PolicyBatch
+from ..data import prompt_batches
 from ..distributed import (
     all_reduce_gradients,
-    broadcast_object,
     broadcast_parameters,
     check_distributed_type,
-    merge_metric_sums,
+    evaluation_share,
+    rank_rows,
     sum_over_processes,
 )
 from ..guards import NonFiniteGuard
-from ..logging import (
-    METRICS_FILE,
-    REWARD_PLOT_FILE,
-    JsonlWriter,
-    MetricsBuffer,
-    ProgressBar,
-    plot_reward_curve,
-)
-from ..memory.optim import BNB_OPTIMIZERS, create_optimizer, warn_once
-from ..memory.shared_reference import has_adapters
-from ..reference import FrozenCopyReference
+from ..optim import optimizer_from_config
+from ..policy_forward import PolicyForward
+from ..reference import ReferencePolicy
+from ..rollout import Rollout, Sampler, SamplingSettings, sample_rollout
+from .training_log import TrainingLog
 
 logger = logging.getLogger("fastppo")
 
@@ -98,12 +98,46 @@ class Callbacks:
         return t.control
 
 
+class RolloutBuffer(abc.ABC):
+    """A rollout under optimisation: its micro-batches over every pass, in order, and how many were
+    handed out. Checkpoints fall on optimizer-step boundaries, after the backward of every
+    micro-batch handed out, so ``done`` is where a resumed run continues."""
+
+    done: int = 0
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Micro-batches over all passes."""
+
+    @abc.abstractmethod
+    def micro_batch(self, index: int) -> PolicyBatch: ...
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors, numbers and lists only (checkpoints load with ``weights_only=True``)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> RolloutBuffer: ...
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self)
+
+    def remaining(self) -> Iterator[PolicyBatch]:
+        while self.done < len(self):
+            self.done += 1
+            yield self.micro_batch(self.done - 1)
+
+
 class TrainerBase:
     """Shared machinery; see the module docstring. ``self.model`` is the trained policy (unwrapped).
-    Subclasses call ``seed_everything(args)`` before building their models."""
+    Subclasses call ``seed_everything(args)`` before building their models, set ``self.reference``
+    (``reference.build_reference``) and ``self.sampler``, and name their ``RolloutBuffer`` type."""
 
     REWARD_METRIC = "reward"  # what the reward curve plots (PPO: objective/scores)
     KL_METRIC = "kl"
+    BUFFER: ClassVar[type[RolloutBuffer]]  # the trainer's rollout buffer (rebuilt from checkpoints)
 
     def __init__(
         self,
@@ -130,6 +164,10 @@ class TrainerBase:
         self.model = model
         self.processing_class = processing_class
         self.optimizer, self.lr_scheduler = optimizers
+        self.policy_forward = PolicyForward(args.forward_plan())
+        self.reference: ReferencePolicy | None = None
+        self.sampler: Sampler | None = None
+        self.eos_token_ids: list[int] = []
         self.state = TrainerState(
             is_local_process_zero=self.accelerator.is_local_main_process,
             is_world_process_zero=self.accelerator.is_main_process,
@@ -138,25 +176,17 @@ class TrainerBase:
         # report_to's integrations (TensorBoard, W&B, ...) first, then the user's, as in Trainer
         reporters = get_reporting_integration_callbacks(args.report_to)
         self.callbacks = Callbacks([*reporters, *(callbacks or [])], self)
-        self.metrics = MetricsBuffer()
-        self.log_writer: JsonlWriter | None = None
-        self.progress: ProgressBar | None = None
-        self._micro_step = 0  # minibatches backpropagated so far (accumulation position)
-        self._window_loss = 0.0  # summed scaled loss of the current accumulation window
-        self._steps_loss: list[float] = []  # per-step losses since the last log
-        self._loss_sum = 0.0  # over the whole run (TrainOutput.training_loss)
-        self._train_start = time.perf_counter()
+        self.training_log = TrainingLog(self.accelerator)
+        self.metrics = self.training_log.metrics  # what the trainers record into, weighted per minibatch
         self.reward_plot: str | None = None
-        self._last_log_time = time.perf_counter()
-        self._tokens_since_log = 0
-        self._latest: dict[str, float] = {}  # the last logged values, shown by the progress bar
-        self.guard = NonFiniteGuard(getattr(args, "max_consecutive_nonfinite_steps", 3))
-        # Where the run stands in its stream of rollouts (the subclasses checkpoint it): rollouts drawn
-        # so far, the one being optimised (None between rollouts) and its passes done (a checkpoint
-        # can fall between two of them).
-        self._rollouts_drawn = 0
-        self._buffer: Any = None
-        self._buffer_done = 0
+        self.guard = NonFiniteGuard(args.max_consecutive_nonfinite_steps)
+        self._micro_step = 0  # micro-batches backpropagated so far (accumulation position)
+        self._window_loss = 0.0  # summed scaled loss of the current accumulation window
+        self._shuffle = torch.Generator().manual_seed(args.seed)  # minibatch order, apart from sampling
+        # Where the run stands in its stream of rollouts (checkpointed): rollouts drawn so far, and
+        # the one under optimisation (None between rollouts).
+        self.rollouts_drawn = 0
+        self.buffer: RolloutBuffer | None = None
 
     def add_callback(self, callback: TrainerCallback | type) -> None:
         self.callbacks.callbacks.append(callback() if isinstance(callback, type) else callback)
@@ -171,22 +201,26 @@ class TrainerBase:
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         return torch.random.fork_rng(devices=devices)
 
-    # --- optimisation -------------------------------------------------------------------------------
-
-    @property
-    def micro_steps_per_update(self) -> int:
-        """Minibatches backpropagated per optimizer step (PPO: a mini-batch's micro-batches)."""
-        return self.args.gradient_accumulation_steps
+    # --- models ---------------------------------------------------------------------------------
 
     def trained_modules(self) -> list[nn.Module]:
         """Modules whose trainable parameters the optimizer steps (PPO adds its critic)."""
         return [self.model]
 
-    def shard_policy_and_reference(self, reference: Any, *others: nn.Module) -> None:
-        """With fsdp: the policy, a frozen reference copy (``FrozenCopyReference.model``) and
-        ``others`` (a separate value model, reward models), each sharded in place
-        (``fastppo.sharding``) after every process took the main process's weights. Called by
-        subclasses before the optimizer exists, so it is built over the shards."""
+    def optimizer_owner(self) -> nn.Module:
+        """The modules the optimizer steps, as one module (for torch.distributed.checkpoint's names)."""
+        modules = self.trained_modules()
+        return modules[0] if len(modules) == 1 else nn.ModuleList(modules)
+
+    def _whole_trained_modules(self) -> list[nn.Module]:
+        """Trained modules every process holds whole (all of them unless sharded)."""
+        return [m for m in self.trained_modules() if not sharding.is_sharded(m)]
+
+    def shard_models(self, *others: nn.Module) -> None:
+        """With fsdp: the policy, the reference's own weights (a frozen copy) and ``others`` (a
+        separate value model, reward models), each sharded in place (``fastppo.sharding``) after every
+        process took the main process's weights. Called before the optimizer exists, so it is built
+        over the shards."""
         if self.sharding is None:
             return
         if self.optimizer is not None:  # it would hold the parameters sharding replaces
@@ -196,62 +230,35 @@ class TrainerBase:
             )
         if has_adapters(self.model):
             raise ValueError("fsdp with a PEFT (LoRA) policy is not supported yet; train it unsharded")
-        copy = [reference.model] if isinstance(reference, FrozenCopyReference) else []
-        models = [self.model, *copy, *others]
+        own = None if self.reference is None else self.reference.own_weights()
+        models = [self.model, *([own] if own is not None else []), *others]
         broadcast_parameters(models, self.accelerator)
         for module in models:
             sharding.shard(module, self.sharding)
 
-    def _whole_trained_modules(self) -> list[nn.Module]:
-        """Trained modules every process holds whole (all of them unless sharded)."""
-        return [m for m in self.trained_modules() if not sharding.is_sharded(m)]
-
-    def _optimizer_owner(self) -> nn.Module:
-        """The modules the optimizer steps, as one module (for torch.distributed.checkpoint's names)."""
-        modules = self.trained_modules()
-        return modules[0] if len(modules) == 1 else nn.ModuleList(modules)
-
-    def create_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW (``args.optim``: torch, fused, or bitsandbytes 8-bit) over the trainable parameters of
-        ``trained_modules()``; no weight decay on biases and norm weights (as Trainer)."""
-        args = self.args
-        name = str(getattr(args.optim, "value", args.optim))
-        if self.sharding is not None and name in BNB_OPTIMIZERS:
-            warn_once(f"optim={name!r} with fsdp: bitsandbytes does not shard its state here; adamw_torch")
-            name = "adamw_torch"
-        return create_optimizer(
-            self.trained_modules(),
-            name,
-            lr=args.learning_rate,
-            weight_decay=args.weight_decay,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-        )
-
-    def create_scheduler(self, num_training_steps: int) -> Any:
-        return get_scheduler(
-            self.args.lr_scheduler_type,
-            self.optimizer,
-            num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
-            num_training_steps=num_training_steps,
-            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or {},
-        )
+    # --- the steps of train() -------------------------------------------------------------------
 
     def begin_training(self, max_steps: int, description: str, resume_from: str | None = None) -> None:
         """Optimizer/scheduler, device placement, state, metrics file, progress bar, on_train_begin.
 
         ``resume_from``: a checkpoint folder (``checkpoint.resolve_resume`` turns TRL's
-        ``resume_from_checkpoint`` into one); everything the base owns is restored from it and the
-        subclass's ``restore_extras`` is called, before on_train_begin. The metrics file is rewritten
-        from the checkpoint's log history (records a killed run wrote after its last checkpoint go).
+        ``resume_from_checkpoint`` into one), restored before on_train_begin. The metrics file is
+        rewritten from the checkpoint's log history (records a killed run wrote after its last
+        checkpoint go).
         """
         args = self.args
         if self.optimizer is None:
-            self.optimizer = self.create_optimizer()
+            self.optimizer = optimizer_from_config(args, self.trained_modules(), self.sharding is not None)
         if self.lr_scheduler is None:
-            self.lr_scheduler = self.create_scheduler(max_steps)
+            self.lr_scheduler = get_scheduler(
+                args.lr_scheduler_type,
+                self.optimizer,
+                num_warmup_steps=args.get_warmup_steps(max_steps),
+                num_training_steps=max_steps,
+                scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+            )
         # The model is not wrapped (no DDP: see fastppo.distributed); every process starts from rank
-        # 0's weights, and end_micro_step averages the gradients. Sharded models took rank 0's
+        # 0's weights, and optimizer_step averages the gradients. Sharded models took rank 0's
         # weights before sharding, and accelerate's FSDP prepare wants the model too: left alone.
         if self.sharding is None:
             self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.optimizer, self.lr_scheduler)
@@ -268,37 +275,78 @@ class TrainerBase:
         os.makedirs(args.output_dir, exist_ok=True)
         ckpt.remove_stale_temps(args.output_dir)
         if resume_from is not None:
-            self.load_checkpoint(resume_from)
-        main = self.accelerator.is_main_process  # one metrics file and one progress bar per run
-        self.log_writer = JsonlWriter(os.path.join(args.output_dir, METRICS_FILE)) if main else None
-        for record in (
-            self.state.log_history if main else []
-        ):  # resumed: the file says what the checkpoint says
-            self.log_writer.write(record)
-        self.progress = ProgressBar(
-            max_steps, disable=bool(args.disable_tqdm) or not main, description=description
+            ckpt.load_checkpoint(self, resume_from)
+        self.training_log.open(
+            args.output_dir,
+            self.state.log_history,
+            max_steps,
+            self.state.global_step,
+            disable=bool(args.disable_tqdm),
+            description=description,
         )
-        self.progress.update(self.state.global_step, {})
-        self._last_log_time = self._train_start = time.perf_counter()
         self.callbacks("on_train_begin")
         if args.eval_on_start and getattr(self, "eval_dataset", None) is not None:
             self.evaluate()
 
+    @property
+    def finished(self) -> bool:
+        """max_steps reached (also by the run a checkpoint resumed), or a callback stopped training."""
+        return self.control.should_training_stop or self.state.global_step >= self.state.max_steps
+
+    def prompt_stream(self, size: int, seed: int, shuffle: bool = True) -> Iterator[list[dict[str, Any]]]:
+        """This process's rows of each rollout's ``size`` prompts (whole GRPO groups stay on one
+        process), endless (the step count ends training): reshuffled each epoch, and a resumed run
+        continues after the batches drawn before its checkpoint."""
+        batches = prompt_batches(self.train_dataset, size, seed, shuffle)
+        for _ in range(self.rollouts_drawn):
+            next(batches)
+        for rows in batches:
+            self.state.epoch = self.args.epochs_done(self.rollouts_drawn, len(self.train_dataset))
+            self.rollouts_drawn += 1
+            yield rows[rank_rows(len(rows), self.accelerator, "prompts per rollout")]
+
+    def sample(self, rows: list[dict[str, Any]], n: int, settings: SamplingSettings) -> Rollout:
+        """``n`` completions for each dataset row, with the current policy (under autocast)."""
+        with self.accelerator.autocast():
+            return sample_rollout(
+                self.sampler,
+                self.processing_class,
+                rows,
+                n,
+                settings,
+                self.eos_token_ids,
+                self.device,
+                self.args.prompt_settings(),
+            )
+
+    def micro_batches(self, buffer: RolloutBuffer) -> Iterator[PolicyBatch]:
+        """``buffer``'s micro-batches from where it stands, as the rollout under optimisation (what a
+        checkpoint saves); cleared once the last one has been trained on."""
+        self.buffer = buffer
+        yield from buffer.remaining()
+        self.buffer = None
+
+    def add_tokens(self, count: int) -> None:
+        """Tokens (prompt + completion) trained on, for ``tokens/s`` and ``num_tokens``."""
+        self.training_log.add_tokens(count)
+        self.state.num_input_tokens_seen += count
+
     def backward(self, scaled_loss: torch.Tensor) -> None:
-        """Backpropagate one minibatch's already-scaled loss; the optimizer steps every
-        ``micro_steps_per_update`` minibatches (see ``end_micro_step``)."""
-        if self._micro_step % self.micro_steps_per_update == 0:
+        """Backpropagate one micro-batch's already-scaled loss (its normaliser is the loss type's)."""
+        if self._micro_step % self.args.micro_batches_per_step == 0:
             self.callbacks("on_step_begin")
         self.accelerator.backward(scaled_loss)
         self._window_loss += float(scaled_loss.detach())  # CPU sync: one scalar per minibatch
-
-    def end_micro_step(self) -> bool:
-        """Count a minibatch; step the optimizer at the end of an accumulation window, unless its loss
-        or gradient norm is not finite (then the step is skipped: ``fastppo.guards``).
-        Returns True when training must stop (max_steps reached or a callback asked)."""
         self._micro_step += 1
-        if self._micro_step % self.micro_steps_per_update != 0:
-            return False
+
+    @property
+    def window_complete(self) -> bool:
+        """The micro-batch just backpropagated ends an accumulation window: time to step."""
+        return self._micro_step % self.args.micro_batches_per_step == 0
+
+    def optimizer_step(self) -> None:
+        """Step the optimizer and the LR schedule on the window's gradient, unless its loss or
+        gradient norm is not finite (then the step is skipped: ``fastppo.guards``); count the step."""
         params = [p for module in self.trained_modules() for p in module.parameters() if p.requires_grad]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm else float("inf")
         # data parallel: the mean gradient (sharded modules: FSDP's reduce-scatter averaged it already)
@@ -325,19 +373,13 @@ class TrainerBase:
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
-        if math.isfinite(loss):  # a skipped NaN window must not turn the logged and final loss into NaN
-            self._steps_loss.append(loss)
-            self._loss_sum += loss
+        self.training_log.add_step_loss(loss)
         self._window_loss = 0.0
         self.metrics.add("grad_norm", grad_norm)
-        self.on_optimizer_step()
-        return self._step_flow()
 
-    def on_optimizer_step(self) -> None:
-        """Hook for subclasses (e.g. syncing the reference model); runs before the step's callbacks."""
-
-    def _step_flow(self) -> bool:
-        """DefaultFlowCallback's schedule, then the user's callbacks, then act on the control flags."""
+    def after_step(self) -> bool:
+        """After an optimizer step: DefaultFlowCallback's schedule, then the user's callbacks, then
+        log / evaluate / save as the control flags say. True when training must stop."""
         args, state, control = self.args, self.state, self.control
         step = state.global_step
         control.should_log = args.logging_strategy == "steps" and (
@@ -356,16 +398,28 @@ class TrainerBase:
         if control.should_save:
             self.save_checkpoint()
         control.should_log = control.should_save = control.should_evaluate = False
-        if self.progress is not None:
-            self.progress.update(step, self._latest)
+        self.training_log.show(step)
         return control.should_training_stop
 
-    def add_tokens(self, count: int) -> None:
-        """Tokens (prompt + completion) trained on, for ``tokens/s`` and ``num_tokens``."""
-        self._tokens_since_log += count
-        self.state.num_input_tokens_seen += count
+    def end_training(self) -> TrainOutput:
+        """Close the progress bar, draw the reward curve (``self.reward_plot``), fire on_train_end."""
+        self.accelerator.wait_for_everyone()  # every process leaves train() with its collectives done
+        self.reward_plot = self.training_log.close(
+            self.state.log_history,
+            self.args.output_dir,
+            title=f"{type(self).__name__} reward",
+            metric=self.REWARD_METRIC,
+            kl_metric=self.KL_METRIC,
+        )
+        self.callbacks("on_train_end")
+        runtime, steps = self.training_log.runtime, self.state.global_step
+        return TrainOutput(
+            steps,
+            self.training_log.loss_sum / max(steps, 1),
+            {"train_runtime": runtime, "train_steps_per_second": steps / max(runtime, 1e-9)},
+        )
 
-    # --- logging ------------------------------------------------------------------------------------
+    # --- logging and evaluation -----------------------------------------------------------------
 
     def log(self, logs: dict[str, float], training: bool = True) -> None:
         """Write ``logs`` into log_history, metrics.jsonl and the callbacks' ``on_log``; with
@@ -373,61 +427,45 @@ class TrainerBase:
         all its minibatches), the loss, learning rate and throughput."""
         record = dict(logs)
         if training:
-            self._add_training_metrics(record)
+            lr = None if self.lr_scheduler is None else float(self.lr_scheduler.get_last_lr()[0])
+            self.training_log.flush_window(record, self.state.num_input_tokens_seen, self.guard.skipped, lr)
         record["epoch"] = round(self.state.epoch, 4)
         logs = dict(record)  # what callbacks get, as from Trainer: the step is state.global_step
         record["step"] = self.state.global_step
         self.state.log_history.append(record)
-        if self.log_writer is not None:
-            self.log_writer.write(record)
-        if training:
-            self._latest = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        self.training_log.write(record, training)
         self.callbacks("on_log", logs=logs)
-
-    def _add_training_metrics(self, record: dict[str, float]) -> None:
-        now = time.perf_counter()
-        accelerator = self.accelerator
-        if self._steps_loss:  # already means over the processes (end_micro_step)
-            record["loss"] = sum(self._steps_loss) / len(self._steps_loss)
-            self._steps_loss = []
-        self.metrics.load_state_dict(merge_metric_sums(self.metrics.state_dict(), accelerator))
-        record.update(self.metrics.flush())
-        record["skipped_steps"] = self.guard.skipped  # run total of non-finite steps skipped
-        if self.lr_scheduler is not None:
-            record["learning_rate"] = float(self.lr_scheduler.get_last_lr()[0])
-        tokens = sum_over_processes(self._tokens_since_log, accelerator)
-        if tokens:
-            record["tokens/s"] = tokens / max(now - self._last_log_time, 1e-9)
-            record["num_tokens"] = sum_over_processes(self.state.num_input_tokens_seen, accelerator)
-        self._tokens_since_log, self._last_log_time = 0, now
-
-    def end_training(self) -> TrainOutput:
-        """Close the progress bar, draw the reward curve (``self.reward_plot``), fire on_train_end."""
-        if self.progress is not None:
-            self.progress.close()
-        self.accelerator.wait_for_everyone()  # every process leaves train() with its collectives done
-        self.reward_plot = plot_reward_curve(
-            self.state.log_history,
-            os.path.join(self.args.output_dir, REWARD_PLOT_FILE),
-            title=f"{type(self).__name__} reward",
-            metric=self.REWARD_METRIC,
-            kl_metric=self.KL_METRIC,
-        )
-        self.callbacks("on_train_end")
-        runtime = time.perf_counter() - self._train_start
-        steps = self.state.global_step
-        return TrainOutput(
-            steps,
-            self._loss_sum / max(steps, 1),
-            {"train_runtime": runtime, "train_steps_per_second": steps / max(runtime, 1e-9)},
-        )
 
     @property
     def metrics_file(self) -> str | None:
         """Path of the JSONL metrics file (set once training began)."""
-        return None if self.log_writer is None else self.log_writer.path
+        return None if self.training_log.writer is None else self.training_log.writer.path
 
-    # --- saving -------------------------------------------------------------------------------------
+    def evaluation_rollouts(
+        self, dataset: Any, prompts_per_call: int, n: int, settings: SamplingSettings
+    ) -> Iterator[tuple[Rollout, list[bool]]]:
+        """This process's share of ``dataset``, ``prompts_per_call`` prompts at a time: each share's
+        rollout and which of its prompts count (the last process's share is padded with repeats so
+        every process samples as many times: sharded generation needs it). Sampled from a forked
+        RNG (``untouched_rng``)."""
+        indices, counted = evaluation_share(len(dataset), self.accelerator)
+        for start in range(0, len(indices), prompts_per_call):
+            rows = [dataset[i] for i in indices[start : start + prompts_per_call]]
+            with self.untouched_rng():
+                rollout = self.sample(rows, n, settings)
+            yield rollout, counted[start : start + prompts_per_call]
+
+    def report_evaluation(self, metrics: dict[str, float]) -> dict[str, float]:
+        """During training the metrics go into the log next to the training records; on_evaluate."""
+        if self.training_log.writer is not None:
+            self.log(metrics, training=False)
+        self.callbacks("on_evaluate", metrics=metrics)
+        return metrics
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- saving and checkpoints -----------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``save_pretrained`` of the policy (adapters only for PEFT) and its tokenizer, by the main
@@ -444,140 +482,54 @@ class TrainerBase:
             self.processing_class.save_pretrained(output_dir)
 
     def save_checkpoint(self) -> str | None:
-        """``<output_dir>/checkpoint-<step>``, written atomically (``fastppo.checkpoint``): the policy,
-        tokenizer, trainer state and, unless ``save_only_model``, optimizer, scheduler, RNG states and
-        the subclass's ``checkpoint_extras()``. Older ones beyond ``save_total_limit`` are removed.
-
-        Returns None, writing nothing, when a trained weight holds NaN/inf: a checkpoint must never be
-        a worse resume point than the previous one.
-        """
-        bad = ckpt.nonfinite_parameters(self.trained_modules())  # the same on every process...
-        if self.sharding is not None:  # ...unless each holds a shard: all must take the same branch
-            bad = sorted({name for names in gather_object([bad]) for name in names})
-        if bad:
-            logger.error(
-                "checkpoint at step %d NOT written: %d trained parameter(s) hold NaN/inf (first: %s)",
-                self.state.global_step,
-                len(bad),
-                bad[0],
-            )
-            return None
-        accelerator = self.accelerator
-        main, rank = accelerator.is_main_process, accelerator.process_index
-        path = os.path.join(self.args.output_dir, f"{ckpt.PREFIX}{self.state.global_step}")
-        temp = broadcast_object(ckpt.temp_directory(path) if main else None, accelerator)
-        try:
-            self.save_model(temp)  # written by the main process (sharded weights gathered by all)
-            if main:  # state, optimizer and schedule are the same on every process
-                self.state.save_to_json(os.path.join(temp, ckpt.STATE_FILE))
-                with open(os.path.join(temp, ckpt.ARGS_FILE), "w", encoding="utf-8") as f:
-                    f.write(self.args.to_json_string())
-                if not self.args.save_only_model:
-                    ckpt.save_torch(self.lr_scheduler.state_dict(), temp, ckpt.SCHEDULER_FILE)
-                    if self.sharding is None:
-                        ckpt.save_torch(self.optimizer.state_dict(), temp, ckpt.OPTIMIZER_FILE)
-            if self.sharding is not None and not self.args.save_only_model:  # every process its shards
-                sharding.save_optimizer(
-                    self._optimizer_owner(), self.optimizer, os.path.join(temp, sharding.OPTIMIZER_DIR)
-                )
-            if not self.args.save_only_model:  # each process's own data, RNG and buffers
-                ckpt.save_torch(ckpt.rng_state(self.generators()), temp, ckpt.rank_file(ckpt.RNG_FILE, rank))
-                ckpt.save_torch(self._base_state(), temp, ckpt.rank_file(ckpt.BASE_FILE, rank))
-                ckpt.save_torch(self.checkpoint_extras(), temp, ckpt.rank_file(ckpt.EXTRAS_FILE, rank))
-            accelerator.wait_for_everyone()
-            if main:
-                ckpt.publish(temp, path)
-                ckpt.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, keep=path)
-        except BaseException:
-            if main:
-                shutil.rmtree(temp, ignore_errors=True)
-            raise
-        accelerator.wait_for_everyone()
-        self.callbacks("on_save")
+        """``checkpoint.save_checkpoint`` of this trainer, then on_save; None when a trained weight
+        is not finite (nothing written)."""
+        path = ckpt.save_checkpoint(self)
+        if path is not None:
+            self.callbacks("on_save")
         return path
 
-    def load_checkpoint(self, path: str) -> None:
-        """Restore a ``save_checkpoint`` folder into this trainer (after ``begin_training`` built the
-        optimizer and scheduler). Checked before anything changes: the fsdp setting, the process count
-        and (a checkpoint of another model shape) the weights' shapes; then optimizer, scheduler,
-        state, RNGs, and ``restore_extras``."""
-        path = ckpt.resolve_resume(path, self.args.output_dir)
-        saved_sharded = os.path.isdir(os.path.join(path, sharding.OPTIMIZER_DIR))
-        if saved_sharded != (self.sharding is not None):
-            raise ValueError(
-                f"{path!r} was saved {'with' if saved_sharded else 'without'} fsdp and this run is "
-                f"{'not ' if self.sharding is None else ''}sharded: resume with the same fsdp setting"
-            )
-        # the main process's counters say how many processes wrote the checkpoint (every run has one)
-        saved_processes = ckpt.load_torch(path, ckpt.BASE_FILE).get("num_processes", 1)
-        if saved_processes != self.accelerator.num_processes:
-            raise ValueError(
-                f"{path!r} was saved by {saved_processes} process(es) but this run has "
-                f"{self.accelerator.num_processes}: resume with the same number of processes"
-            )
-        ckpt.load_pretrained_weights(self.accelerator.unwrap_model(self.model), path)
-        try:
-            if self.sharding is None:
-                self.optimizer.load_state_dict(ckpt.load_torch(path, ckpt.OPTIMIZER_FILE))
-            else:
-                sharding.load_optimizer(
-                    self._optimizer_owner(), self.optimizer, os.path.join(path, sharding.OPTIMIZER_DIR)
-                )
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise ValueError(
-                f"optimizer state in {path!r} does not fit this run's optimizer (different trainable "
-                f"parameters, optim or LoRA config?): {exc}"
-            ) from exc
-        self.lr_scheduler.load_state_dict(ckpt.load_torch(path, ckpt.SCHEDULER_FILE))
-        saved = TrainerState.load_from_json(os.path.join(path, ckpt.STATE_FILE))
-        self.state.global_step = saved.global_step
-        self.state.epoch = saved.epoch
-        self.state.log_history = saved.log_history
-        self.state.num_input_tokens_seen = saved.num_input_tokens_seen
-        rank = self.accelerator.process_index
-        self._load_base_state(ckpt.load_torch(path, ckpt.rank_file(ckpt.BASE_FILE, rank)))
-        ckpt.restore_rng_state(ckpt.load_torch(path, ckpt.rank_file(ckpt.RNG_FILE, rank)), self.generators())
-        self.restore_extras(ckpt.load_torch(path, ckpt.rank_file(ckpt.EXTRAS_FILE, rank)))
+    def generators(self) -> dict[str, torch.Generator]:
+        """The trainer's own ``torch.Generator``s by name; their states travel in the checkpoint."""
+        return {"shuffle": self._shuffle}
 
-    def _base_state(self) -> dict[str, Any]:
+    def counters_state(self) -> dict[str, Any]:
         """Counters that make a resumed run log and stop exactly as an uninterrupted one."""
         return {
             "micro_step": self._micro_step,
-            "loss_sum": self._loss_sum,
-            "steps_loss": list(self._steps_loss),
-            "tokens_since_log": self._tokens_since_log,
-            "metrics": self.metrics.state_dict(),
+            **self.training_log.state_dict(),
             "guard": self.guard.state_dict(),
             "num_processes": self.accelerator.num_processes,
         }
 
-    def _load_base_state(self, state: dict[str, Any]) -> None:
+    def load_counters_state(self, state: dict[str, Any]) -> None:
         self._micro_step = int(state["micro_step"])
-        self._loss_sum = float(state["loss_sum"])
-        self._steps_loss = [float(v) for v in state["steps_loss"]]
-        self._tokens_since_log = int(state["tokens_since_log"])
-        self.metrics.load_state_dict(state["metrics"])
+        self.training_log.load_state_dict(state)
         self.guard.load_state_dict(state["guard"])
 
-    def continue_rollouts(self, batches: Iterator[Any]) -> bool:
-        """After ``begin_training``: skip the prompt batches of the rollouts drawn before a checkpoint
-        and finish the rollout it fell inside. True when the run is already over."""
-        for _ in range(self._rollouts_drawn):
-            next(batches)
-        stop = self.state.global_step >= self.state.max_steps  # resumed from the run's last step
-        if not stop and self._buffer is not None:  # the checkpoint fell inside a rollout: finish it
-            stop = self._optimise(self._buffer, done=self._buffer_done)
-        return stop
+    def extras_state(self) -> dict[str, Any]:
+        """The rollout under optimisation and its position (TRL does not save it: FIELD-NOTES 11), a
+        synced reference's own weights, and the trainer's ``checkpoint_extras()``."""
+        buffer = self.buffer
+        finished = buffer is None or buffer.finished
+        return {
+            "rollouts_drawn": self.rollouts_drawn,
+            "buffer_done": 0 if finished else buffer.done,
+            "buffer": None if finished else buffer.state_dict(),
+            "reference": None if self.reference is None else self.reference.checkpoint_state(),
+            "trainer": self.checkpoint_extras(),
+        }
 
-    def _optimise(self, buffer: Any, done: int = 0) -> bool:  # pragma: no cover - abstract
-        """The optimizer passes over one rollout, from pass ``done``; True when training must stop."""
-        raise NotImplementedError
-
-    # --- subclass checkpoint hooks (see the module docstring) ----------------------------------------
-
-    def generators(self) -> dict[str, torch.Generator]:
-        """The trainer's own ``torch.Generator``s by name; their states travel in the checkpoint."""
-        return {}
+    def load_extras_state(self, extras: dict[str, Any]) -> None:
+        """Inverse of ``extras_state``; tensors arrive on the CPU."""
+        self.rollouts_drawn = int(extras["rollouts_drawn"])
+        self.buffer = None
+        if extras["buffer"] is not None:
+            self.buffer = self.BUFFER.from_state_dict(extras["buffer"], self.device)
+            self.buffer.done = int(extras["buffer_done"])
+        if self.reference is not None:
+            self.reference.load_checkpoint_state(extras["reference"])
+        self.restore_extras(extras["trainer"])
 
     def checkpoint_extras(self) -> dict[str, Any]:
         """Trainer-specific state (tensors, numbers, strings, lists, dicts only: loaded weights_only)."""
@@ -585,6 +537,3 @@ class TrainerBase:
 
     def restore_extras(self, extras: dict[str, Any]) -> None:
         """Inverse of ``checkpoint_extras``; tensors arrive on the CPU."""
-
-    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:  # pragma: no cover - abstract
-        raise NotImplementedError

@@ -1,16 +1,17 @@
 """PPOTrainer: the actor-critic RLHF loop of legacy TRL (0.12-0.19), on fastppo's rollout engine and
 fused loss kernel (the same ones GRPO uses).
 
-One update, as ``train()`` reads it:
-  1. rollout  - one completion per prompt of a ``batch_size`` batch, sampled by the current policy
-  2. record   - with the weights that sampled (the old policy), under no grad: log-probs and values of
-                the sampled tokens, reference log-probs, and each completion's score
-  3. rewards  - per token ``-kl_coef * KL(old || ref)``, the score added at the last token (after the
-                missing-EOS penalty), optionally whitened; GAE advantages (whitened) and returns
-  4. optimise - ``num_ppo_epochs`` passes over shuffled mini-batches, one optimizer step each: the
-                clipped surrogate against the recorded log-probs (fused kernel) plus ``vf_coef`` x the
-                clipped value loss
-  5. log      - legacy TRL's metric names, averaged over every minibatch of the logging window
+``train()`` reads as its steps, one rollout per turn of its loop:
+  1. rollout    - one completion per prompt of a ``batch_size`` batch, sampled by the current policy
+  2. score      - with the weights that sampled (the old policy), under no grad: log-probs and values
+                  of the sampled tokens, reference log-probs, and each completion's score
+  3. advantages - per-token rewards ``-kl_coef * KL(old || ref)``, the score added at the last token
+                  (after the missing-EOS penalty), optionally whitened; GAE advantages (whitened)
+  4. optimise   - ``num_ppo_epochs`` passes over shuffled mini-batches of micro-batches: the clipped
+                  surrogate against the recorded log-probs (fused kernel) plus ``vf_coef`` x the
+                  clipped value loss, backward
+  5. step       - one optimizer step per mini-batch
+  6. log / evaluate / save - legacy TRL's metric names, averaged over the logging window
 
 Batch sizes follow TRL 0.19: a rollout is ``per_device_train_batch_size x gradient_accumulation_steps``
 rows per process, split into ``num_mini_batches`` mini-batches, one optimizer step each, of
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
-import warnings
 from typing import Any
 
 import torch
@@ -42,38 +41,29 @@ from ..advantages import (
     masked_whiten,
     shaped_rewards,
 )
+from ..batch import PolicyBatch
 from ..checkpoint import resolve_resume
-from ..distributed import evaluation_share, mean_over_processes, rank_rows
-from ..kernels.ppo_loss import PolicyLossSettings, PolicyLossStats
-from ..logging import print_completions
-from ..modeling import build_policy, check_model_source, eos_token_ids, switch_off_dropout
-from ..ppo_config import PPOConfig
-from ..reference import SharedTrunkPolicyReference, build_reference
-from ..rewards import check_vocab, combine_rewards, load_rewards, score_rewards
-from ..rollout import GenerateSampler, Rollout, Sampler, SamplingSettings, prompt_batches, sample_rollout
-from ..scoring import (
-    PolicyBatch,
-    completion_hidden_states,
-    completion_logits_and_hidden,
-    eval_mode,
-    fused_policy_loss_from_hidden,
-    head_logprobs,
-    lm_parts,
-    plain_policy_loss,
-    plain_token_logprobs,
-    trunk_pass,
-)
-from ..sharding import load_local_state_dict, local_state_dict, reshard
-from ..value import (
+from ..critic import (
     Critic,
-    OwnLayersCritic,
-    PolicyValueHead,
     SeparateValueModel,
     ValueLoss,
+    add_critic_to_optimizer,
+    build_critic,
     clipped_value_loss,
-    completion_scores,
 )
-from .base import TrainerBase, seed_everything
+from ..data import check_prompt_dataset
+from ..distributed import mean_over_processes
+from ..kernels.ppo_loss import PolicyLossStats
+from ..metrics import print_completions
+from ..modeling import build_policy, check_model_source, eos_token_ids, switch_off_dropout
+from ..policy_forward import eval_mode
+from ..ppo_config import PPOConfig
+from ..reference import build_reference
+from ..reward_model import score_with_reward_model
+from ..rewards import check_vocab, combine_rewards, load_rewards, score_rewards
+from ..rollout import GenerateSampler, Rollout, Sampler
+from ..sharding import load_local_state_dict, local_state_dict
+from .base import RolloutBuffer, TrainerBase, seed_everything
 
 
 @dataclasses.dataclass
@@ -88,19 +78,40 @@ class RolloutRecord:
 
 
 @dataclasses.dataclass
-class RolloutBuffer:
-    """A rollout being optimised: its record and the rows of every micro-batch of every epoch, in
-    order (drawn when the rollout was made, so a resumed run replays the same order)."""
+class EpochPasses(RolloutBuffer):
+    """A PPO rollout under optimisation: its record and the rows of every micro-batch of every epoch,
+    in order (drawn when the rollout was made, so a resumed run replays the same order)."""
 
     record: RolloutRecord
     passes: list[torch.Tensor]  # [micro-batches] row indices into record.batch
+    done: int = 0
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def micro_batch(self, index: int) -> PolicyBatch:
+        return self.record.batch.select(self.passes[index].to(self.record.batch.rows.device))
+
+    def state_dict(self) -> dict[str, Any]:
+        record = self.record
+        return {
+            "batch": record.batch.state_dict(),
+            **{name: getattr(record, name) for name in ("values", "returns", "scores", "kl")},
+            "passes": list(self.passes),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> EpochPasses:
+        batch = PolicyBatch.from_state_dict(state["batch"], device)
+        record = RolloutRecord(batch, *(state[n].to(device) for n in ("values", "returns", "scores", "kl")))
+        return cls(record, list(state["passes"]))
 
 
 class PPOTrainer(TrainerBase):
     """Proximal Policy Optimization with a critic (Ouyang et al. 2022), legacy TRL's signature."""
 
     REWARD_METRIC, KL_METRIC = "objective/scores", "objective/kl"
-    _buffer: RolloutBuffer | None  # the rollout being optimised
+    BUFFER = EpochPasses
 
     def __init__(
         self,
@@ -132,8 +143,8 @@ class PPOTrainer(TrainerBase):
         if args.eval_strategy != "no" and eval_dataset is None:
             raise ValueError(f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset")
         seed_everything(args)
-        self.train_dataset = check_prompt_dataset("train_dataset", train_dataset, args.batch_size)
-        self.eval_dataset = check_prompt_dataset("eval_dataset", eval_dataset, 1, required=False)
+        self.train_dataset = _check_dataset("train_dataset", train_dataset, args.batch_size, required=True)
+        self.eval_dataset = _check_dataset("eval_dataset", eval_dataset, 1)
         policy, tokenizer = build_policy(
             model,
             processing_class,
@@ -145,7 +156,10 @@ class PPOTrainer(TrainerBase):
         )
         super().__init__(args, policy, tokenizer, callbacks, optimizers)
         self.model.to(self.device)
-        self.critic: Critic = self._build_critic(value_model)
+        if value_model is not None:
+            switch_off_dropout(value_model)
+            value_model = value_model.to(self.device)
+        self.critic: Critic = build_critic(self.model, value_model, args.critic, args.num_frozen_layers)
         add_critic_to_optimizer(optimizers[0], self.critic)
         self.eos_only = eos_token_ids(policy, tokenizer)  # what missing_eos_penalty looks for
         stop_id = args.stop_id(tokenizer.eos_token_id)
@@ -154,15 +168,9 @@ class PPOTrainer(TrainerBase):
         if ref_model is not None:
             check_same_vocab(self.model, ref_model)
             switch_off_dropout(ref_model)
+            ref_model = ref_model.to(self.device)
         self.reference = build_reference(
-            self.model,
-            beta=args.kl_coef,
-            sync=False,
-            fused=args.use_fused_kernels,
-            chunk_bytes=args.kernel_chunk_bytes,
-            padding_free=args.padding_free,
-            num_frozen_layers=args.num_frozen_layers,
-            ref_model=None if ref_model is None else ref_model.to(self.device),
+            self.model, self.policy_forward, kl_coef=args.kl_coef, ref_model=ref_model
         )
         critic_model = [self.critic.model] if isinstance(self.critic, SeparateValueModel) else []
         reward_models = [self.reward_model] if self.reward_model is not None else self.rewards.models()
@@ -173,24 +181,11 @@ class PPOTrainer(TrainerBase):
                     # needs a pad id to find each row's last token. That output is discarded (scores
                     # are read from the hidden states) and every model here reads the policy's ids.
                     scorer.config.pad_token_id = tokenizer.pad_token_id
-        self.shard_policy_and_reference(self.reference, *critic_model, *reward_models)
+        self.shard_models(*critic_model, *reward_models)
         self.sampler = sampler or GenerateSampler(self.model, tokenizer.pad_token_id, self.eos_token_ids)
-        self.loss_settings = PolicyLossSettings(
-            clip_low=args.cliprange, beta=0.0, loss_type="bnpo", temperature=args.temperature
-        )
-        self._shuffle = torch.Generator().manual_seed(args.seed)  # minibatch order, apart from sampling
         self._ratio_means: list[float] = []  # per micro-batch, for val/ratio_var
         self._rollout_metrics: dict[str, float] = {}  # the last rollout's objective/*, in every log
         self.callbacks("on_init_end")
-
-    def _build_critic(self, value_model: nn.Module | None) -> Critic:
-        args = self.args
-        if value_model is not None:
-            switch_off_dropout(value_model)
-            return SeparateValueModel(value_model.to(self.device))
-        if args.critic == "own_layers":
-            return OwnLayersCritic(self.model, args.num_frozen_layers, args.padding_free)
-        return PolicyValueHead(self.model)
 
     def _build_rewards(self, reward_model: Any, tokenizer: Any) -> tuple[nn.Module | None, Any]:
         """A sequence-classification model (module or path) scores the token ids themselves, as
@@ -209,55 +204,38 @@ class PPOTrainer(TrainerBase):
     def trained_modules(self) -> list[nn.Module]:
         return [self.model, *self.critic.trained_modules()]
 
-    @property
-    def micro_steps_per_update(self) -> int:
-        return self.args.micro_batches_per_step
-
     # --- the loop -----------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         """Run PPO for ``max_steps`` optimizer steps, or over ``total_episodes`` completions."""
-        args = self.args
+        args, rows = self.args, len(self.train_dataset)
         resume = resolve_resume(resume_from_checkpoint, args.output_dir)
-        updates = args.num_updates(len(self.train_dataset))
-        self.begin_training(args.optimizer_steps(len(self.train_dataset)), "PPO", resume_from=resume)
-        sample_every = max(1, updates // args.num_sample_generations) if args.num_sample_generations else 0
-        batches = prompt_batches(self.train_dataset, args.batch_size, args.data_seed or args.seed)
-        stop = self.continue_rollouts(batches)
-        while not stop:
-            rows = next(batches)[rank_rows(args.batch_size, self.accelerator, "batch_size")]
-            self.state.epoch = self._rollouts_drawn * args.batch_size / len(self.train_dataset)
-            self._rollouts_drawn += 1
-            t0 = time.perf_counter()
-            rollout = self._rollout(rows)  # 1
-            t1 = time.perf_counter()
-            record = self._record(rollout)  # 2
-            self._rewards_and_advantages(record)  # 3
-            self.metrics.add("time/rollout", t1 - t0)
-            self.metrics.add("time/score", time.perf_counter() - t1)
-            self._log_rollout(rollout, record)
-            if (
-                sample_every
-                and self.eval_dataset is not None
-                and (self._rollouts_drawn - 1) % sample_every == 0
-            ):
-                self.print_samples()
-            stop = self._optimise(RolloutBuffer(record, self._passes(record)))  # 4 (+ 5 at each step)
+        self.begin_training(args.optimizer_steps(rows), "PPO", resume_from=resume)
+        sample_every = args.samples_every(rows)
+        prompts = self.prompt_stream(args.batch_size, args.data_order_seed)
+        while not self.finished:
+            buffer = self.buffer  # the rollout a checkpoint fell inside, else None: a new one
+            if buffer is None:
+                rows = next(prompts)
+                with self.metrics.timed("time/rollout"):
+                    rollout = self._rollout(rows)  # 1. rollout
+                with self.metrics.timed("time/score"):
+                    record = self._record(rollout)  # 2. score
+                    self._rewards_and_advantages(record)  # 3. advantages
+                self._log_rollout(rollout, record)
+                if (
+                    sample_every
+                    and self.eval_dataset is not None
+                    and (self.rollouts_drawn - 1) % sample_every == 0
+                ):
+                    self.print_samples()
+                buffer = EpochPasses(record, self._passes(record))
+            self._optimise(buffer)  # 4. optimise, 5. step, 6. log / evaluate / save
         return self.end_training()
 
     def _rollout(self, rows: list[dict[str, Any]]) -> Rollout:
         """Step 1: one completion per prompt with the current policy."""
-        with self.accelerator.autocast():
-            return sample_rollout(
-                self.sampler,
-                self.processing_class,
-                rows,
-                1,
-                self._sampling(),
-                self.eos_token_ids,
-                self.device,
-                keep_columns=not self.args.remove_unused_columns,
-            )
+        return self.sample(rows, 1, self.args.sampling_settings())
 
     @torch.no_grad()
     def _record(self, rollout: Rollout) -> RolloutRecord:
@@ -269,22 +247,14 @@ class PPOTrainer(TrainerBase):
         old_logprobs = torch.zeros(size, device=self.device)
         values = torch.zeros(size, device=self.device)
         ref_logprobs = torch.zeros(size, device=self.device) if self.reference is not None else None
-        modules = self.trained_modules()
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        try:
-            with self.accelerator.autocast():
-                for chunk in batch.split(args.local_rollout_forward_batch_size):
-                    width = chunk.completion_ids.shape[1]
-                    logp, value, ref = self._old_scores(chunk)
-                    old_logprobs[chunk.rows, :width] = logp
-                    values[chunk.rows, :width] = value
-                    if ref_logprobs is not None:
-                        ref_logprobs[chunk.rows, :width] = ref
-        finally:
-            for m, mode in zip(modules, modes, strict=True):
-                m.train(mode)
+        with eval_mode(*self.trained_modules()), self.accelerator.autocast():
+            for chunk in batch.split(args.local_rollout_forward_batch_size):
+                width = chunk.completion_ids.shape[1]
+                logp, value, ref = self._old_scores(chunk)
+                old_logprobs[chunk.rows, :width] = logp
+                values[chunk.rows, :width] = value
+                if ref_logprobs is not None:
+                    ref_logprobs[chunk.rows, :width] = ref
         scores, valid = self._scores(rollout, batch)
         batch.loss_mask = batch.loss_mask * valid[:, None]  # skip_invalid_rewards: out of every loss
         mask = batch.loss_mask.float()
@@ -295,47 +265,23 @@ class PPOTrainer(TrainerBase):
         return RolloutRecord(batch, values * mask, torch.zeros_like(mask), scores, kl)
 
     def _old_scores(self, chunk: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``[b, Lc]`` log-probs of the sampled tokens, values, and reference log-probs of one chunk:
-        one policy pass feeds the log-probs and a head critic; a shared trunk pass feeds the policy,
-        a trunk critic and a shared-trunk reference."""
-        args = self.args
-        shared = None
-        if args.num_frozen_layers is not None:
-            shared = trunk_pass(self.model, chunk, args.num_frozen_layers, args.padding_free)
-        if args.use_fused_kernels or shared is not None:
-            hidden = completion_hidden_states(self.model, chunk, args.padding_free, shared)
-            _, head = lm_parts(self.model)
-            logp = head_logprobs(
-                head,
-                hidden,
-                chunk,
-                args.temperature,
-                fused=args.use_fused_kernels,
-                chunk_bytes=args.kernel_chunk_bytes,
-            )
-        else:
-            logits, hidden = completion_logits_and_hidden(
-                self.model, chunk, args.padding_free, with_hidden=self.critic.reads_policy_hidden
-            )
-            logp = plain_token_logprobs(logits, chunk.completion_ids, args.temperature)[0]
-            logp = logp.masked_fill(~chunk.completion_mask.bool(), 0.0)
-        values = self.critic.values(chunk, hidden, shared)
+        """``[b, Lc]`` log-probs of the sampled tokens, values, and reference log-probs of one chunk,
+        from one policy pass: a head critic reads its hidden states; a trunk critic and a
+        shared-trunk reference read its trunk pass."""
+        policy_pass = self.policy_forward.run(self.model, chunk, with_hidden=self.critic.reads_policy_hidden)
+        logp = self.policy_forward.logprobs(policy_pass, chunk, self.args.temperature)
+        values = self.critic.values(chunk, policy_pass)
         if self.reference is None:
             return logp, values, None
-        if shared is not None and isinstance(self.reference, SharedTrunkPolicyReference):
-            return logp, values, self.reference.logprobs_from_trunk(shared, chunk, args.temperature)
-        return logp, values, self.reference.logprobs(chunk, args.temperature)
+        return logp, values, self.reference.logprobs(chunk, self.args.temperature, policy_pass.trunk)
 
     def _scores(self, rollout: Rollout, batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B], [B] bool)``: each completion's score, with the missing-EOS penalty, and whether it
         is valid (False only for samples ``skip_invalid_rewards`` dropped; their score is 0)."""
         args = self.args
         if self.reward_model is not None:
-            with eval_mode(self.reward_model), self.accelerator.autocast():
-                try:
-                    scores = completion_scores(self.reward_model, batch)
-                finally:
-                    reshard(self.reward_model)  # sharded: no backward follows to free the root unit
+            with self.accelerator.autocast():
+                scores = score_with_reward_model(self.reward_model, batch)
             valid = torch.isfinite(scores)
             if not args.skip_invalid_rewards and not bool(valid.all()):
                 raise ValueError(
@@ -395,59 +341,39 @@ class PPOTrainer(TrainerBase):
             passes += list(order.split(args.per_device_train_batch_size))
         return passes
 
-    def _optimise(self, buffer: RolloutBuffer, done: int = 0) -> bool:
-        """Step 4: the buffer's micro-batches from ``done`` on; the base steps the optimizer every
-        ``micro_batches_per_step`` of them, i.e. once per mini-batch. True: stop."""
-        args = self.args
-        record = buffer.record
-        scale = 1.0 / self.micro_steps_per_update  # each micro-batch loss is a masked mean
-        if done == 0:  # a resumed rollout's tokens were counted before the checkpoint
+    def _optimise(self, buffer: EpochPasses) -> None:
+        """Steps 4-6 over the rollout's micro-batches, from where a checkpoint left them: each one's
+        policy and value loss from one pass, backward; an optimizer step at the end of each
+        mini-batch, then log / evaluate / save. Stops early when training must stop."""
+        args, record = self.args, buffer.record
+        scale = 1.0 / args.micro_batches_per_step  # each micro-batch loss is a masked mean
+        if buffer.done == 0:  # a resumed rollout's tokens were counted before the checkpoint
             self.add_tokens(record.batch.num_tokens * args.num_ppo_epochs)
-        self._buffer = buffer
-        for index in range(done, len(buffer.passes)):
-            mb = record.batch.select(buffer.passes[index].to(self.device))
-            start = time.perf_counter()
+        for mb in self.micro_batches(buffer):
             width = mb.completion_ids.shape[1]
-            with self.accelerator.autocast():
-                pg_loss, stats, values = self._loss_and_values(mb)
-                value_loss = clipped_value_loss(
-                    values,
-                    record.values[mb.rows, :width],
-                    record.returns[mb.rows, :width],
-                    mb.loss_mask,
-                    args.cliprange_value,
-                )
-            self.backward((pg_loss + args.vf_coef * value_loss.loss) * scale)
-            self.metrics.add("time/minibatch", time.perf_counter() - start)
+            with self.metrics.timed("time/minibatch"):
+                with self.accelerator.autocast():  # 4. optimise
+                    pg_loss, stats, values = self._loss_and_values(mb)
+                    value_loss = clipped_value_loss(
+                        values,
+                        record.values[mb.rows, :width],
+                        record.returns[mb.rows, :width],
+                        mb.loss_mask,
+                        args.cliprange_value,
+                    )
+                self.backward((pg_loss + args.vf_coef * value_loss.loss) * scale)
             self._record_minibatch(mb, stats, pg_loss, value_loss)
-            self._buffer_done = index + 1  # before end_micro_step: a checkpoint there saves this position
-            if self.end_micro_step():
-                return True
-        self._buffer = None
-        return False
+            if self.window_complete:
+                self.optimizer_step()  # 5. step
+                if self.after_step():  # 6. log / evaluate / save
+                    return
 
     def _loss_and_values(self, mb: PolicyBatch) -> tuple[torch.Tensor, PolicyLossStats, torch.Tensor]:
         """The clipped surrogate of a micro-batch (ratio against the recorded log-probs), its stats,
         and the critic's values, with grad, from one pass (the trunk pass shared when there is one)."""
-        args = self.args
-        shared = None
-        if args.num_frozen_layers is not None:
-            shared = trunk_pass(self.model, mb, args.num_frozen_layers, args.padding_free)
-        if args.use_fused_kernels or shared is not None:  # one trunk pass for the policy and critic
-            hidden = completion_hidden_states(self.model, mb, args.padding_free, shared)
-            if args.use_fused_kernels:
-                loss, stats = fused_policy_loss_from_hidden(
-                    self.model, hidden, mb, self.loss_settings, args.kernel_chunk_bytes
-                )
-            else:
-                _, head = lm_parts(self.model)
-                loss, stats = plain_policy_loss(head(hidden), mb, self.loss_settings)
-            return loss, stats, self.critic.values(mb, hidden, shared)
-        logits, hidden = completion_logits_and_hidden(
-            self.model, mb, args.padding_free, with_hidden=self.critic.reads_policy_hidden
-        )
-        loss, stats = plain_policy_loss(logits, mb, self.loss_settings)
-        return loss, stats, self.critic.values(mb, hidden, None)
+        policy_pass = self.policy_forward.run(self.model, mb, with_hidden=self.critic.reads_policy_hidden)
+        loss, stats = self.policy_forward.loss(policy_pass, mb, self.args.loss_settings())
+        return loss, stats, self.critic.values(mb, policy_pass)
 
     # --- metrics ------------------------------------------------------------------------------------
 
@@ -458,21 +384,17 @@ class PPOTrainer(TrainerBase):
         batch = record.batch
         mask = batch.loss_mask.float()
         non_score = float((-self.args.kl_coef * record.kl).sum(1).mean())
+        eos = torch.isin(batch.completion_ids, torch.tensor(self.eos_only, device=self.device))
         metrics = {
             "objective/entropy": float((-batch.old_logprobs * mask).sum(1).mean()),
             "objective/non_score_reward": non_score,
             "objective/rlhf_reward": non_score + float(record.scores.mean()),
             "objective/scores": float(record.scores.mean()),
             "val/explained_variance": explained_variance(record.values, record.returns, mask),
-            "val/num_eos_tokens": float(
-                (
-                    torch.isin(batch.completion_ids, torch.tensor(self.eos_only, device=self.device))
-                    & (mask > 0)
-                ).sum()
-            ),
+            "val/num_eos_tokens": float((eos & (mask > 0)).sum()),
             "completions/mean_length": float(rollout.lengths.float().mean()),
             "completions/clipped_ratio": float(rollout.is_truncated.float().mean()),
-            "episode": float(self._rollouts_drawn * self.args.batch_size),
+            "episode": float(self.rollouts_drawn * self.args.batch_size),
         }
         if self.reference is not None:  # without a reference (kl_coef == 0) there is no KL to report
             metrics["objective/kl"] = float(record.kl.sum(1).mean())
@@ -513,11 +435,9 @@ class PPOTrainer(TrainerBase):
         if self.eval_dataset is None:
             raise ValueError("evaluate() needs an eval_dataset")
         rows = self._evaluation_rows()
-        metrics = {f"{metric_key_prefix}_objective/scores": sum(r["score"] for r in rows) / len(rows)}
-        if self.log_writer is not None:
-            self.log(metrics, training=False)
-        self.callbacks("on_evaluate", metrics=metrics)
-        return metrics
+        return self.report_evaluation(
+            {f"{metric_key_prefix}_objective/scores": sum(r["score"] for r in rows) / len(rows)}
+        )
 
     def print_samples(self) -> None:
         """A table of greedy completions for the eval prompts (legacy TRL's generate_completions)."""
@@ -528,28 +448,18 @@ class PPOTrainer(TrainerBase):
     def _evaluation_rows(self) -> list[dict[str, Any]]:
         """Every eval prompt's greedy completion and score; each process samples its share."""
         rows: list[dict[str, Any]] = []
-        size = self.args.local_rollout_forward_batch_size
-        indices, counted = evaluation_share(len(self.eval_dataset), self.accelerator)
-        for start in range(0, len(indices), size):
-            batch = [self.eval_dataset[i] for i in indices[start : start + size]]
-            with self.accelerator.autocast():
-                rollout = sample_rollout(
-                    self.sampler,
-                    self.processing_class,
-                    batch,
-                    1,
-                    self._sampling(do_sample=False),
-                    self.eos_token_ids,
-                    self.device,
-                    keep_columns=not self.args.remove_unused_columns,
-                )
+        size, greedy = (
+            self.args.local_rollout_forward_batch_size,
+            self.args.sampling_settings(do_sample=False),
+        )
+        for rollout, counts in self.evaluation_rollouts(self.eval_dataset, size, 1, greedy):
             scores, _ = self._scores(rollout, PolicyBatch.from_rollout(rollout, mask_truncated=False))
             rows += [
                 {"prompt": p, "completion": c, "score": float(s)}
-                for p, c, s in zip(rollout.prompts, rollout.completions, scores, strict=True)
+                for p, c, s, counted in zip(rollout.prompts, rollout.completions, scores, counts, strict=True)
+                if counted
             ]
-        mine = [row for row, counts in zip(rows, counted, strict=True) if counts]
-        return mine if self.accelerator.num_processes == 1 else gather_object(mine)
+        return rows if self.accelerator.num_processes == 1 else gather_object(rows)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The policy and tokenizer (``save_pretrained``), and the critic next to them (field note 9)."""
@@ -557,61 +467,19 @@ class PPOTrainer(TrainerBase):
         super().save_model(output_dir, _internal_call)
         self.critic.save(output_dir, self.accelerator.is_main_process)  # every process: it may gather
 
-    def generators(self) -> dict[str, torch.Generator]:
-        return {"shuffle": self._shuffle}
-
     def checkpoint_extras(self) -> dict[str, Any]:
-        """Rollouts drawn, the rollout under optimisation when a checkpoint falls inside it (record
-        and micro-batch order), the critic's weights and the last rollout's metrics."""
-        buffer = self._buffer
-        finished = buffer is None or self._buffer_done == len(buffer.passes)
-        extras: dict[str, Any] = {
-            "rollouts_drawn": self._rollouts_drawn,
-            "buffer_done": 0 if finished else self._buffer_done,
-            "buffer": None if finished else _buffer_dict(buffer),
-            "critic": [local_state_dict(m) for m in self.critic.trained_modules()],  # own shards
+        """The critic's weights (this process's shards) and the last rollout's metrics."""
+        return {
+            "critic": [local_state_dict(m) for m in self.critic.trained_modules()],
             "rollout_metrics": dict(self._rollout_metrics),
             "ratio_means": list(self._ratio_means),
         }
-        return extras
 
     def restore_extras(self, extras: dict[str, Any]) -> None:
-        self._rollouts_drawn = int(extras["rollouts_drawn"])
-        self._buffer_done = int(extras["buffer_done"])
-        buffer = extras["buffer"]
-        self._buffer = None if buffer is None else _buffer_from_dict(buffer, self.device)
         for module, state in zip(self.critic.trained_modules(), extras["critic"], strict=True):
             load_local_state_dict(module, state)
         self._rollout_metrics = dict(extras["rollout_metrics"])
         self._ratio_means = list(extras["ratio_means"])
-
-    def _sampling(self, do_sample: bool = True) -> SamplingSettings:
-        args = self.args
-        return SamplingSettings(
-            max_new_tokens=args.response_length,
-            temperature=args.temperature,
-            top_k=0,
-            do_sample=do_sample,
-            extra=tuple((args.generation_kwargs or {}).items()),
-        )
-
-
-def _buffer_dict(buffer: RolloutBuffer) -> dict[str, Any]:
-    record = buffer.record
-    return {
-        "batch": {f.name: getattr(record.batch, f.name) for f in dataclasses.fields(record.batch)},
-        **{name: getattr(record, name) for name in ("values", "returns", "scores", "kl")},
-        "passes": list(buffer.passes),
-    }
-
-
-def _buffer_from_dict(values: dict[str, Any], device: torch.device) -> RolloutBuffer:
-    def on(x: Any) -> Any:
-        return x.to(device) if torch.is_tensor(x) else x
-
-    batch = PolicyBatch(**{k: on(v) for k, v in values["batch"].items()})
-    record = RolloutRecord(batch, *(on(values[n]) for n in ("values", "returns", "scores", "kl")))
-    return RolloutBuffer(record, list(values["passes"]))
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -626,28 +494,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - masked_var(returns - values, mask) / var_returns) if var_returns > 0 else math.nan
 
 
-def add_critic_to_optimizer(optimizer: torch.optim.Optimizer | None, critic: Critic) -> None:
-    """A user-built optimizer (``optimizers=``) cannot know the critic the trainer builds: its
-    trainable parameters join as one more param group with the optimizer's defaults (said once),
-    or the value loss would train nothing."""
-    if optimizer is None:
-        return
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [
-        p
-        for module in critic.trained_modules()
-        for p in module.parameters()
-        if p.requires_grad and id(p) not in stepped
-    ]
-    if missing:
-        warnings.warn(
-            f"optimizers: added the critic's {len(missing)} trainable tensors as a new param group",
-            UserWarning,
-            stacklevel=3,
-        )
-        optimizer.add_param_group({"params": missing})
-
-
 def check_same_vocab(policy: nn.Module, other: nn.Module, name: str = "ref_model") -> None:
     """The reference must score the policy's token ids: same output vocabulary size."""
     mine = policy.get_output_embeddings().weight.shape[0]
@@ -658,25 +504,13 @@ def check_same_vocab(policy: nn.Module, other: nn.Module, name: str = "ref_model
         )
 
 
-def check_prompt_dataset(name: str, dataset: Any, min_rows: int, required: bool = True) -> Any:
-    """A map-style dataset whose rows hold "input_ids" (legacy TRL PPO) or "prompt" text/messages."""
-    if dataset is None:
-        if required:
-            raise ValueError(f"{name} is required")
-        return None
-    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__") or isinstance(dataset, dict):
-        raise ValueError(f"{name} must be a datasets.Dataset or a list of dicts")
-    if len(dataset) == 0:
-        raise ValueError(f"{name} is empty")
-    first = dataset[0]
-    if not isinstance(first, dict) or not ({"input_ids", "prompt"} & set(first)):
-        columns = list(first) if isinstance(first, dict) else type(first).__name__
-        raise ValueError(
-            f"{name} needs an 'input_ids' (tokenised prompts) or a 'prompt' column; it has {columns}"
-        )
-    if len(dataset) < min_rows:
-        raise ValueError(
-            f"{name} has {len(dataset)} rows but one rollout needs batch_size = "
-            f"per_device_train_batch_size x gradient_accumulation_steps x processes = {min_rows}"
-        )
-    return dataset
+def _check_dataset(name: str, dataset: Any, min_rows: int, required: bool = False) -> Any:
+    """A prompt dataset whose rows hold "input_ids" (legacy TRL PPO) or "prompt" text/messages."""
+    return check_prompt_dataset(
+        name,
+        dataset,
+        ("input_ids", "prompt"),
+        min_rows=min_rows,
+        rollout_size="batch_size = per_device_train_batch_size x gradient_accumulation_steps x processes",
+        required=required,
+    )

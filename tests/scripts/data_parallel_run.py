@@ -142,10 +142,8 @@ class StopAfterFirstStep(TrainerCallback):
         control.should_training_stop = True
 
 
-def poison_first_loss_on_rank1() -> None:
-    import fastppo.trainer.grpo as grpo
-
-    clean, calls = grpo.policy_loss, []
+def poison_first_loss_on_rank1(trainer: GRPOTrainer) -> None:
+    clean, calls = trainer.policy_forward.policy_loss, []
 
     def policy_loss(*args, **kwargs):
         loss, stats = clean(*args, **kwargs)
@@ -154,12 +152,10 @@ def poison_first_loss_on_rank1() -> None:
             loss = loss * float("nan")
         return loss, stats
 
-    grpo.policy_loss = policy_loss
+    trainer.policy_forward.policy_loss = policy_loss
 
 
 def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
-    if os.environ.get("NAN_ON_RANK1") == "1":
-        poison_first_loss_on_rank1()
     tokenizer = build_tokenizer()
     sampler = (
         None
@@ -170,6 +166,8 @@ def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
         trainer = grpo_trainer(out_dir, per_device_batch, tokenizer, sampler, phase)
     else:
         trainer = ppo_trainer(out_dir, per_device_batch, tokenizer, sampler, phase)
+    if os.environ.get("NAN_ON_RANK1") == "1":
+        poison_first_loss_on_rank1(trainer)
     if phase == "first":
         trainer.add_callback(StopAfterFirstStep)
     trainer.train(resume_from_checkpoint=phase == "second")

@@ -8,14 +8,14 @@ import copy
 import pytest
 import torch
 from fastppo.kernels import linear_token_logprobs
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from fastppo.adapters import adapters_disabled
+from fastppo.critic import TrunkValueModel, ValueHead
 from fastppo.memory.accounting import unique_parameter_bytes
-from fastppo.memory.checkpointing import enable_gradient_checkpointing
-from fastppo.memory.critic import TrunkValueModel, ValueHead
-from fastppo.memory.optim import create_optimizer
-from fastppo.memory.shared_reference import SharedTrunkReference, adapters_disabled
+from fastppo.memory.activation_checkpointing import enable_gradient_checkpointing
 from fastppo.memory.trunk import freeze_trunk, policy_top, run_top, run_trunk
+from fastppo.optim import create_optimizer
+from fastppo.reference import SharedTrunkReference
 
 LAYERS = 4
 VOCAB = 101
@@ -25,19 +25,12 @@ VOCAB = 101
 LOGP_TOL = dict(rtol=0.0, atol=1e-5)
 
 
-def tiny_lm(arch: str, tied: bool) -> torch.nn.Module:
-    shape = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        tie_word_embeddings=tied,
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model):
+    """``tiny_lm(arch, tied)``: a ``LAYERS``-layer model of vocabulary ``VOCAB``, lm_head tied or not."""
+    return lambda arch, tied: tiny_model(
+        arch, num_hidden_layers=LAYERS, vocab_size=VOCAB, tie_word_embeddings=tied
     )
-    if arch == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**shape))
-    return LlamaForCausalLM(LlamaConfig(**shape))
 
 
 def batch(rows: int = 3, length: int = 9, seed: int = 0):
@@ -83,7 +76,7 @@ ARCH_IDS = ["qwen2-untied", "qwen2-tied", "llama-tied"]
 
 @pytest.mark.parametrize("arch,tied", ARCHS, ids=ARCH_IDS)
 @pytest.mark.parametrize("k", [0, 2, LAYERS])
-def test_trunk_then_top_is_the_models_forward(arch, tied, k):
+def test_trunk_then_top_is_the_models_forward(arch, tied, k, tiny_lm):
     model = tiny_lm(arch, tied)
     ids, mask, positions, _ = batch()
     expected = model.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
@@ -93,7 +86,7 @@ def test_trunk_then_top_is_the_models_forward(arch, tied, k):
 
 @pytest.mark.parametrize("arch,tied", ARCHS, ids=ARCH_IDS)
 @pytest.mark.parametrize("k", [0, 2, LAYERS - 1])
-def test_reference_equals_deep_copied_reference(arch, tied, k):
+def test_reference_equals_deep_copied_reference(arch, tied, k, tiny_lm):
     policy = tiny_lm(arch, tied)
     frozen_copy = copy.deepcopy(policy).eval().requires_grad_(False)
     freeze_trunk(policy, k)
@@ -113,7 +106,7 @@ def test_reference_equals_deep_copied_reference(arch, tied, k):
 
 
 @pytest.mark.parametrize("arch,tied", ARCHS, ids=ARCH_IDS)
-def test_frozen_trunk_gets_no_grad_and_no_optimizer_state(arch, tied):
+def test_frozen_trunk_gets_no_grad_and_no_optimizer_state(arch, tied, tiny_lm):
     k = 2
     policy = tiny_lm(arch, tied)
     frozen = freeze_trunk(policy, k)
@@ -132,7 +125,7 @@ def test_frozen_trunk_gets_no_grad_and_no_optimizer_state(arch, tied):
 
 
 @pytest.mark.parametrize("arch,tied", [("qwen2", False), ("llama", True)], ids=["qwen2-untied", "llama-tied"])
-def test_sync_mixes_only_the_reference_own_layers(arch, tied):
+def test_sync_mixes_only_the_reference_own_layers(arch, tied, tiny_lm):
     k = 2
     policy = tiny_lm(arch, tied)
     freeze_trunk(policy, k)
@@ -163,7 +156,7 @@ def test_sync_mixes_only_the_reference_own_layers(arch, tied):
 
 @pytest.mark.parametrize("arch,tied", ARCHS, ids=ARCH_IDS)
 @pytest.mark.parametrize("k", [0, 3, LAYERS])
-def test_parameter_bytes_match_the_formula(arch, tied, k):
+def test_parameter_bytes_match_the_formula(arch, tied, k, tiny_lm):
     policy = tiny_lm(arch, tied)
     policy_bytes = sum(p.numel() * 4 for p in policy.parameters())  # .parameters() yields a tied tensor once
     assert unique_parameter_bytes(policy) == policy_bytes
@@ -178,7 +171,7 @@ def test_parameter_bytes_match_the_formula(arch, tied, k):
     assert (reference.lm_head is None) == tied
 
 
-def test_accounting_on_meta_device_needs_no_memory():
+def test_accounting_on_meta_device_needs_no_memory(tiny_lm):
     """The benchmark accounts 7B-shaped models without allocating them."""
     with torch.device("meta"):
         policy = tiny_lm("qwen2", tied=True)
@@ -189,7 +182,7 @@ def test_accounting_on_meta_device_needs_no_memory():
     assert unique_parameter_bytes(policy, reference) == 4 * (total + 3 * layer + 32)
 
 
-def test_critic_on_the_shared_trunk():
+def test_critic_on_the_shared_trunk(tiny_lm):
     k = 2
     policy = tiny_lm("qwen2", tied=False)
     freeze_trunk(policy, k)
@@ -209,7 +202,7 @@ def test_critic_on_the_shared_trunk():
     assert all(p.grad is None for p in policy.parameters())  # the value loss never reaches the policy
 
 
-def test_value_head_on_the_policy_top_trains_the_policy_top():
+def test_value_head_on_the_policy_top_trains_the_policy_top(tiny_lm):
     k = 2
     policy = tiny_lm("llama", tied=True)
     freeze_trunk(policy, k)
@@ -223,7 +216,7 @@ def test_value_head_on_the_policy_top_trains_the_policy_top():
     assert all(p.grad is None for p in policy.model.layers[:k].parameters())
 
 
-def test_sharing_needs_a_frozen_trunk_and_a_matching_trunk():
+def test_sharing_needs_a_frozen_trunk_and_a_matching_trunk(tiny_lm):
     policy = tiny_lm("qwen2", tied=False)
     with pytest.raises(ValueError, match="freeze_trunk"):
         SharedTrunkReference(policy, 2)
@@ -241,7 +234,7 @@ def test_sharing_needs_a_frozen_trunk_and_a_matching_trunk():
         reference.sync(policy, 1.5)
 
 
-def test_lora_reference_is_the_base_model_with_zero_extra_weights():
+def test_lora_reference_is_the_base_model_with_zero_extra_weights(tiny_lm):
     from peft import LoraConfig, get_peft_model
 
     base = tiny_lm("qwen2", tied=False)
@@ -268,7 +261,7 @@ def _count_forward_calls(module: torch.nn.Module) -> list[int]:
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_checkpointing_with_a_frozen_trunk(use_reentrant):
+def test_checkpointing_with_a_frozen_trunk(use_reentrant, tiny_lm):
     """Same gradients as without checkpointing; non-reentrant never reruns (or backprops through)
     the frozen trunk, reentrant needs the embedding output to require grad and gets it."""
     k = 2

@@ -13,6 +13,7 @@ import functools
 import os
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -140,3 +141,21 @@ def create_optimizer(
         return build_bnb_optimizer(groups, name, lr=lr, betas=betas, eps=eps)
     fused = name == "adamw_torch_fused" and device.type == "cuda"
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def optimizer_from_config(args: Any, modules: Iterable[nn.Module], sharded: bool) -> torch.optim.Optimizer:
+    """The optimizer a config asks for (``optim``, ``learning_rate``, ``weight_decay``, Adam's betas and
+    epsilon) over ``modules``. Sharded runs fall back from 8-bit (bitsandbytes does not shard its
+    state here) to ``adamw_torch``, said once."""
+    name = str(getattr(args.optim, "value", args.optim))
+    if sharded and name in BNB_OPTIMIZERS:
+        warn_once(f"optim={name!r} with fsdp: bitsandbytes does not shard its state here; adamw_torch")
+        name = "adamw_torch"
+    return create_optimizer(
+        modules,
+        name,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .trunk import unwrap_peft
+from ..adapters import unwrap_peft
 
 
 def enable_gradient_checkpointing(

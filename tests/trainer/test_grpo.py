@@ -12,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from fastppo import GRPOConfig, GRPOTrainer
+from fastppo.config import ForwardPlan
 from fastppo.demo import build_policy, build_tokenizer
-from fastppo.scoring import policy_loss
+from fastppo.policy_forward import PolicyForward
 
 PROMPTS = [
     "say : cat",
@@ -27,26 +28,10 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model_dir(saved_tiny_model):
-    return saved_tiny_model()
-
-
-def config(tmp_path, **overrides) -> GRPOConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=5,
-        max_steps=2,
-        logging_steps=1,
-        learning_rate=1e-3,
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-    )
-    values.update(overrides)
-    return GRPOConfig(**values)
+# The run every test here starts from (grpo_config adds a quiet short run around it).
+SHAPE = dict(
+    per_device_train_batch_size=8, num_generations=4, max_completion_length=5, max_steps=2, learning_rate=1e-3
+)
 
 
 def length_reward(completions, **kwargs):
@@ -55,11 +40,6 @@ def length_reward(completions, **kwargs):
 
 def cat_reward(completions, **kwargs):
     return [1.0 if "cat" in c.split() else None for c in completions]  # None: not applicable
-
-
-def id_reward(completion_ids, **kwargs):
-    """Varied, deterministic rewards so advantages are non-zero in every group."""
-    return [float(len(ids) + ids[0] % 3) if ids else 0.0 for ids in completion_ids]
 
 
 def dataset(n: int = 8):
@@ -130,7 +110,7 @@ def test_trl_shaped_script_runs_end_to_end(model_dir, tmp_path):
     assert metrics["eval_reward"] >= metrics["eval_rewards/length_reward/mean"]  # cat_reward adds >= 0
 
 
-def test_reward_functions_get_trls_calling_convention(model_dir, tmp_path):
+def test_reward_functions_get_trls_calling_convention(model_dir, grpo_config, id_reward):
     seen = {}
 
     def spy(prompts, completions, completion_ids, **kwargs):
@@ -139,7 +119,10 @@ def test_reward_functions_get_trls_calling_convention(model_dir, tmp_path):
 
     data = datasets.Dataset.from_dict({"prompt": PROMPTS[:2], "word": ["cat", "dog"]})
     trainer = GRPOTrainer(
-        model=model_dir, reward_funcs=[spy, id_reward], args=config(tmp_path, max_steps=1), train_dataset=data
+        model=model_dir,
+        reward_funcs=[spy, id_reward],
+        args=grpo_config(SHAPE, max_steps=1),
+        train_dataset=data,
     )
     trainer.train()
     assert len(seen["prompts"]) == len(seen["completions"]) == len(seen["completion_ids"]) == 8
@@ -149,7 +132,7 @@ def test_reward_functions_get_trls_calling_convention(model_dir, tmp_path):
     assert all(isinstance(c, str) for c in seen["completions"])
 
 
-def test_chat_prompts_become_chat_completions(model_dir, tmp_path):
+def test_chat_prompts_become_chat_completions(model_dir, grpo_config):
     seen = {}
 
     def spy(prompts, completions, **kwargs):
@@ -158,7 +141,7 @@ def test_chat_prompts_become_chat_completions(model_dir, tmp_path):
 
     data = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS[:2]]})
     GRPOTrainer(
-        model=model_dir, reward_funcs=spy, args=config(tmp_path, max_steps=1), train_dataset=data
+        model=model_dir, reward_funcs=spy, args=grpo_config(SHAPE, max_steps=1), train_dataset=data
     ).train()
     assert seen["prompts"][0][0]["role"] == "user"
     assert seen["completions"][0][0]["role"] == "assistant"
@@ -171,21 +154,24 @@ def test_chat_prompts_become_chat_completions(model_dir, tmp_path):
         (lambda completions, **k: [1.0], r"returned 1 rewards for 8 completions"),
     ],
 )
-def test_bad_reward_output_names_function_and_sample(model_dir, tmp_path, reward, message):
+def test_bad_reward_output_names_function_and_sample(model_dir, reward, message, grpo_config):
     trainer = GRPOTrainer(
-        model=model_dir, reward_funcs=reward, args=config(tmp_path, max_steps=1), train_dataset=dataset(2)
+        model=model_dir, reward_funcs=reward, args=grpo_config(SHAPE, max_steps=1), train_dataset=dataset(2)
     )
     with pytest.raises(ValueError, match=message):
         trainer.train()
 
 
-def run_one_step(tmp_path, loss_type: str, batch: int, accumulation: int) -> dict[str, torch.Tensor]:
+def run_one_step(
+    tmp_path, grpo_config, id_reward, loss_type: str, batch: int, accumulation: int
+) -> dict[str, torch.Tensor]:
     """One optimizer step with SGD(lr=1) and no clipping: the update *is* the summed gradient."""
     tokenizer = build_tokenizer()
     model = build_policy(tokenizer, seed=3, hidden_size=32)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = config(
-        tmp_path / f"{loss_type}-{batch}x{accumulation}",
+    args = grpo_config(
+        SHAPE,
+        output_dir=str(tmp_path / f"{loss_type}-{batch}x{accumulation}" / "out"),
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation,
         max_steps=1,
@@ -207,29 +193,29 @@ def run_one_step(tmp_path, loss_type: str, batch: int, accumulation: int) -> dic
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
-def test_accumulation_equivalence(tmp_path, loss_type):
+def test_accumulation_equivalence(tmp_path, loss_type, grpo_config, id_reward):
     """Batch 8 x accumulation 1 updates exactly like 4 x 2 (field note 5) for global normalisers."""
-    whole = run_one_step(tmp_path, loss_type, 8, 1)
-    split = run_one_step(tmp_path, loss_type, 4, 2)
+    whole = run_one_step(tmp_path, grpo_config, id_reward, loss_type, 8, 1)
+    split = run_one_step(tmp_path, grpo_config, id_reward, loss_type, 4, 2)
     assert any(d.abs().max() > 1e-4 for d in whole.values())
     for name, delta in whole.items():
         torch.testing.assert_close(split[name], delta, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_bnpo_normalises_per_minibatch(tmp_path):
+def test_bnpo_normalises_per_minibatch(tmp_path, grpo_config, id_reward):
     """bnpo divides by each minibatch's own token count (TRL documents it): 8 x 1 != 4 x 2. This
     also shows the equivalence test above can fail."""
-    whole = run_one_step(tmp_path, "bnpo", 8, 1)
-    split = run_one_step(tmp_path, "bnpo", 4, 2)
+    whole = run_one_step(tmp_path, grpo_config, id_reward, "bnpo", 8, 1)
+    split = run_one_step(tmp_path, grpo_config, id_reward, "bnpo", 4, 2)
     assert not all(torch.allclose(split[n], d, rtol=1e-4, atol=1e-7) for n, d in whole.items())
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
-def test_recorded_old_logprobs_give_ratio_exactly_one_on_first_pass(model_dir, tmp_path, fused):
+def test_recorded_old_logprobs_give_ratio_exactly_one_on_first_pass(model_dir, fused, grpo_config, id_reward):
     """num_iterations=2 records old log-probs at sampling time; the first pass over the same
     minibatches with the same weights must see ratio == 1 bit for bit (else the record drifts)."""
-    args = config(
-        tmp_path,
+    args = grpo_config(
+        SHAPE,
         num_iterations=2,
         use_fused_kernels=fused,
         per_device_train_batch_size=4,
@@ -239,17 +225,18 @@ def test_recorded_old_logprobs_give_ratio_exactly_one_on_first_pass(model_dir, t
     trainer = GRPOTrainer(model=model_dir, reward_funcs=id_reward, args=args, train_dataset=dataset())
     scores = trainer._score(trainer._rollout([dict(prompt=p) for p in PROMPTS[:2]]))
     trainer._advantages(scores)
+    forward = PolicyForward(ForwardPlan(fused=fused, chunk_bytes=1 << 20))
     for mb in scores.minibatches:
         assert mb.old_logprobs is not None
-        _, stats = policy_loss(trainer.model, mb, trainer.loss_settings, fused=fused, chunk_bytes=1 << 20)
+        _, stats = forward.policy_loss(trainer.model, mb, trainer.args.loss_settings())
         assert float(stats.ratio_mean) == 1.0
 
 
-def test_old_logprobs_follow_trls_rule(tmp_path):
+def test_old_logprobs_follow_trls_rule(grpo_config):
     cases = {(1, 1, 1): False, (2, 1, 1): True, (1, 2, 1): True, (2, 2, 2): True, (1, 2, 2): False}
     for (iterations, steps_per_generation, accumulation), expected in cases.items():
-        args = config(
-            tmp_path,
+        args = grpo_config(
+            SHAPE,
             num_iterations=iterations,
             steps_per_generation=steps_per_generation,
             gradient_accumulation_steps=accumulation,
@@ -257,17 +244,17 @@ def test_old_logprobs_follow_trls_rule(tmp_path):
         assert args.records_old_logprobs is expected, (iterations, steps_per_generation, accumulation)
 
 
-def test_reference_only_with_beta_and_kl_logged(model_dir, tmp_path):
+def test_reference_only_with_beta_and_kl_logged(model_dir, grpo_config, id_reward):
     no_ref = GRPOTrainer(
-        model=model_dir, reward_funcs=id_reward, args=config(tmp_path, max_steps=1), train_dataset=dataset()
+        model=model_dir, reward_funcs=id_reward, args=grpo_config(SHAPE, max_steps=1), train_dataset=dataset()
     )
     assert no_ref.reference is None
     trainer = GRPOTrainer(
         model=model_dir,
         reward_funcs=id_reward,
         train_dataset=dataset(),
-        args=config(
-            tmp_path,
+        args=grpo_config(
+            SHAPE,
             beta=0.1,
             sync_ref_model=True,
             ref_model_sync_steps=2,
@@ -287,8 +274,8 @@ def test_reference_only_with_beta_and_kl_logged(model_dir, tmp_path):
         torch.testing.assert_close(dict(ref.named_parameters())[name], expected, rtol=1e-6, atol=1e-7)
 
 
-def test_mask_truncated_completions(model_dir, tmp_path):
-    args = config(tmp_path, mask_truncated_completions=True, max_completion_length=2)
+def test_mask_truncated_completions(model_dir, grpo_config, id_reward):
+    args = grpo_config(SHAPE, mask_truncated_completions=True, max_completion_length=2)
     trainer = GRPOTrainer(model=model_dir, reward_funcs=id_reward, args=args, train_dataset=dataset())
     rollout = trainer._rollout([dict(prompt=p) for p in PROMPTS[:2]])
     assert rollout.is_truncated.any()
@@ -299,7 +286,7 @@ def test_mask_truncated_completions(model_dir, tmp_path):
 
 
 def test_report_to_tensorboard_logs_every_logged_step_through_transformers_integration(
-    model_dir, tmp_path, monkeypatch
+    model_dir, tmp_path, monkeypatch, grpo_config
 ):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -307,7 +294,7 @@ def test_report_to_tensorboard_logs_every_logged_step_through_transformers_integ
     trainer = GRPOTrainer(
         model=model_dir,
         reward_funcs=length_reward,
-        args=config(tmp_path, max_steps=3, report_to="tensorboard"),
+        args=grpo_config(SHAPE, max_steps=3, report_to="tensorboard"),
         train_dataset=dataset(),
     )
     trainer.train()
@@ -319,7 +306,7 @@ def test_report_to_tensorboard_logs_every_logged_step_through_transformers_integ
     assert "train/step" not in events.Tags()["scalars"]  # the step is the x axis, not a metric
 
 
-def test_callbacks_see_the_run_and_can_stop_it(model_dir, tmp_path):
+def test_callbacks_see_the_run_and_can_stop_it(model_dir, grpo_config, id_reward):
     events = []
 
     class Recorder(TrainerCallback):
@@ -341,7 +328,7 @@ def test_callbacks_see_the_run_and_can_stop_it(model_dir, tmp_path):
     trainer = GRPOTrainer(
         model=model_dir,
         reward_funcs=id_reward,
-        args=config(tmp_path, max_steps=5),
+        args=grpo_config(SHAPE, max_steps=5),
         train_dataset=dataset(),
         callbacks=[Recorder()],
     )
@@ -350,15 +337,17 @@ def test_callbacks_see_the_run_and_can_stop_it(model_dir, tmp_path):
     assert events == ["begin", ("log", 1), ("log", 2), "end"]
 
 
-def test_checkpoints_are_saved_and_rotated(model_dir, tmp_path):
-    args = config(tmp_path, max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=2)
+def test_checkpoints_are_saved_and_rotated(model_dir, grpo_config, id_reward):
+    args = grpo_config(SHAPE, max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=2)
     GRPOTrainer(model=model_dir, reward_funcs=id_reward, args=args, train_dataset=dataset()).train()
     found = sorted(d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-"))
     assert found == ["checkpoint-2", "checkpoint-3"]
     assert os.path.isfile(os.path.join(args.output_dir, "checkpoint-3", "trainer_state.json"))
+    with open(os.path.join(args.output_dir, "checkpoint-3", "trainer_state.json")) as f:
+        assert json.load(f)["global_step"] == 3  # the state of the step it is named after
 
 
-def test_lora_policy_uses_adapter_disabled_reference(model_dir, tmp_path):
+def test_lora_policy_uses_adapter_disabled_reference(model_dir, grpo_config, id_reward):
     from peft import LoraConfig
 
     from fastppo.reference import AdapterDisabledReference
@@ -367,7 +356,7 @@ def test_lora_policy_uses_adapter_disabled_reference(model_dir, tmp_path):
     trainer = GRPOTrainer(
         model=model_dir,
         reward_funcs=id_reward,
-        args=config(tmp_path, beta=0.1, max_steps=1),
+        args=grpo_config(SHAPE, beta=0.1, max_steps=1),
         train_dataset=dataset(),
         peft_config=lora,
     )
@@ -382,15 +371,15 @@ def test_lora_policy_uses_adapter_disabled_reference(model_dir, tmp_path):
             reward_funcs=id_reward,
             train_dataset=dataset(),
             peft_config=lora,
-            args=config(tmp_path, beta=0.1, sync_ref_model=True),
+            args=grpo_config(SHAPE, beta=0.1, sync_ref_model=True),
         )
 
 
-def test_prompts_longer_than_max_prompt_length_are_cut_from_the_left(model_dir, tmp_path):
+def test_prompts_longer_than_max_prompt_length_are_cut_from_the_left(model_dir, grpo_config, id_reward):
     trainer = GRPOTrainer(
         model=model_dir,
         reward_funcs=id_reward,
-        args=config(tmp_path, max_prompt_length=2),
+        args=grpo_config(SHAPE, max_prompt_length=2),
         train_dataset=dataset(),
     )
     rollout = trainer._rollout([dict(prompt="say : cat"), dict(prompt="cat")])
@@ -399,35 +388,37 @@ def test_prompts_longer_than_max_prompt_length_are_cut_from_the_left(model_dir, 
     assert rollout.prompt_ids[0].tolist() == trainer.processing_class(": cat")["input_ids"]
 
 
-def test_bad_inputs_fail_before_training(model_dir, tmp_path):
+def test_bad_inputs_fail_before_training(model_dir, tmp_path, grpo_config, id_reward):
     with pytest.raises(ValueError, match="does not exist"):
         GRPOTrainer(
             model=str(tmp_path / "missing-model"),
             reward_funcs=id_reward,
-            args=config(tmp_path),
+            args=grpo_config(SHAPE),
             train_dataset=dataset(),
         )
     with pytest.raises(ValueError, match="'prompt' column"):
         GRPOTrainer(
             model=model_dir,
             reward_funcs=id_reward,
-            args=config(tmp_path),
+            args=grpo_config(SHAPE),
             train_dataset=datasets.Dataset.from_dict({"question": PROMPTS}),
         )
     with pytest.raises(ValueError, match="one rollout needs"):
-        GRPOTrainer(model=model_dir, reward_funcs=id_reward, args=config(tmp_path), train_dataset=dataset(1))
+        GRPOTrainer(
+            model=model_dir, reward_funcs=id_reward, args=grpo_config(SHAPE), train_dataset=dataset(1)
+        )
     with pytest.raises(ValueError, match="reward_weights has 2 entries"):
         GRPOTrainer(
             model=model_dir,
             reward_funcs=id_reward,
-            args=config(tmp_path, reward_weights=[1.0, 2.0]),
+            args=grpo_config(SHAPE, reward_weights=[1.0, 2.0]),
             train_dataset=dataset(),
         )
     with pytest.raises(ValueError, match="tools"):
         GRPOTrainer(
             model=model_dir,
             reward_funcs=id_reward,
-            args=config(tmp_path),
+            args=grpo_config(SHAPE),
             train_dataset=dataset(),
             tools=[print],
         )
@@ -435,7 +426,7 @@ def test_bad_inputs_fail_before_training(model_dir, tmp_path):
 
 @pytest.mark.parametrize("steps_per_generation, accumulation, rollouts", [(2, 1, 1), (1, 2, 4), (1, 1, 2)])
 def test_rollouts_and_optimizer_steps_line_up(
-    model_dir, tmp_path, steps_per_generation, accumulation, rollouts
+    model_dir, steps_per_generation, accumulation, rollouts, grpo_config, id_reward
 ):
     """Two optimizer steps: one rollout feeding both (2 minibatches per rollout, no accumulation),
     four rollouts (accumulation across two rollouts per step), or one rollout per step."""
@@ -445,8 +436,8 @@ def test_rollouts_and_optimizer_steps_line_up(
         calls.append(len(completion_ids))
         return id_reward(completion_ids)
 
-    args = config(
-        tmp_path,
+    args = grpo_config(
+        SHAPE,
         per_device_train_batch_size=4,
         steps_per_generation=steps_per_generation,
         gradient_accumulation_steps=accumulation,
@@ -457,18 +448,18 @@ def test_rollouts_and_optimizer_steps_line_up(
     assert len(calls) == rollouts and set(calls) == {4 * steps_per_generation}
 
 
-def test_num_train_epochs_sets_the_step_count(model_dir, tmp_path):
+def test_num_train_epochs_sets_the_step_count(model_dir, grpo_config, id_reward):
     # 8 prompts, 2 per rollout (8 completions / 4 generations), one step per rollout: 4 steps an epoch
-    args = config(tmp_path, max_steps=-1, num_train_epochs=1)
+    args = grpo_config(SHAPE, max_steps=-1, num_train_epochs=1)
     trainer = GRPOTrainer(model=model_dir, reward_funcs=id_reward, args=args, train_dataset=dataset())
     assert trainer.train().global_step == 4
 
 
-def test_greedy_evaluation(model_dir, tmp_path):
+def test_greedy_evaluation(model_dir, grpo_config, id_reward):
     trainer = GRPOTrainer(
         model=model_dir,
         reward_funcs=id_reward,
-        args=config(tmp_path, eval_do_sample=False),
+        args=grpo_config(SHAPE, eval_do_sample=False),
         train_dataset=dataset(),
         eval_dataset=dataset(3),
     )
@@ -477,13 +468,19 @@ def test_greedy_evaluation(model_dir, tmp_path):
     assert first["eval_completions/mean_length"] > 0
 
 
-def test_sampled_evaluation_does_not_change_training(model_dir, tmp_path):
+def test_sampled_evaluation_does_not_change_training(model_dir, tmp_path, grpo_config, id_reward):
     """Evaluation samples from a forked RNG: a run evaluating every step trains exactly as one that
     never evaluates (so a resumed run with eval_on_start matches an uninterrupted one)."""
     logged = []
     for evaluating in (False, True):
         schedule = dict(eval_strategy="steps", eval_steps=1, eval_on_start=True) if evaluating else {}
-        args = config(tmp_path / str(evaluating), max_steps=2, per_device_eval_batch_size=4, **schedule)
+        args = grpo_config(
+            SHAPE,
+            output_dir=str(tmp_path / str(evaluating) / "out"),
+            max_steps=2,
+            per_device_eval_batch_size=4,
+            **schedule,
+        )
         trainer = GRPOTrainer(
             model=model_dir,
             reward_funcs=id_reward,
@@ -497,8 +494,8 @@ def test_sampled_evaluation_does_not_change_training(model_dir, tmp_path):
     assert logged[0] == logged[1]
 
 
-def test_evaluation_during_training_is_logged_apart(model_dir, tmp_path):
-    args = config(tmp_path, eval_strategy="steps", eval_steps=1, max_steps=2, per_device_eval_batch_size=4)
+def test_evaluation_during_training_is_logged_apart(model_dir, grpo_config, id_reward):
+    args = grpo_config(SHAPE, eval_strategy="steps", eval_steps=1, max_steps=2, per_device_eval_batch_size=4)
     trainer = GRPOTrainer(
         model=model_dir, reward_funcs=id_reward, args=args, train_dataset=dataset(), eval_dataset=dataset(2)
     )

@@ -3,11 +3,13 @@ reward-curve plot drawn at the end of a run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
@@ -31,6 +33,13 @@ class MetricsBuffer:
             return
         self._sums[name] += float(value) * weight
         self._weights[name] += weight
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Record the wall-clock seconds the block takes as ``name`` (no device sync)."""
+        start = time.perf_counter()
+        yield
+        self.add(name, time.perf_counter() - start)
 
     def flush(self) -> dict[str, float]:
         means = {name: self._sums[name] / self._weights[name] for name in self._sums}

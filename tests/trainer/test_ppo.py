@@ -8,76 +8,87 @@ their largest entry (accumulation order differs).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
 
-from fastppo import PPOConfig, PPOTrainer
+from fastppo import PPOTrainer
+from fastppo.batch import PolicyBatch
+from fastppo.critic import OwnLayersCritic, SeparateValueModel, clipped_value_loss
+from fastppo.data import prompt_batches
 from fastppo.demo import build_dataset, build_policy, build_tokenizer, run_demo, says_word
-from fastppo.reference import SharedTrunkPolicyReference
-from fastppo.scoring import PolicyBatch
-from fastppo.value import OwnLayersCritic, SeparateValueModel, completion_scores
+from fastppo.policy_forward import PolicyForward
+from fastppo.reference import SharedTrunkReference
+from fastppo.reward_model import completion_scores
+
+# The run every test here starts from (ppo_config adds a quiet short run around it).
+SHAPE = dict(
+    per_device_train_batch_size=8,
+    gradient_accumulation_steps=2,
+    num_mini_batches=2,
+    num_ppo_epochs=2,
+    response_length=4,
+    temperature=1.0,
+    kl_coef=0.05,
+    learning_rate=1e-3,
+    max_steps=2,
+    seed=3,
+)
 
 
-def config(tmp_path, **overrides) -> PPOConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=2,
-        num_mini_batches=2,
-        num_ppo_epochs=2,
-        response_length=4,
-        temperature=1.0,
-        kl_coef=0.05,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        max_steps=2,
-        seed=3,
-    )
-    kwargs.update(overrides)
-    return PPOConfig(**kwargs)
+@pytest.fixture
+def trainer(ppo_config):
+    """``trainer(tokenizer=None, *, policy=None, reward_model=says_word, train_dataset=None, **options)``:
+    PPO of this file's run on the demo task (its tiny Llama unless ``policy``); ``options`` are
+    PPOTrainer's ``value_model`` / ``optimizers`` or PPOConfig fields."""
+
+    def make(
+        tokenizer=None, *, policy=None, reward_model=says_word, train_dataset=None, **options
+    ) -> PPOTrainer:
+        tokenizer = tokenizer or build_tokenizer()
+        given = {k: options.pop(k) for k in ("value_model", "optimizers") if k in options}
+        return PPOTrainer(
+            ppo_config(SHAPE, **options),
+            tokenizer,
+            policy if policy is not None else build_policy(tokenizer, seed=1),
+            reward_model=reward_model,
+            train_dataset=train_dataset if train_dataset is not None else build_dataset(size=32, seed=2),
+            **given,
+        )
+
+    return make
 
 
-def trainer(tmp_path, tokenizer=None, **overrides) -> PPOTrainer:
-    tokenizer = tokenizer or build_tokenizer()
-    return PPOTrainer(
-        config(tmp_path, **overrides),
-        tokenizer,
-        build_policy(tokenizer, seed=1),
-        reward_model=says_word,
-        train_dataset=build_dataset(size=32, seed=2),
-    )
+@pytest.fixture
+def value_model(tiny_model):
+    """``value_model(tokenizer)``: a one-layer sequence-classification Llama of the tokenizer's
+    vocabulary (seed 5): a separate critic, or a reward model."""
+
+    def build(tokenizer) -> torch.nn.Module:
+        torch.manual_seed(5)
+        return tiny_model(
+            head="sequence_classification", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id
+        )
+
+    return build
 
 
-def value_model(tokenizer) -> LlamaForSequenceClassification:
-    torch.manual_seed(5)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForSequenceClassification(cfg)
+def use_path(t: PPOTrainer, fused: bool) -> None:
+    """The policy's forwards fused or plain from now on (the reference keeps the path it was built with)."""
+    t.policy_forward = PolicyForward(dataclasses.replace(t.policy_forward.plan, fused=fused))
 
 
 def loss_and_grads(t: PPOTrainer, record, fused: bool):
     """One micro-batch's PPO loss (policy + vf_coef * value) and the gradient of every trained tensor."""
-    t.args.use_fused_kernels = fused
+    use_path(t, fused)
     mb = record.batch.select(torch.arange(8))
     for module in t.trained_modules():
         module.zero_grad(set_to_none=True)
-    from fastppo.value import clipped_value_loss
-
     pg_loss, stats, values = t._loss_and_values(mb)
     width = mb.completion_ids.shape[1]
     vloss = clipped_value_loss(
@@ -103,25 +114,19 @@ def loss_and_grads(t: PPOTrainer, record, fused: bool):
         ("policy_head", {"num_frozen_layers": 1, "padding_free": True}),
     ],
 )
-def test_fused_and_plain_paths_give_the_same_record_loss_and_gradients(tmp_path, critic, memory):
+def test_fused_and_plain_paths_give_the_same_record_loss_and_gradients(critic, memory, value_model, trainer):
     tokenizer = build_tokenizer()
     own = {"critic": "own_layers"} if critic == "own_layers" else {}
-    t = PPOTrainer(
-        config(tmp_path, **memory, **own),
-        tokenizer,
-        build_policy(tokenizer, seed=1),
-        reward_model=says_word,
-        train_dataset=build_dataset(size=32, seed=2),
-        value_model=value_model(tokenizer) if critic == "value_model" else None,
-    )
+    critic_model = value_model(tokenizer) if critic == "value_model" else None
+    t = trainer(tokenizer, value_model=critic_model, **memory, **own)
     if memory:
-        assert isinstance(t.reference, SharedTrunkPolicyReference)
+        assert isinstance(t.reference, SharedTrunkReference)
     if critic == "own_layers":
         assert isinstance(t.critic, OwnLayersCritic)
     rollout = t._rollout([t.train_dataset[i] for i in range(16)])
     records = {}
     for fused in (True, False):
-        t.args.use_fused_kernels = fused
+        use_path(t, fused)
         records[fused] = t._record(rollout)
         t._rewards_and_advantages(records[fused])
     for name in ("values", "returns", "kl"):
@@ -143,11 +148,10 @@ def test_fused_and_plain_paths_give_the_same_record_loss_and_gradients(tmp_path,
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_first_update_ratio_is_exactly_one(tmp_path, fused):
+def test_first_update_ratio_is_exactly_one(fused, trainer):
     """Old log-probs are recorded by the weights that sampled, in other chunks than the training
     minibatches (16 vs 8 rows): on the first minibatch the ratio must be 1 to float rounding."""
     t = trainer(
-        tmp_path,
         use_fused_kernels=fused,
         local_rollout_forward_batch_size=16,
         max_steps=1,
@@ -161,8 +165,8 @@ def test_first_update_ratio_is_exactly_one(tmp_path, fused):
     assert first["policy/clipfrac_avg"] == 0.0
 
 
-def test_metrics_carry_legacy_trl_names(tmp_path):
-    t = trainer(tmp_path, max_steps=2, logging_steps=2)  # one record over two minibatches
+def test_metrics_carry_legacy_trl_names(trainer):
+    t = trainer(max_steps=2, logging_steps=2)  # one record over two minibatches
     t.train()
     (record,) = t.state.log_history
     legacy = (
@@ -178,6 +182,7 @@ def test_metrics_carry_legacy_trl_names(tmp_path):
     )
 
 
+@pytest.mark.slow  # learning: 100 PPO steps
 def test_score_rises_on_the_demo_task(tmp_path):
     summary = run_demo(output_dir=str(tmp_path), algo="ppo", max_steps=100, progress=False)
     assert summary["reward_start"] < 0.45
@@ -185,54 +190,54 @@ def test_score_rises_on_the_demo_task(tmp_path):
     assert os.path.getsize(summary["reward_plot"]) > 0  # the curve of objective/scores
 
 
-def test_separate_value_model_trains_and_is_saved(tmp_path):
+def test_separate_value_model_trains_and_is_saved(tmp_path, value_model, trainer):
     tokenizer = build_tokenizer()
     critic = value_model(tokenizer)
     before = critic.score.weight.detach().clone()
-    t = PPOTrainer(
-        config(tmp_path, max_steps=2),
-        tokenizer,
-        build_policy(tokenizer, seed=1),
-        reward_model=says_word,
-        train_dataset=build_dataset(size=32, seed=2),
-        value_model=critic,
-    )
+    t = trainer(tokenizer, value_model=critic, max_steps=2)
     assert isinstance(t.critic, SeparateValueModel)
     t.train()
     assert not torch.equal(before, critic.score.weight)  # in the optimizer, and stepped
     t.save_model()
     assert os.path.isdir(tmp_path / "value_model")
     assert os.path.isfile(tmp_path / "config.json")
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "value_model")  # the trained critic
+    for (name, want), got in zip(critic.state_dict().items(), saved.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
 
 
-def test_value_head_is_saved_next_to_the_policy(tmp_path):
-    t = trainer(tmp_path, max_steps=1)
+def test_value_head_is_saved_next_to_the_policy(tmp_path, trainer):
+    t = trainer(max_steps=1)
     t.train()
     t.save_model()
     assert os.path.isfile(tmp_path / "value_head.safetensors")
+    saved = load_file(tmp_path / "value_head.safetensors")  # the trained head, not a fresh one
+    assert saved.keys() == t.critic.head.state_dict().keys()
+    for name, want in t.critic.head.state_dict().items():
+        torch.testing.assert_close(saved[name], want, rtol=0, atol=0, msg=name)
 
 
-def test_tokenised_input_ids_dataset_and_reward_model(tmp_path):
+def test_tokenised_input_ids_dataset_and_reward_model(value_model, trainer):
     """Legacy TRL datasets hold tokenised prompts; the reward may be a sequence-classification model."""
     from datasets import Dataset
 
     tokenizer = build_tokenizer()
     prompts = build_dataset(size=16, seed=2)["prompt"]
     dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
-    t = PPOTrainer(
-        config(tmp_path, max_steps=1, per_device_train_batch_size=4),
+    t = trainer(
         tokenizer,
-        build_policy(tokenizer, seed=1),
         reward_model=value_model(tokenizer),
         train_dataset=dataset,
+        max_steps=1,
+        per_device_train_batch_size=4,
     )
     t.train()
     assert t.state.global_step == 1
     assert torch.isfinite(torch.tensor(t.state.log_history[0]["objective/scores"]))
 
 
-def test_missing_eos_penalty_lowers_the_score_of_unfinished_completions(tmp_path):
-    t = trainer(tmp_path, missing_eos_penalty=1.0, response_length=1)
+def test_missing_eos_penalty_lowers_the_score_of_unfinished_completions(trainer):
+    t = trainer(missing_eos_penalty=1.0, response_length=1)
     rollout = t._rollout([t.train_dataset[i] for i in range(16)])
     scores, valid = t._scores(rollout, PolicyBatch.from_rollout(rollout, mask_truncated=False))
     assert bool(valid.all())
@@ -240,8 +245,8 @@ def test_missing_eos_penalty_lowers_the_score_of_unfinished_completions(tmp_path
     torch.testing.assert_close(scores.cpu(), raw - rollout.is_truncated.float().cpu())
 
 
-def test_reference_with_kl_coef_zero_is_not_built_and_kl_not_reported(tmp_path):
-    t = trainer(tmp_path, kl_coef=0.0, max_steps=1)
+def test_reference_with_kl_coef_zero_is_not_built_and_kl_not_reported(trainer):
+    t = trainer(kl_coef=0.0, max_steps=1)
     assert t.reference is None
     t.train()
     assert "objective/kl" not in t.state.log_history[0]  # nothing to measure against: not a fake 0
@@ -257,10 +262,10 @@ def test_reference_with_kl_coef_zero_is_not_built_and_kl_not_reported(tmp_path):
         ({"value_model": torch.nn.Linear(2, 2)}, "value_model must be a sequence-classification model"),
     ],
 )
-def test_bad_arguments_are_named(tmp_path, change, message):
+def test_bad_arguments_are_named(change, message, ppo_config):
     tokenizer = build_tokenizer()
     kwargs = dict(
-        args=config(tmp_path),
+        args=ppo_config(SHAPE),
         processing_class=tokenizer,
         model=build_policy(tokenizer),
         reward_model=says_word,
@@ -271,13 +276,13 @@ def test_bad_arguments_are_named(tmp_path, change, message):
         PPOTrainer(**kwargs)
 
 
-def test_reference_with_another_vocabulary_is_refused(tmp_path):
+def test_reference_with_another_vocabulary_is_refused(ppo_config):
     tokenizer = build_tokenizer()
     other = build_policy(tokenizer)
     other.resize_token_embeddings(len(tokenizer) + 3)
     with pytest.raises(ValueError, match="ref_model has a vocabulary of 19 tokens but the policy has 16"):
         PPOTrainer(
-            config(tmp_path),
+            ppo_config(SHAPE),
             tokenizer,
             build_policy(tokenizer),
             ref_model=other,
@@ -286,7 +291,7 @@ def test_reference_with_another_vocabulary_is_refused(tmp_path):
         )
 
 
-def test_recording_ignores_attention_dropout(tmp_path):
+def test_recording_ignores_attention_dropout(trainer):
     """Llama applies attention dropout functionally (config.attention_dropout): left on in train
     mode it would make the first update's ratio drift from 1."""
     tokenizer = build_tokenizer()
@@ -294,44 +299,37 @@ def test_recording_ignores_attention_dropout(tmp_path):
     policy.config.attention_dropout = 0.3
     for layer in policy.model.layers:
         layer.self_attn.attention_dropout = 0.3
-    t = PPOTrainer(
-        config(tmp_path, max_steps=1),
-        tokenizer,
-        policy,
-        reward_model=says_word,
-        train_dataset=build_dataset(size=32, seed=2),
-    )
+    t = trainer(tokenizer, policy=policy, max_steps=1)
     t.train()
     assert abs(t.state.log_history[0]["val/ratio"] - 1.0) < 1e-6
 
 
-def test_later_minibatches_train_against_the_recorded_logprobs(tmp_path):
+def test_later_minibatches_train_against_the_recorded_logprobs(trainer):
     """After the first optimizer step the policy has moved: a minibatch of the second epoch must see
     ratios away from 1 (if training fell back to on-policy old log-probs, it would stay exactly 1)."""
-    t = trainer(tmp_path, max_steps=4, learning_rate=0.05)
+    t = trainer(max_steps=4, learning_rate=0.05)
     t.train()
     last = t.state.log_history[-1]
     assert last["policy/approxkl_avg"] > 1e-6
     assert abs(last["val/ratio"] - 1.0) > 1e-6 or last["policy/clipfrac_avg"] > 0
 
 
-def test_batch_arithmetic_follows_legacy_trl(tmp_path):
-    cfg = config(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=4, num_mini_batches=2)
+def test_batch_arithmetic_follows_legacy_trl(ppo_config):
+    cfg = ppo_config(SHAPE, per_device_train_batch_size=4, gradient_accumulation_steps=4, num_mini_batches=2)
     assert (cfg.local_batch_size, cfg.batch_size, cfg.local_mini_batch_size) == (16, 16, 8)
     assert cfg.micro_batches_per_step == 2
-    cfg = config(tmp_path, max_steps=-1, total_episodes=40, num_train_epochs=1)
+    cfg = ppo_config(SHAPE, max_steps=-1, total_episodes=40, num_train_epochs=1)
     assert cfg.num_updates(1000) == 3  # ceil(40 / 16), as legacy's num_total_batches
     assert cfg.optimizer_steps(1000) == 3 * 2 * 2  # updates x num_ppo_epochs x num_mini_batches
     with pytest.raises(ValueError, match="num_mini_batches=3 must divide gradient_accumulation_steps=2"):
-        config(tmp_path, num_mini_batches=3)
+        ppo_config(SHAPE, num_mini_batches=3)
     with pytest.raises(ValueError, match="not both"):
-        config(tmp_path, stop_token="eos", stop_token_id=1)
+        ppo_config(SHAPE, stop_token="eos", stop_token_id=1)
 
 
-def test_steps_per_rollout_and_options_whiten_k3_stop_token(tmp_path):
+def test_steps_per_rollout_and_options_whiten_k3_stop_token(trainer):
     tokenizer = build_tokenizer()
     t = trainer(
-        tmp_path,
         tokenizer=tokenizer,
         max_steps=-1,
         total_episodes=32,
@@ -345,16 +343,10 @@ def test_steps_per_rollout_and_options_whiten_k3_stop_token(tmp_path):
     assert t.state.log_history[-1]["episode"] == 32
 
 
-def test_reward_model_scores_the_token_ids_at_the_last_token(tmp_path):
+def test_reward_model_scores_the_token_ids_at_the_last_token(value_model, trainer):
     tokenizer = build_tokenizer()
     reward = value_model(tokenizer).eval()
-    t = PPOTrainer(
-        config(tmp_path),
-        tokenizer,
-        build_policy(tokenizer, seed=1),
-        reward_model=reward,
-        train_dataset=build_dataset(size=32, seed=2),
-    )
+    t = trainer(tokenizer, reward_model=reward)
     rollout = t._rollout([t.train_dataset[i] for i in range(6)])
     batch = PolicyBatch.from_rollout(rollout, mask_truncated=False)
     scores = completion_scores(reward, batch)
@@ -367,7 +359,7 @@ def test_reward_model_scores_the_token_ids_at_the_last_token(tmp_path):
         torch.testing.assert_close(scores[i], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_inside_a_rollout_continues_exactly(tmp_path):
+def test_resume_inside_a_rollout_continues_exactly(tmp_path, trainer):
     """A checkpoint after step 2 of a 4-step rollout (2 epochs x 2 mini-batches): the resumed run
     replays the same micro-batches against the same record and logs the same values."""
     from transformers import TrainerCallback
@@ -376,13 +368,13 @@ def test_resume_inside_a_rollout_continues_exactly(tmp_path):
         def on_step_end(self, args, state, control, **kwargs):
             control.should_training_stop = state.global_step == 2
 
-    full = trainer(tmp_path / "full", max_steps=6, save_strategy="no")
+    full = trainer(output_dir=str(tmp_path / "full"), max_steps=6, save_strategy="no")
     full.train()
-    first = trainer(tmp_path / "resumed", max_steps=6, save_strategy="steps", save_steps=2)
+    first = trainer(output_dir=str(tmp_path / "resumed"), max_steps=6, save_strategy="steps", save_steps=2)
     first.add_callback(StopAfterTwo)
     first.train()
     assert first.state.global_step == 2
-    resumed = trainer(tmp_path / "resumed", max_steps=6, save_strategy="no")
+    resumed = trainer(output_dir=str(tmp_path / "resumed"), max_steps=6, save_strategy="no")
     resumed.train(resume_from_checkpoint=True)
 
     def values(history):
@@ -403,24 +395,27 @@ def test_resume_inside_a_rollout_continues_exactly(tmp_path):
             assert have[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (want["step"], key)
 
 
-def test_a_given_optimizer_also_steps_the_critic(tmp_path):
+def test_a_given_optimizer_also_steps_the_critic(trainer):
     tokenizer = build_tokenizer()
     policy = build_policy(tokenizer, seed=1)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     with pytest.warns(UserWarning, match="added the critic's 2 trainable tensors"):
-        t = PPOTrainer(
-            config(tmp_path, max_steps=1),
-            tokenizer,
-            policy,
-            reward_model=says_word,
-            train_dataset=build_dataset(size=32, seed=2),
-            optimizers=(optimizer, None),
-        )
+        t = trainer(tokenizer, policy=policy, optimizers=(optimizer, None), max_steps=1)
     before = t.critic.head.score.weight.detach().clone()
     t.train()
     assert not torch.equal(before, t.critic.head.score.weight)
 
 
-def test_generation_kwargs_cannot_change_the_sampling_distribution(tmp_path):
+def test_generation_kwargs_cannot_change_the_sampling_distribution(ppo_config):
     with pytest.raises(ValueError, match=r"generation_kwargs must not set \['temperature'\]"):
-        config(tmp_path, generation_kwargs={"temperature": 0.5, "max_time": 10})
+        ppo_config(SHAPE, generation_kwargs={"temperature": 0.5, "max_time": 10})
+
+
+def test_data_seed_zero_orders_the_prompts(trainer):
+    """``data_seed=0`` orders the prompts like any other data seed (``data_seed or seed`` took 0 for
+    unset and shuffled with ``seed``, as GRPO never did)."""
+    t = trainer(data_seed=0, max_steps=1)  # seed=3
+    drawn, rollout = [], t._rollout
+    t._rollout = lambda rows: drawn.append(rows) or rollout(rows)
+    t.train()
+    assert drawn == [next(prompt_batches(t.train_dataset, t.args.batch_size, seed=0))]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastppo.kernels import linear_token_logprobs
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AttentionInterface
 
 from fastppo.memory import packing
 from fastppo.memory.packing import (
@@ -18,8 +18,9 @@ from fastppo.memory.packing import (
     register_varlen_attention,
     unpack,
 )
-from fastppo.memory.shared_reference import SharedTrunkReference
 from fastppo.memory.trunk import freeze_trunk, policy_top, run_trunk
+from fastppo.modeling import load_causal_lm
+from fastppo.reference import SharedTrunkReference
 
 VOCAB = 97
 # Packed and padded forwards differ only in which zeros the attention sums (padding keys are masked
@@ -28,21 +29,13 @@ LOGP_TOL = dict(rtol=0.0, atol=2e-5)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
 
 
-def tiny_lm(arch: str, attn: str, **config) -> torch.nn.Module:
-    shape = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        attn_implementation=attn,
-        **config,
-    )
-    model = (
-        Qwen2ForCausalLM(Qwen2Config(**shape)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**shape))
-    )
-    return model.train()
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model):
+    """``tiny_lm(arch, attn, **config)``: a 3-layer model of vocabulary ``VOCAB`` with attention
+    ``attn``, in train mode."""
+    return lambda arch, attn, **config: tiny_model(
+        arch, num_hidden_layers=3, vocab_size=VOCAB, attn_implementation=attn, **config
+    ).train()
 
 
 def rollout_batch(seed: int = 0):
@@ -122,7 +115,7 @@ def test_reference_attention_is_block_diagonal_causal():
     assert torch.equal(out2[1:], out[1:]) and not torch.equal(out2[:1], out[:1])
 
 
-def test_sequence_boundaries_from_positions():
+def test_sequence_boundaries_from_positions(tiny_lm):
     """Without the packed batch's cu_seqlens the attention finds sequences where positions restart."""
     cu, longest = packing.sequence_boundaries(torch.tensor([[0, 1, 2, 0, 1, 0]]), 1, 6, torch.device("cpu"))
     assert cu.tolist() == [0, 3, 5, 6] and longest == 3
@@ -145,7 +138,7 @@ SLIDING = dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)
     ("arch", "config"), [("qwen2", {}), ("llama", {}), ("qwen2", SLIDING)], ids=["qwen2", "llama", "sliding"]
 )
 @pytest.mark.parametrize("attn", [VARLEN_ATTENTION, "sdpa"], ids=["varlen-reference", "sdpa-packed-mask"])
-def test_packed_matches_padded(arch, config, attn):
+def test_packed_matches_padded(arch, config, attn, tiny_lm):
     """Log-probs, loss and every gradient of a packed batch equal the padded batch's (padded: SDPA)."""
     register_varlen_attention()
     padded_model = tiny_lm(arch, "sdpa", **config)
@@ -171,7 +164,7 @@ def test_packed_matches_padded(arch, config, attn):
         torch.testing.assert_close(got, want, **GRAD_TOL, msg=name)
 
 
-def test_packed_sequences_do_not_see_each_other():
+def test_packed_sequences_do_not_see_each_other(tiny_lm):
     model = tiny_lm("qwen2", register_varlen_attention()).eval()
     ids, mask = rollout_batch()
     changed = ids.clone()
@@ -183,7 +176,7 @@ def test_packed_sequences_do_not_see_each_other():
     assert torch.equal(out2[first:], out[first:]) and not torch.allclose(out2[:first], out[:first])
 
 
-def test_shared_trunk_reference_on_a_packed_batch():
+def test_shared_trunk_reference_on_a_packed_batch(tiny_lm):
     """The trunk pass carries the packed batch's boundaries to the reference's own layers."""
     policy = tiny_lm("llama", register_varlen_attention())
     freeze_trunk(policy, 1)
@@ -199,7 +192,7 @@ def test_shared_trunk_reference_on_a_packed_batch():
         torch.testing.assert_close(unpack(policy_top(policy, trunk), packed), got, rtol=0, atol=0)
 
 
-def test_varlen_attention_serves_padded_batches_and_generation_like_sdpa():
+def test_varlen_attention_serves_padded_batches_and_generation_like_sdpa(tiny_lm):
     """Calls that are not packed go to SDPA with SDPA's own mask: one model samples and trains."""
     sdpa_model = tiny_lm("qwen2", "sdpa").eval()
     varlen_model = copy.deepcopy(sdpa_model)
@@ -215,6 +208,14 @@ def test_varlen_attention_serves_padded_batches_and_generation_like_sdpa():
     want_tokens = sdpa_model.generate(input_ids=prompt, attention_mask=prompt_mask, **settings)
     got_tokens = varlen_model.generate(input_ids=prompt, attention_mask=prompt_mask, **settings)
     assert torch.equal(got_tokens, want_tokens)
+
+
+def test_default_attention_and_model_init_kwargs(model_dir):
+    assert load_causal_lm(model_dir, None, False).config._attn_implementation == "sdpa"  # CPU default
+    eager = load_causal_lm(model_dir, {"attn_implementation": "eager"}, False)
+    assert eager.config._attn_implementation == "eager"
+    varlen = load_causal_lm(model_dir, {"attn_implementation": VARLEN_ATTENTION}, False)
+    assert varlen.config._attn_implementation == VARLEN_ATTENTION
 
 
 def test_pick_attn_implementation(monkeypatch):
@@ -245,7 +246,7 @@ def test_torch_varlen_matches_the_reference_on_cuda(window):
 
 
 @pytest.mark.gpu
-def test_packed_matches_padded_on_cuda_through_varlen_attn(monkeypatch):
+def test_packed_matches_padded_on_cuda_through_varlen_attn(monkeypatch, tiny_lm):
     """fp32 weights under bf16 autocast (the trainers' default): RoPE leaves q, k fp32 and v bf16,
     and the packed forward must still reach varlen_attn, not the per-sequence reference."""
     if not packing.varlen_available():

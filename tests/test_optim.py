@@ -1,5 +1,6 @@
-"""Optimizer choice (8-bit on CUDA, torch AdamW otherwise with one warning), trainable-only state,
-and the byte formulas the memory benchmark reports, checked against the state optimizers really hold."""
+"""Optimizer choice (8-bit on CUDA, torch AdamW otherwise with one warning; resolved when a config is
+built), trainable-only state, and the byte formulas the memory benchmark reports
+(``memory.accounting``), checked against the state optimizers really hold."""
 
 import warnings
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastppo.memory import optim
+from fastppo import optim
 from fastppo.memory.accounting import (
     gradient_bytes,
     measured_optimizer_state_bytes,
@@ -16,7 +17,7 @@ from fastppo.memory.accounting import (
     trainable_parameter_count,
     trainable_parameters,
 )
-from fastppo.memory.optim import build_bnb_optimizer, create_optimizer, default_optim_name, parameter_groups
+from fastppo.optim import build_bnb_optimizer, create_optimizer, default_optim_name, parameter_groups
 
 
 class Block(nn.Module):
@@ -168,3 +169,20 @@ def test_8bit_is_the_cuda_default_and_holds_the_formula_bytes(name):
     assert type(opt).__module__.startswith("bitsandbytes")
     step_once(opt, model)
     assert measured_optimizer_state_bytes(opt) == optimizer_state_bytes(trainable_parameters(model), name)
+
+
+def test_config_optim_defaults_and_8bit_fallback_warns_once_on_cpu(grpo_config):
+    optim.warn_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert grpo_config().optim == "adamw_torch"  # None -> adamw_torch on CPU, quietly
+    assert not [w for w in caught if "falls back" in str(w.message)]
+    with pytest.warns(UserWarning, match="'adamw_8bit' falls back to 'adamw_torch'.*CUDA only"):
+        assert grpo_config(optim="adamw_8bit").optim == "adamw_torch"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert grpo_config(optim="adamw_8bit").optim == "adamw_torch"
+        assert grpo_config(optim="adamw_torch_fused").optim == "adamw_torch_fused"
+    assert not [w for w in caught if "falls back" in str(w.message)]
+    with pytest.raises(ValueError, match="optim must be one of"):
+        grpo_config(optim="adafactor")

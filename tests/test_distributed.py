@@ -56,6 +56,7 @@ def run(command: list[str], out: Path, extra_env: dict | None = None) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow  # two gloo processes under accelerate launch
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
@@ -77,6 +78,7 @@ def evaluation(out: Path, rank: int) -> dict:
     return json.loads((out / f"eval-{rank}.json").read_text())
 
 
+@pytest.mark.slow  # two gloo processes under accelerate launch
 def test_ppo_trains_data_parallel_with_the_same_weights_on_every_process(tmp_path):
     """PPO whitens advantages per process (legacy TRL), so it is not compared with one process; the
     averaged gradients must still leave every process with the same policy and critic. Its
@@ -116,6 +118,7 @@ def test_deepspeed_launches_are_refused_and_rows_split_evenly():
     assert evaluation_share(1, second) == ([0], [False])
 
 
+@pytest.mark.slow  # two gloo processes under accelerate launch
 def test_two_process_run_resumes_exactly_from_inside_a_rollout(tmp_path):
     """Each process checkpoints its own RNG, counters and rollout buffer next to the shared weights:
     stopped after step 1 (between the two passes over a rollout) and resumed, the run logs what an
@@ -131,6 +134,7 @@ def test_two_process_run_resumes_exactly_from_inside_a_rollout(tmp_path):
     assert resumed["checksum"] == pytest.approx(expected["checksum"], rel=1e-6)
 
 
+@pytest.mark.slow  # two gloo processes under accelerate launch
 def test_sharded_training_matches_unsharded_data_parallel(tmp_path):
     """fsdp=True (FSDP2 over two gloo processes, a sharded frozen reference copy and reward model, the
     fused path reading the gathered lm_head, generation with every unit gathered) trains as the
@@ -151,6 +155,7 @@ def test_sharded_training_matches_unsharded_data_parallel(tmp_path):
     assert evaluation(sharded, 1) == evaluation(sharded, 0) == pytest.approx(evaluation(plain, 0), rel=1e-5)
 
 
+@pytest.mark.slow  # two gloo processes under accelerate launch
 def test_sharded_run_resumes_exactly_from_inside_a_rollout(tmp_path):
     """Sharded optimizer state (torch.distributed.checkpoint), gathered weights, each process's shard
     of a synced reference, RNGs and rollout buffer: stopped after step 1 and resumed, the run logs
@@ -168,6 +173,7 @@ def test_sharded_run_resumes_exactly_from_inside_a_rollout(tmp_path):
     assert resumed["checksum"] == pytest.approx(expected["checksum"], rel=1e-6)
 
 
+@pytest.mark.slow  # two gloo processes under accelerate launch
 @pytest.mark.parametrize("critic", ["value_head", "value_model"])
 def test_sharded_ppo_matches_unsharded_and_resumes_exactly(tmp_path, critic):
     """PPO with fsdp: the policy, the reference copy, a separate value model and a reward model
@@ -194,6 +200,7 @@ def test_sharded_ppo_matches_unsharded_and_resumes_exactly(tmp_path, critic):
     assert resumed["checksum"] == pytest.approx(got["checksum"], rel=1e-6)
 
 
+@pytest.mark.slow  # two gloo processes under accelerate launch
 def test_a_nan_loss_on_one_process_skips_the_step_on_every_process(tmp_path):
     """The skip decision is taken on the loss averaged over processes: process 1's NaN first
     minibatch skips step 1 everywhere (no hang in the logging collectives, no drift apart)."""
