@@ -112,20 +112,8 @@ def normalize_then_sum_advantages(
 # --- PPO (actor-critic) -------------------------------------------------------------------------------
 
 
-def kl_per_token(
-    logprobs: torch.Tensor,  # [B, T] log-probs of the sampled tokens under the rollout policy
-    ref_logprobs: torch.Tensor,  # [B, T] the same tokens under the reference model
-    estimator: str = "k1",  # "k1": log(pi/ref), unbiased, noisy; "k3": (r - 1) - log r, r = ref/pi, >= 0
-) -> torch.Tensor:
-    """Per-token KL estimate of legacy TRL's PPOTrainer (Schulman's k1 / k3); [B, T]."""
-    if estimator not in ("k1", "k3"):
-        raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
-    log_ratio = ref_logprobs - logprobs
-    return -log_ratio if estimator == "k1" else torch.expm1(log_ratio) - log_ratio
-
-
 def shaped_rewards(
-    kl: torch.Tensor,  # [B, T] per-token KL estimate (kl_per_token)
+    kl: torch.Tensor,  # [B, T] per-token KL estimate (fastppo.kernels.ppo_loss.kl_estimate)
     scores: torch.Tensor,  # [B] reward-model score of each whole completion
     last_index: torch.Tensor,  # [B] int, position that receives the score (last real token)
     kl_coef: float,

@@ -35,7 +35,6 @@ from transformers.trainer_utils import TrainOutput
 
 from ..advantages import (
     generalized_advantage_estimation,
-    kl_per_token,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -53,7 +52,7 @@ from ..critic import (
 )
 from ..data import check_prompt_dataset
 from ..distributed import mean_over_processes
-from ..kernels.ppo_loss import PolicyLossStats
+from ..kernels.ppo_loss import PolicyLossStats, kl_estimate
 from ..metrics import print_completions
 from ..modeling import build_policy, check_model_source, eos_token_ids, switch_off_dropout
 from ..policy_forward import eval_mode
@@ -261,7 +260,8 @@ class PPOTrainer(TrainerBase):
         batch.old_logprobs = old_logprobs * mask
         kl = torch.zeros_like(mask)
         if ref_logprobs is not None:
-            kl = kl_per_token(batch.old_logprobs, ref_logprobs * mask, args.kl_estimator) * mask
+            # the losses' one KL estimator (its log-ratio clamped to +-20, as everywhere in fastppo)
+            kl = kl_estimate(batch.old_logprobs, ref_logprobs * mask, args.kl_estimator) * mask
         return RolloutRecord(batch, values * mask, torch.zeros_like(mask), scores, kl)
 
     def _old_scores(self, chunk: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
