@@ -146,7 +146,7 @@ session() {
   versions || { echo "versions FAILED: stopping, nothing measured"; return 1; }
 
   cd "$REPO"  # pytest reads pyproject.toml (importlib mode) from here; -P keeps the root off sys.path
-  local gate_files=(tests/test_token_logprobs.py tests/test_policy_loss_backends.py)
+  local gate_files=(tests/kernels/test_token_logprobs.py tests/kernels/test_ppo_loss_backends.py)
   local pytest_gpu=($PY -m pytest -q -m gpu -p no:cacheprovider)
   # The gate: the compiled kernels against float64 at the target shapes. Nothing is measured on
   # kernels that fail it, nor after a gate that ran no test.

@@ -40,14 +40,7 @@ def pytest_configure(config):
         )
 
 
-# Slow tests in files this conftest does not own (the kernel tests): marked here by file name.
-SLOW_FILES = ("test_kernels_compile.py",)  # Triton's GPU compiler and ptxas for every kernel
-
-
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in SLOW_FILES:
-            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

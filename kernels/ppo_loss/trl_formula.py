@@ -1,6 +1,6 @@
 """TRL GRPOTrainer's loss written out as plain math, independent of ``policy_objective``.
 
-The float64 ground truth of tests/test_policy_loss.py and test_linear_policy_loss.py, and the
+The float64 ground truth of tests/kernels/test_ppo_loss.py and test_linear_ppo_loss.py, and the
 loss of the benchmarks' eager baselines: a wrong ``policy_objective`` fails the tests instead of
 being copied into the oracle. Read from TRL 1.16's ``GRPOTrainer._compute_loss``
 (trl/trainer/grpo_trainer.py).

@@ -1,6 +1,6 @@
 """What only the backends' own mechanics decide: overwrite_logits, old_logprobs=None (on-policy),
 and (GPU only) the linear loss at a real vocabulary. The loss matrix on both backends against TRL's
-formula in float64 is in tests/test_policy_loss.py and test_linear_policy_loss.py.
+formula in float64 is in tests/kernels/test_ppo_loss.py and test_linear_ppo_loss.py.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ def nvidia_backend_present() -> bool:
     return (bin_dir / "ptxas").exists()
 
 
+@pytest.mark.slow  # Triton's GPU compiler and ptxas for every kernel variant: about a minute
 @pytest.mark.skipif(not nvidia_backend_present(), reason="triton without its NVIDIA backend / ptxas")
 def test_all_kernels_compile_for_hopper(tmp_path):
     env = {

@@ -1,6 +1,6 @@
 """Compile every Triton kernel ahead of time for sm_90 (H100/H200) with Triton's own GPU compiler
 and ptxas, on a machine without a GPU, and report what each variant costs. Run by
-tests/test_kernels_compile.py in a subprocess with TRITON_INTERPRET=0 (under the interpreter,
+tests/kernels/test_compile_for_hopper.py in a subprocess with TRITON_INTERPRET=0 (under the interpreter,
 @triton.jit yields interpreted functions).
 
 The interpreter accepts code the GPU compiler rejects (non-constexpr globals, dtype mismatches in
@@ -13,7 +13,7 @@ Printed per variant: registers, stack (local memory: spills), shared memory, SAS
 and the widest global load of the logits. Exit code 1 when a variant that a launch at the
 benchmark shapes uses (bf16, V % 16 == 0) spills or reads the logits narrower than 16 bytes.
 
-    TRITON_INTERPRET=0 python -P tests/compile_for_hopper.py
+    TRITON_INTERPRET=0 python -P tests/kernels/compile_for_hopper.py
 """
 
 from __future__ import annotations

@@ -288,7 +288,7 @@ def test_parity_with_trl_selective_log_softmax(backend):
 
 
 # --- The fused policy-loss kernel: its in-kernel dLoss/dlogp against autograd of policy_objective.
-# (The loss matrix against TRL's formula is tests/test_policy_loss.py; TRL has no KL clamp, so the
+# (The loss matrix against TRL's formula is tests/kernels/test_ppo_loss.py; TRL has no KL clamp, so the
 # clamped KL gradient, ties at the clip bounds and single-tile vs streamed rows are pinned here.)
 
 LOSS_CASES = {

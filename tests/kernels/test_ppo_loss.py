@@ -20,7 +20,7 @@ three there.
 | bf16   | 1e-6 floor, 1e-5 ceiling     | 1 / 2 / 3 roundings (see above) | exact counts   |
 
 Hand-worked clipping, the KL clamp at +-100 log-ratios, overwrite_logits and the kernel's own tile
-paths are in tests/test_policy_loss_cases.py, test_policy_loss_backends.py, test_token_logprobs.py.
+paths are in tests/kernels/test_ppo_loss_cases.py, test_ppo_loss_backends.py, test_token_logprobs.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The policy loss on hand-worked cases: clipping written out, clip fractions counted by hand, the
 KL clamp, tied embeddings. Both backends; the Triton one is interpreted on CPU. TRL parity, the
-loss matrix, chunking and bad input are in tests/test_policy_loss.py and test_linear_policy_loss.py."""
+loss matrix, chunking and bad input are in tests/kernels/test_ppo_loss.py and test_linear_ppo_loss.py."""
 
 from __future__ import annotations
 

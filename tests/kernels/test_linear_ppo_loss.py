@@ -22,8 +22,8 @@ the kernels' median error is 0.2 of the 2x bound (eager's own rounding is the 1x
 bf16: both paths round the chunk's logits to bf16, so the loss errors are alike; the gradients
 differ by one more bf16 rounding of dlogits (stored in the forward, interpreted Triton truncates)
 and by the weight gradient being accumulated in bf16 over chunks: hence 3x.
-Tied embeddings and the on-policy path are in tests/test_policy_loss_cases.py and
-test_policy_loss_backends.py.
+Tied embeddings and the on-policy path are in tests/kernels/test_ppo_loss_cases.py and
+test_ppo_loss_backends.py.
 """
 
 from __future__ import annotations
