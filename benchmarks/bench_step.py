@@ -296,9 +296,7 @@ def _build_trl(model, workload: Workload, args: dict[str, Any], liger: bool = Fa
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    # use_bias_correction_kl: TRL 1.16 defaults to True, fastppo implements only False; the math
-    # must match for a fair comparison (the cost difference is one multiply per token).
-    config = GRPOConfig(**args, use_bias_correction_kl=False, use_liger_kernel=liger)
+    config = GRPOConfig(**args, use_liger_kernel=liger)  # the same loss as fastppo's at both defaults
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=token_sum_reward,

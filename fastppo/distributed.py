@@ -136,6 +136,18 @@ def gather_rows(tensor: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
     return tensor if accelerator.num_processes == 1 else accelerator.gather(tensor.contiguous())
 
 
+def gather_ragged(values: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """Every process's 1-D ``values``, of any length each, concatenated in process order (e.g. the
+    entropies of each process's unmasked tokens, for one quantile over all of them)."""
+    if accelerator.num_processes == 1:
+        return values
+    lengths = accelerator.gather(torch.tensor([values.numel()], device=values.device)).tolist()
+    padded = accelerator.pad_across_processes(values.contiguous(), dim=0)
+    width = padded.shape[0]
+    gathered = accelerator.gather(padded)
+    return torch.cat([gathered[rank * width : rank * width + n] for rank, n in enumerate(lengths)])
+
+
 def sum_over_processes(value: float, accelerator: Accelerator) -> float:
     if accelerator.num_processes == 1:
         return value

@@ -11,14 +11,13 @@ value is rejected (see ``fastppo.config``). Deliberate differences from TRL 1.16
 - ``model_init_kwargs["attn_implementation"]`` (TRL's spelling), when not given: ``flash_attention_2``
   when flash-attn is installed (CUDA), else ``fastppo_varlen`` for padding-free batches on CUDA, else
   ``sdpa`` (``fastppo.memory.packing.pick_attn_implementation``).
-- ``use_bias_correction_kl`` defaults to ``False``: fastppo's loss kernel adds ``beta * k3`` without
-  multiplying it by the importance ratio (identical values on-policy, a different KL gradient).
 - ``max_prompt_length`` (dropped by TRL) is kept: prompts are truncated from the left to that length.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar
 
 from transformers import TrainingArguments
@@ -33,14 +32,13 @@ from .config import (
     strict_config,
     unsupported,
 )
-from .kernels.ppo_loss.settings import IMPORTANCE_LEVELS, LOSS_TYPES, PolicyLossSettings
+from .kernels.ppo_loss.settings import CLIPPED_LOSS_TYPES, IMPORTANCE_LEVELS, LOSS_TYPES, PolicyLossSettings
 from .rollout import PromptSettings, SamplingSettings
 
 SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
-# The kernels implement every TRL 1.16 loss type; the trainer does not pass their settings through yet.
-TRL_ONLY_LOSSES = ("cispo", "sapo", "luspo", "vespo")
-TRAINER_LOSSES = tuple(t for t in LOSS_TYPES if t not in TRL_ONLY_LOSSES)
+# Loss types that sum token contributions (TRL warns when they meet sequence-level ratios).
+TOKEN_SUMMED_LOSSES = ("bnpo", "dr_grpo", "dapo", "cispo")
 
 # GRPO fields implemented by GRPOTrainer.
 SUPPORTED_GRPO = frozenset(
@@ -53,6 +51,9 @@ SUPPORTED_GRPO = frozenset(
     importance_sampling_level reward_weights multi_objective_aggregation scale_rewards loss_type
     mask_truncated_completions sync_ref_model ref_model_mixup_alpha ref_model_sync_steps log_completions
     num_completions_to_print eval_do_sample
+    sapo_temperature_neg sapo_temperature_pos vespo_k_pos vespo_lambda_pos vespo_k_neg vespo_lambda_neg
+    use_bias_correction_kl entropy_coef use_adaptive_entropy entropy_coef_min entropy_coef_max
+    entropy_coef_delta entropy_target top_entropy_quantile off_policy_mask_threshold
     """.split()
 )
 
@@ -161,13 +162,25 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
     delta: float | None = option(
         None, "Two-sided clipping: the unclipped ratio is capped at delta (INTELLECT-2)."
     )
-    epsilon_high: float | None = option(None, "Upper clipping epsilon (DAPO: 0.28); None: epsilon.")
-    sapo_temperature_neg: float = option(1.05, "SAPO only (inert).")
-    sapo_temperature_pos: float = option(1.0, "SAPO only (inert).")
-    vespo_k_pos: float = option(2.0, "VESPO only (inert).")
-    vespo_lambda_pos: float = option(3.0, "VESPO only (inert).")
-    vespo_k_neg: float = option(3.0, "VESPO only (inert).")
-    vespo_lambda_neg: float = option(2.0, "VESPO only (inert).")
+    epsilon_high: float | None = option(
+        None,
+        "Upper clipping epsilon (DAPO: 0.28); None: epsilon. cispo: the cap on the ratio itself "
+        "(ScaleRL's epsilon_max; 5.0 recommended).",
+    )
+    sapo_temperature_neg: float = option(
+        1.05, "sapo: temperature of the soft gate for tokens with advantage <= 0."
+    )
+    sapo_temperature_pos: float = option(
+        1.0, "sapo: temperature of the soft gate for tokens with advantage > 0."
+    )
+    vespo_k_pos: float = option(
+        2.0, "vespo: power k of the gamma weight for advantage >= 0 (down-weights low ratios)."
+    )
+    vespo_lambda_pos: float = option(
+        3.0, "vespo: decay lambda of the gamma weight for advantage >= 0 (down-weights high ratios)."
+    )
+    vespo_k_neg: float = option(3.0, "vespo: power k of the gamma weight for advantage < 0.")
+    vespo_lambda_neg: float = option(2.0, "vespo: decay lambda of the gamma weight for advantage < 0.")
     importance_sampling_level: str = option("token", "'token' ratios, or one 'sequence' ratio (GSPO).")
     reward_weights: list[float] | None = option(None, "Weight of each reward function; None: all 1.0.")
     multi_objective_aggregation: str = option(
@@ -176,7 +189,11 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
     scale_rewards: str = option(
         "group", "Divide advantages by the reward std of the 'group', the 'batch', or 'none'."
     )
-    loss_type: str = option("dapo", "Per-token loss reduction: 'grpo', 'bnpo', 'dr_grpo' or 'dapo'.")
+    loss_type: str = option(
+        "dapo",
+        "The per-token loss and its reduction: 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', "
+        "'luspo' or 'vespo' (README: loss types).",
+    )
     mask_truncated_completions: bool = option(
         False, "Exclude completions that hit max_completion_length from the loss."
     )
@@ -185,21 +202,38 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
     )
     ref_model_mixup_alpha: float = option(0.6, "TR-DPO alpha: ref = alpha * policy + (1 - alpha) * ref.")
     ref_model_sync_steps: int = option(512, "TR-DPO tau: optimizer steps between reference syncs.")
-    top_entropy_quantile: float = unsupported(1.0, "high-entropy token masking")
-    entropy_coef: float = unsupported(0.0, "entropy bonus")
-    use_adaptive_entropy: bool = unsupported(False, "adaptive entropy control")
-    entropy_coef_min: float = option(0.0, "Adaptive entropy only (inert).")
-    entropy_coef_max: float = option(1.0, "Adaptive entropy only (inert).")
-    entropy_coef_delta: float = option(0.005, "Adaptive entropy only (inert).")
-    entropy_target: float = option(0.2, "Adaptive entropy only (inert).")
+    top_entropy_quantile: float = option(
+        1.0,
+        "Train on the top rho fraction of tokens by entropy only (Beyond the 80/20 Rule: 0.2); 1 keeps all.",
+    )
+    entropy_coef: float = option(
+        0.0,
+        "Entropy bonus: the loss minus entropy_coef times the mean per-token entropy, whatever the loss "
+        "type; the initial coefficient under use_adaptive_entropy.",
+    )
+    use_adaptive_entropy: bool = option(
+        False,
+        "Skywork-OR1's control: each optimizer step entropy_coef moves by entropy_coef_delta, up while the "
+        "entropy is at or below entropy_target, down otherwise; applied only at or below the target.",
+    )
+    entropy_coef_min: float = option(0.0, "Lower bound of the adaptive entropy coefficient.")
+    entropy_coef_max: float = option(1.0, "Upper bound of the adaptive entropy coefficient.")
+    entropy_coef_delta: float = option(0.005, "Step of the adaptive entropy coefficient per optimizer step.")
+    entropy_target: float = option(
+        0.2, "Target mean per-token entropy (nats) of adaptive entropy control, over the tokens trained on."
+    )
     max_tool_calling_iterations: int | None = unsupported(None, "tool calling")
     vllm_importance_sampling_correction: bool = option(True, "vLLM only (inert).")
     vllm_importance_sampling_mode: str = option("sequence_mask", "vLLM only (inert).")
     vllm_importance_sampling_clip_max: float | None = option(3.0, "vLLM only (inert).")
     vllm_importance_sampling_clip_min: float | None = option(None, "vLLM only (inert).")
-    off_policy_mask_threshold: float | None = unsupported(None, "off-policy sequence masking")
-    use_bias_correction_kl: bool = unsupported(
-        False, "KL multiplied by the importance ratio; TRL defaults to True"
+    off_policy_mask_threshold: float | None = option(
+        None,
+        "Drop sequences with advantage < 0 whose mean KL(old || current) exceeds this (DeepSeek-V3.2); "
+        "acts only where old log-probs are recorded (records_old_logprobs). None: off.",
+    )
+    use_bias_correction_kl: bool = option(
+        True, "Multiply the KL term by the importance ratio (DeepSeek-V3.2's unbiased reverse-KL gradient)."
     )
 
     # Logging
@@ -229,6 +263,7 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
         )
         self._derive_batch_sizes()
         self._check_grpo()
+        self._check_loss_family()
 
     # --- checks, one place each -------------------------------------------------------------------
 
@@ -280,12 +315,7 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
         if self.delta is not None:
             check_number("delta", self.delta, 1.0, float("inf"), low_open=True, high_open=True)
         check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_LEVELS)
-        note = (
-            " (TRL's other loss types are in fastppo's kernels, not yet in GRPOTrainer)"
-            if self.loss_type in TRL_ONLY_LOSSES
-            else ""
-        )
-        check_choice("loss_type", self.loss_type, TRAINER_LOSSES, note)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         check_choice("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
         if self.reward_weights is not None:
@@ -305,6 +335,82 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
         )
         if self.num_completions_to_print is not None:
             check_int("num_completions_to_print", self.num_completions_to_print, 1)
+
+    def _check_loss_family(self) -> None:
+        """The loss types' and loss options' own values (TRL's loss family), then TRL's warnings
+        about combinations that run but are probably not what was meant."""
+        finite = dict(low=float("-inf"), high=float("inf"), low_open=True, high_open=True)
+        for name in ("sapo_temperature_neg", "sapo_temperature_pos"):
+            check_number(name, getattr(self, name), 0.0, float("inf"), low_open=True, high_open=True)
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef"):
+            check_number(name, getattr(self, name), **finite)
+        for name in ("use_bias_correction_kl", "use_adaptive_entropy"):
+            require(
+                isinstance(getattr(self, name), bool),
+                f"{name} must be True or False, got {getattr(self, name)!r}",
+            )
+        check_number("entropy_coef_min", self.entropy_coef_min, **finite)
+        check_number("entropy_coef_max", self.entropy_coef_max, **finite)
+        require(
+            self.entropy_coef_min <= self.entropy_coef_max,
+            f"entropy_coef_min ({self.entropy_coef_min}) must be <= entropy_coef_max "
+            f"({self.entropy_coef_max})",
+        )
+        check_number("entropy_coef_delta", self.entropy_coef_delta, 0.0, float("inf"), high_open=True)
+        check_number("entropy_target", self.entropy_target, 0.0, float("inf"), high_open=True)
+        check_number("top_entropy_quantile", self.top_entropy_quantile, 0.0, 1.0)
+        if self.off_policy_mask_threshold is not None:
+            check_number(
+                "off_policy_mask_threshold", self.off_policy_mask_threshold, 0.0, float("inf"), high_open=True
+            )
+        require(
+            not (self.use_adaptive_entropy and self.top_entropy_quantile < 1.0),
+            f"use_adaptive_entropy=True with top_entropy_quantile={self.top_entropy_quantile!r} is not "
+            "supported yet: the controller measures the mean entropy of the kept (high-entropy) tokens, "
+            "which the fused kernel's statistics do not report; use one of the two",
+        )
+        for warning in self._loss_family_warnings():
+            warnings.warn(warning, stacklevel=5)  # the caller of GRPOConfig(...)
+
+    def _loss_family_warnings(self) -> list[str]:
+        """TRL 1.16's init-time warnings (its trainer logs them), and fastppo's for settings that
+        would otherwise do nothing unnoticed."""
+        found, level = [], self.importance_sampling_level
+        if self.loss_type == "luspo" and level != "sequence":
+            found.append(
+                "When using `'luspo'` loss, `importance_sampling_level` should be set to `'sequence'` to "
+                "mirror the paper's setup."
+            )
+        if self.loss_type == "vespo" and level != "token":
+            found.append(
+                "VESPO computes sequence-level importance weights internally. `importance_sampling_level` "
+                "should be set to `'token'` (the default)."
+            )
+        if level == "sequence" and self.loss_type in TOKEN_SUMMED_LOSSES:
+            found.append(
+                f"When using `importance_sampling_level='sequence'`, the `'{self.loss_type}'` loss sums "
+                "per-token contributions, which effectively weights each sequence by its completion length "
+                "instead of optimizing the per-sequence objective. To reproduce the GSPO paper's setup, set "
+                "`loss_type='grpo'`."
+            )
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            found.append(
+                f"loss_type='cispo' caps the importance ratio at epsilon_high, which is unset and so takes "
+                f"epsilon ({self.epsilon}), as in TRL: every ratio near 1 is capped there; ScaleRL "
+                "recommends epsilon_high=5.0"
+            )
+        if self.delta is not None and self.loss_type not in CLIPPED_LOSS_TYPES:
+            found.append(
+                f"delta={self.delta} has no effect with loss_type={self.loss_type!r}: it caps the ratio of "
+                f"the clipped loss types {CLIPPED_LOSS_TYPES} only (as in TRL)"
+            )
+        if self.off_policy_mask_threshold is not None and not self.records_old_logprobs:
+            found.append(
+                f"off_policy_mask_threshold={self.off_policy_mask_threshold} has no effect here: every "
+                "update of a rollout is on-policy (the old log-probs are the current ones, KL 0); it acts "
+                "with num_iterations > 1 or steps_per_generation > gradient_accumulation_steps"
+            )
+        return found
 
     # --- derived values used by the trainer -------------------------------------------------------
 
@@ -342,17 +448,29 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
         return self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations) != 0
 
     def loss_settings(self) -> PolicyLossSettings:
-        """The kernel's loss settings; dapo's num_items_in_batch is filled in per rollout."""
+        """The kernel's loss settings at this config's values. The trainer fills in what depends on the
+        run: dapo / cispo / vespo's num_items_in_batch per rollout, and the entropy coefficient it
+        applies (adaptive control; rescaled to its loss scale, ``GRPOTrainer._loss_scaling``)."""
         return PolicyLossSettings(
             clip_low=self.epsilon,
             clip_high=self.epsilon_high,
             delta=self.delta,
             beta=self.beta,
             kl_estimator="k3",
+            kl_bias_correction=self.use_bias_correction_kl,
             loss_type=self.loss_type,
             importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length,
             temperature=self.temperature,
+            sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos,
+            vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg,
+            entropy_coef=self.entropy_coef,
+            top_entropy_quantile=self.top_entropy_quantile,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
         )
 
     def sampling_settings(self, do_sample: bool = True) -> SamplingSettings:

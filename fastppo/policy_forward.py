@@ -34,7 +34,7 @@ from .adapters import unwrap_peft
 from .batch import PolicyBatch, sequence_inputs
 from .config import ForwardPlan
 from .kernels import linear_ppo_loss, linear_token_logprobs
-from .kernels.ppo_loss import PolicyLossSettings, PolicyLossStats, policy_objective
+from .kernels.ppo_loss import Gather, PolicyLossSettings, PolicyLossStats, policy_objective
 from .memory.packing import PackedBatch, pack, unpack
 from .memory.trunk import Trunk, find_decoder, policy_top, run_trunk
 from .sharding import final_hidden_states, is_sharded, reshard
@@ -270,12 +270,20 @@ class PolicyForward:
         return logp.masked_fill(~batch.completion_mask.bool(), 0.0)
 
     def loss(
-        self, policy_pass: PolicyPass, batch: PolicyBatch, settings: PolicyLossSettings
+        self,
+        policy_pass: PolicyPass,
+        batch: PolicyBatch,
+        settings: PolicyLossSettings,
+        gather: Gather | None = None,
     ) -> tuple[torch.Tensor, PolicyLossStats]:
-        """Scalar clipped-ratio loss (+ beta * KL) of one minibatch and its statistics (with entropy).
+        """Scalar policy loss (+ beta * KL, - the entropy bonus) of one minibatch and its statistics
+        (with entropy). ``gather``: all-gathers across processes, for the ``top_entropy_quantile``
+        threshold over the whole batch (None: this process's tokens).
 
         Without recorded ``old_logprobs`` the batch is on-policy: old = detached current log-probs, so
         the ratio is exactly 1 and only its gradient acts (the first update of a rollout, TRL #2769).
+        The plain path's entropy is differentiable (it comes from the logits), so an entropy bonus
+        trains through it as the fused path's gradient pass does.
         """
         old, ref = _loss_inputs(batch)
         if self.plan.fused:
@@ -296,6 +304,7 @@ class PolicyForward:
                     ref_logprobs=ref,
                     compute_entropy=True,
                     chunk_bytes=self.plan.chunk_bytes,
+                    gather=gather,
                 )
         logits = policy_pass.logits
         if logits is None:  # a trunk pass: the policy's top applies the bare lm_head
@@ -305,13 +314,17 @@ class PolicyForward:
             logits, batch.completion_ids, settings.temperature, with_entropy=True
         )
         old = logp.detach() if old is None else old
-        return policy_objective(logp, old, batch.advantages, batch.loss_mask, settings, ref, entropy)
+        return policy_objective(logp, old, batch.advantages, batch.loss_mask, settings, ref, entropy, gather)
 
     def policy_loss(
-        self, model: nn.Module, batch: PolicyBatch, settings: PolicyLossSettings
+        self,
+        model: nn.Module,
+        batch: PolicyBatch,
+        settings: PolicyLossSettings,
+        gather: Gather | None = None,
     ) -> tuple[torch.Tensor, PolicyLossStats]:
         """``loss`` of one ``run`` of ``model`` over the batch (GRPO: nothing else reads the pass)."""
-        return self.loss(self.run(model, batch), batch, settings)
+        return self.loss(self.run(model, batch), batch, settings, gather)
 
     # --- scoring without gradient ---------------------------------------------------------------
 

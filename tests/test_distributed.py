@@ -74,6 +74,22 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     assert {"eval_reward", "eval_completions/mean_length"} <= set(evaluations[0])
 
 
+@pytest.mark.slow  # two gloo processes under accelerate launch
+@pytest.mark.parametrize("options", ["top_entropy", "adaptive_entropy"])
+def test_loss_options_over_processes_match_one_process(tmp_path, options):
+    """The top_entropy_quantile threshold (gathered tokens of every process) and the adaptive
+    controller's entropy (summed over every process) are the whole global batch's, as one process
+    sees it. (The entropy bonus is not: as in TRL it is each process's own mean, so it is left off.)"""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    env = {"LOSS_OPTIONS": options}
+    single = run([sys.executable, str(SCRIPT), str(one), "16"], one, env)
+    double = launch(two, 8, "grpo", 29541 if options == "top_entropy" else 29542, env=env)
+    assert double["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-7)
+    assert double["checksum"] == pytest.approx(single["checksum"], rel=1e-6)
+    assert double["entropy_control"] == pytest.approx(single["entropy_control"], rel=1e-6)
+
+
 def evaluation(out: Path, rank: int) -> dict:
     return json.loads((out / f"eval-{rank}.json").read_text())
 

@@ -12,7 +12,7 @@ import pytest
 from fastppo import GRPOConfig
 
 # Our documented deviations from TRL's defaults (see fastppo/grpo_config.py's docstring).
-DEVIATIONS = {"bf16", "gradient_checkpointing", "optim", "use_bias_correction_kl"}
+DEVIATIONS = {"bf16", "gradient_checkpointing", "optim"}
 
 
 def make(**kwargs) -> GRPOConfig:
@@ -80,11 +80,21 @@ def test_trl_boolean_scale_rewards_and_inert_fields():
         ({"torch_compile": True}, r"not supported by fastppo: torch_compile=True"),
         ({"push_to_hub": True}, r"push_to_hub=True"),
         ({"use_liger_kernel": True}, r"use_liger_kernel=True"),
-        ({"top_entropy_quantile": 0.2}, r"top_entropy_quantile=0.2"),
-        ({"use_bias_correction_kl": True}, r"use_bias_correction_kl=True"),
         ({"fp16_full_eval": True}, r"fp16_full_eval=True"),
-        ({"loss_type": "sapo"}, r"loss_type must be one of .* got 'sapo' \(TRL's other loss types"),
-        ({"loss_type": "ppo"}, r"loss_type must be one of"),
+        ({"loss_type": "ppo"}, r"loss_type must be one of \('grpo', .*'vespo'\), got 'ppo'"),
+        ({"sapo_temperature_neg": 0.0}, r"sapo_temperature_neg must be a finite number in \(0.0, inf\)"),
+        ({"vespo_lambda_pos": math.inf}, r"vespo_lambda_pos must be a finite number"),
+        ({"entropy_coef": math.nan}, r"entropy_coef must be a finite number"),
+        ({"use_bias_correction_kl": "yes"}, r"use_bias_correction_kl must be True or False, got 'yes'"),
+        ({"top_entropy_quantile": 1.5}, r"top_entropy_quantile must be a finite number in \[0.0, 1.0\]"),
+        ({"off_policy_mask_threshold": -0.1}, r"off_policy_mask_threshold must be a finite number in \[0.0"),
+        ({"entropy_coef_min": 0.5, "entropy_coef_max": 0.1}, r"entropy_coef_min \(0.5\) must be <= "),
+        ({"entropy_coef_delta": -0.01}, r"entropy_coef_delta must be a finite number in \[0.0, inf\)"),
+        ({"entropy_target": -1.0}, r"entropy_target must be"),
+        (
+            {"use_adaptive_entropy": True, "top_entropy_quantile": 0.2},
+            r"use_adaptive_entropy=True with top_entropy_quantile=0.2 is not supported yet",
+        ),
         ({"num_generations": 1}, r"num_generations must be an integer >= 2, got 1"),
         (
             {"per_device_train_batch_size": 6},
@@ -133,6 +143,100 @@ def test_trl_boolean_scale_rewards_and_inert_fields():
 )
 def test_bad_options_raise_clear_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
+        make(**kwargs)
+
+
+def test_every_loss_option_reaches_the_kernel_settings():
+    """Each of TRL's loss fields lands on its PolicyLossSettings field (non-default values, so a
+    field dropped on the way would show)."""
+    c = make(
+        loss_type="sapo",
+        epsilon=0.1,
+        epsilon_high=0.3,
+        delta=None,
+        beta=0.05,
+        use_bias_correction_kl=False,
+        importance_sampling_level="sequence",
+        temperature=0.7,
+        max_completion_length=64,
+        sapo_temperature_pos=0.9,
+        sapo_temperature_neg=1.2,
+        vespo_k_pos=1.5,
+        vespo_lambda_pos=2.5,
+        vespo_k_neg=3.5,
+        vespo_lambda_neg=1.5,
+        entropy_coef=0.01,
+        top_entropy_quantile=0.2,
+        off_policy_mask_threshold=0.4,
+    )
+    assert dataclasses.asdict(c.loss_settings()) == {
+        "clip_low": 0.1,
+        "clip_high": 0.3,
+        "delta": None,
+        "beta": 0.05,
+        "kl_estimator": "k3",
+        "kl_bias_correction": False,
+        "loss_type": "sapo",
+        "importance_sampling_level": "sequence",
+        "max_completion_length": 64,
+        "num_items_in_batch": None,  # the trainer's, per rollout
+        "temperature": 0.7,
+        "sapo_temperature_pos": 0.9,
+        "sapo_temperature_neg": 1.2,
+        "vespo_k_pos": 1.5,
+        "vespo_lambda_pos": 2.5,
+        "vespo_k_neg": 3.5,
+        "vespo_lambda_neg": 1.5,
+        "entropy_coef": 0.01,
+        "top_entropy_quantile": 0.2,
+        "off_policy_mask_threshold": 0.4,
+    }
+    # TRL's default: the KL term times the ratio; False still works
+    assert make(beta=0.1).loss_settings().kl_bias_correction is True
+    assert make(beta=0.1, use_bias_correction_kl=False).loss_settings().kl_bias_correction is False
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"loss_type": "luspo"},
+            r"`'luspo'` loss, `importance_sampling_level` should be set to `'sequence'`",
+        ),
+        (
+            {"loss_type": "vespo", "importance_sampling_level": "sequence"},
+            r"VESPO computes sequence-level importance weights internally",
+        ),
+        *(
+            ({"loss_type": t, "importance_sampling_level": "sequence"}, rf"the `'{t}'` loss sums per-token")
+            for t in ("bnpo", "dr_grpo", "dapo", "cispo")
+        ),
+        ({"loss_type": "cispo"}, r"caps the importance ratio at epsilon_high, which is unset"),
+        ({"loss_type": "sapo", "delta": 2.0}, r"delta=2.0 has no effect with loss_type='sapo'"),
+        ({"off_policy_mask_threshold": 0.5}, r"off_policy_mask_threshold=0.5 has no effect here"),
+    ],
+)
+def test_trls_warnings_and_ours_for_settings_that_do_little(kwargs, message):
+    with pytest.warns(UserWarning, match=message):
+        make(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+        {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+        {"loss_type": "vespo"},
+        {"loss_type": "cispo", "epsilon_high": 5.0},
+        {"loss_type": "dapo", "delta": 2.0},
+        {"off_policy_mask_threshold": 0.5, "num_iterations": 2},
+        {"use_adaptive_entropy": True, "entropy_coef": 0.01, "entropy_target": 2.0},
+    ],
+)
+def test_the_recommended_setups_build_quietly(kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         make(**kwargs)
 
 

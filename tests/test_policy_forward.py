@@ -40,7 +40,19 @@ CASES = {
         loss_type="dapo", beta=0.04, temperature=0.7, clip_high=0.28, delta=1.5, num_items_in_batch=40.0
     ),
     "dapo-sequence": PolicyLossSettings(loss_type="dapo", beta=0.04, importance_sampling_level="sequence"),
+    # TRL 1.16's other loss types and loss options (issue 19): the plain path differentiates the
+    # entropy from the logits, the fused one through its gradient pass
+    "cispo": PolicyLossSettings(loss_type="cispo", beta=0.04, clip_high=1.2, num_items_in_batch=40.0),
+    "sapo": PolicyLossSettings(loss_type="sapo", beta=0.04, temperature=0.7, kl_bias_correction=True),
+    "luspo-sequence": PolicyLossSettings(loss_type="luspo", importance_sampling_level="sequence"),
+    "vespo": PolicyLossSettings(loss_type="vespo", beta=0.04, kl_bias_correction=True, temperature=0.7),
+    "grpo-kl-corrected": PolicyLossSettings(loss_type="grpo", beta=0.04, kl_bias_correction=True),
+    "dapo-entropy-bonus": PolicyLossSettings(loss_type="dapo", entropy_coef=0.05, temperature=0.7),
+    "dapo-top-entropy": PolicyLossSettings(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.05),
+    "grpo-off-policy-mask": PolicyLossSettings(loss_type="grpo", beta=0.04, off_policy_mask_threshold=0.02),
 }
+# The stats only some settings produce: None on both paths or equal on both.
+OPTIONAL_STATS = ("cispo_clip", "vespo_phi_mean", "entropy_kept", "off_policy_kept")
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +121,13 @@ def test_fused_and_plain_paths_agree(model, case):
             atol=1e-6,
             msg=lambda m, name=name: f"{name}: {m}",
         )
+    for name in OPTIONAL_STATS:
+        got, want = getattr(fused[1], name), getattr(plain[1], name)
+        assert (got is None) == (want is None), name
+        if want is not None:
+            torch.testing.assert_close(
+                got, want, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+            )
     assert fused[2].keys() == plain[2].keys()
     for name, grad in plain[2].items():
         assert torch.isfinite(grad).all(), name
@@ -118,6 +137,34 @@ def test_fused_and_plain_paths_agree(model, case):
     # the perturbed old log-probs really exercise clipping (else the test could not see a clip bug)
     if settings.importance_sampling_level == "token":
         assert 0 < float(plain[1].clip_region) < 1
+    for mask in (plain[1].entropy_kept, plain[1].off_policy_kept):  # the masks drop some, not all
+        assert mask is None or 0 < float(mask) < 1
+
+
+def test_the_entropy_bonus_trains_through_both_paths(model):
+    """The bonus's gradient reaches the parameters on both paths (the agreement above would also
+    hold if both ignored it): the change it makes is -coef times the mean entropy's gradient."""
+    policy, tokenizer = model
+    batch = make_batch(policy, len(tokenizer))
+    base = CASES["dapo-entropy-bonus"]
+    plain_forward = PolicyForward(ForwardPlan(fused=False, chunk_bytes=4 * 1024))
+    logits = plain_forward.run(policy, batch).logits
+    from fastppo.policy_forward import plain_token_logprobs
+
+    _, entropy = plain_token_logprobs(logits, batch.completion_ids, base.temperature, with_entropy=True)
+    mask = batch.loss_mask.float()
+    policy.zero_grad(set_to_none=True)
+    ((entropy * mask).sum() / mask.sum()).backward()
+    entropy_grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters()}
+    for fused in (True, False):
+        _, _, with_bonus = loss_and_grads(policy, batch, base, fused, chunk_bytes=4 * 1024)
+        _, _, without = loss_and_grads(
+            policy, batch, dataclasses.replace(base, entropy_coef=0.0), fused, 4 * 1024
+        )
+        for name, grad in entropy_grads.items():
+            torch.testing.assert_close(
+                with_bonus[name] - without[name], -base.entropy_coef * grad, rtol=1e-3, atol=1e-7, msg=name
+            )
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])

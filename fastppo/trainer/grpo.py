@@ -11,7 +11,11 @@
 
 Metrics: ``kl`` is logged only when beta > 0 (with beta == 0 there is no reference model to measure
 against, and logging 0 or NaN would mislead). ``ratio/mean`` is exactly 1 on the first update of a
-rollout: the old policy *is* the current one then, and only the ratio's gradient acts.
+rollout: the old policy *is* the current one then, and only the ratio's gradient acts. As TRL logs
+them: clip_ratio/* for the clipped loss types, ``cispo_clip_ratio`` and ``vespo/phi_seq_mean`` for
+theirs, ``entropy_coef`` (each optimizer step) and ``policy_loss`` (the loss before the entropy bonus)
+when the bonus is on; fastppo adds ``entropy_mask/kept_ratio`` (``top_entropy_quantile``: the fraction
+of tokens trained on) and ``off_policy_mask/kept_ratio`` (the fraction of sequences kept).
 """
 
 from __future__ import annotations
@@ -27,15 +31,24 @@ from ..advantages import group_relative_advantages, nanstd, normalize_then_sum_a
 from ..batch import PolicyBatch
 from ..checkpoint import resolve_resume
 from ..data import check_prompt_dataset
-from ..distributed import gather_counted, gather_rows, merge_metric_sums, rank_rows, sum_over_processes
+from ..distributed import (
+    gather_counted,
+    gather_ragged,
+    gather_rows,
+    merge_metric_sums,
+    rank_rows,
+    sum_over_processes,
+)
 from ..grpo_config import GRPOConfig
-from ..kernels.ppo_loss import PolicyLossSettings, PolicyLossStats
+from ..kernels.ppo_loss import Gather, PolicyLossSettings, PolicyLossStats, high_entropy_mask
+from ..kernels.ppo_loss.settings import CLIPPED_LOSS_TYPES
 from ..metrics import MetricsBuffer, print_completions
 from ..modeling import build_policy, eos_token_ids
 from ..reference import build_reference
 from ..rewards import combine_rewards, load_rewards, score_completions, score_rewards
 from ..rollout import GenerateSampler, Rollout, Sampler
 from .base import RolloutBuffer, TrainerBase, seed_everything
+from .entropy_control import EntropyControl
 
 
 @dataclasses.dataclass
@@ -53,6 +66,19 @@ class Advantages:
 
     values: torch.Tensor  # [B] one advantage per completion
     std: torch.Tensor  # [B] the reward spread it was scaled by (for frac_reward_zero_std)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossScaling:
+    """How a rollout's minibatch losses are formed and scaled under accumulation (``_loss_scaling``)."""
+
+    settings: PolicyLossSettings  # num_items_in_batch filled in for dapo / cispo / vespo
+    scale: float  # each minibatch's loss is multiplied by this before backward
+    bonus_per_coef: float  # the kernel's entropy_coef per unit of the applied coefficient
+
+    def for_coef(self, coef: float) -> PolicyLossSettings:
+        """The settings with the entropy bonus at ``coef`` (TRL's meaning, whatever the scale)."""
+        return dataclasses.replace(self.settings, entropy_coef=coef * self.bonus_per_coef)
 
 
 @dataclasses.dataclass
@@ -156,6 +182,11 @@ class GRPOTrainer(TrainerBase):
         )
         self.shard_models(*self.rewards.models())
         self.sampler = sampler or GenerateSampler(self.model, tokenizer.pad_token_id, self.eos_token_ids)
+        self.entropy_control = EntropyControl.from_config(args)
+        # the top_entropy_quantile threshold over every process's tokens, as TRL's
+        self._gather: Gather | None = (
+            None if self.accelerator.num_processes == 1 else lambda v: gather_ragged(v, self.accelerator)
+        )
         self._pending_extra: dict[str, list] = {}
         self._samples: list[dict[str, Any]] = []  # the last rollout's table rows (log_completions)
         self.callbacks("on_init_end")
@@ -265,36 +296,57 @@ class GRPOTrainer(TrainerBase):
         """Steps 4-6 over the rollout's passes, from where a checkpoint left them: each minibatch's
         loss and backward; an optimizer step at the end of each accumulation window, then the
         reference sync and log / evaluate / save. Stops early when training must stop."""
-        settings, scale = self._loss_scaling(buffer.minibatches)
+        scaling = self._loss_scaling(buffer.minibatches)
         if buffer.done == 0:  # a resumed rollout's tokens were counted before the checkpoint
             self.add_tokens(sum(mb.num_tokens for mb in buffer.minibatches))
         for mb in self.micro_batches(buffer):
+            # the coefficient of the previous optimizer step, for every micro-batch of this window
+            settings = scaling.for_coef(self.entropy_control.applied())
             with self.metrics.timed("time/minibatch"):
                 with self.accelerator.autocast():  # 4. optimise
-                    loss, stats = self.policy_forward.policy_loss(self.model, mb, settings)
-                self.backward(loss * scale)
-            self._record_loss_stats(stats, mb)
+                    loss, stats = self.policy_forward.policy_loss(self.model, mb, settings, self._gather)
+                self.backward(loss * scaling.scale)
+            self._record_loss_stats(stats, mb, loss, settings)
             if self.window_complete:
                 self.optimizer_step()  # 5. step
+                self._end_entropy_window()
                 self._sync_reference()
                 if self.after_step():  # 6. log / evaluate / save
                     return
 
-    def _loss_scaling(self, minibatches: list[PolicyBatch]) -> tuple[PolicyLossSettings, float]:
+    def _loss_scaling(self, minibatches: list[PolicyBatch]) -> LossScaling:
         """The loss settings and the factor each minibatch's loss is scaled by under accumulation
-        (TRL's normalisers, so 8 x 1 updates exactly like 4 x 2): grpo / bnpo / dr_grpo losses are
-        divided by gradient_accumulation_steps; dapo divides the summed token losses by the token
-        count of the whole accumulation window (estimated, as TRL does, from this rollout: tokens *
-        gradient_accumulation_steps / steps_per_generation)."""
+        (TRL's normalisers, so 8 x 1 updates exactly like 4 x 2 where the normaliser is global):
+        grpo / bnpo / dr_grpo / sapo / luspo losses are divided by gradient_accumulation_steps; dapo /
+        cispo / vespo divide the summed token losses by the token count of the whole accumulation
+        window (estimated, as TRL does, from this rollout: tokens * gradient_accumulation_steps /
+        steps_per_generation). TRL's entropy bonus is each micro-batch's mean entropy over
+        gradient_accumulation_steps whatever the loss type; the kernel subtracts ``entropy_coef``
+        times that mean from the loss before ``scale``, hence ``bonus_per_coef``."""
         args, settings = self.args, self.args.loss_settings()
-        if settings.loss_type != "dapo":
-            return settings, 1.0 / args.gradient_accumulation_steps
+        accumulation = args.gradient_accumulation_steps
+        if settings.loss_type not in ("dapo", "cispo", "vespo"):
+            return LossScaling(settings, 1.0 / accumulation, 1.0)
         tokens = float(sum(mb.loss_mask.sum() for mb in minibatches))  # CPU sync
         # every process normalises by the mean window over processes, so the averaged gradient
         # is the whole batch's token sum over its token count (one process: its own)
         tokens = sum_over_processes(tokens, self.accelerator) / self.accelerator.num_processes
-        window = tokens * args.gradient_accumulation_steps / args.steps_per_generation
-        return dataclasses.replace(settings, num_items_in_batch=max(window, 1.0)), 1.0
+        window = tokens * accumulation / args.steps_per_generation
+        return LossScaling(
+            dataclasses.replace(settings, num_items_in_batch=max(window, 1.0)), 1.0, 1.0 / accumulation
+        )
+
+    def _end_entropy_window(self) -> None:
+        """After an optimizer step: adaptive control measures the window's entropy over every process
+        and moves the coefficient; ``entropy_coef`` is logged whenever the bonus is on (TRL)."""
+        control = self.entropy_control
+        if control.adaptive:
+            control.end_window(
+                sum_over_processes(control.window_entropy_sum, self.accelerator),
+                sum_over_processes(control.window_tokens, self.accelerator),
+            )
+        if control.enabled:
+            self.metrics.add("entropy_coef", control.coef)
 
     def _sync_reference(self) -> None:
         """TR-DPO: every ``ref_model_sync_steps`` optimizer steps the reference moves towards the
@@ -306,6 +358,26 @@ class GRPOTrainer(TrainerBase):
             and self.state.global_step % args.ref_model_sync_steps == 0
         ):
             self.reference.sync(self.model, args.ref_model_mixup_alpha)
+
+    @staticmethod
+    def get_high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """TRL's ``get_high_entropy_mask``: True for the unmasked tokens whose entropy is at or above
+        the ``threshold`` quantile of the unmasked entropies (ties at the threshold kept; no unmasked
+        token: all False), ``[B, T]`` bool. Over this call's tokens; training takes the quantile
+        over every process's (the kernel's ``gather``)."""
+        return high_entropy_mask(entropies, mask, threshold).bool()
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """Adaptive entropy control's state (TRL saves it as entropy_ctrl_state.json)."""
+        return (
+            {"entropy_control": self.entropy_control.state_dict()} if self.args.use_adaptive_entropy else {}
+        )
+
+    def restore_extras(self, extras: dict[str, Any]) -> None:
+        """As TRL: a checkpoint without the controller's state (from a run without it) leaves the
+        configured start."""
+        if self.args.use_adaptive_entropy and "entropy_control" in extras:
+            self.entropy_control.load_state_dict(extras["entropy_control"])
 
     def log(self, logs: dict[str, float], training: bool = True) -> None:
         super().log(logs, training)
@@ -388,18 +460,37 @@ class GRPOTrainer(TrainerBase):
             rollout_rows.append(row)
         return rollout_rows
 
-    def _record_loss_stats(self, stats: PolicyLossStats, mb: PolicyBatch) -> None:
-        """Per-minibatch loss statistics, weighted by what they average over (tokens or sequences)."""
+    def _record_loss_stats(
+        self, stats: PolicyLossStats, mb: PolicyBatch, loss: torch.Tensor, settings: PolicyLossSettings
+    ) -> None:
+        """Per-minibatch loss statistics, weighted by what they average over (tokens or sequences),
+        and the entropy the adaptive controller measures (the mean over the tokens trained on)."""
         items = float(stats.num_items)
         tokens = float(mb.loss_mask.sum())
+        sequences = float(mb.loss_mask.shape[0])
         self.metrics.add("ratio/mean", float(stats.ratio_mean), items)
-        self.metrics.add("clip_ratio/low_mean", float(stats.clip_low), items)
-        self.metrics.add("clip_ratio/high_mean", float(stats.clip_high), items)
-        self.metrics.add("clip_ratio/region_mean", float(stats.clip_region), items)
-        if stats.entropy_mean is not None:
-            self.metrics.add("entropy", float(stats.entropy_mean), tokens)
+        if settings.loss_type in CLIPPED_LOSS_TYPES:
+            self.metrics.add("clip_ratio/low_mean", float(stats.clip_low), items)
+            self.metrics.add("clip_ratio/high_mean", float(stats.clip_high), items)
+            self.metrics.add("clip_ratio/region_mean", float(stats.clip_region), items)
+        if stats.cispo_clip is not None:
+            self.metrics.add("cispo_clip_ratio", float(stats.cispo_clip), items)
+        if stats.vespo_phi_mean is not None:  # one weight per sequence
+            self.metrics.add("vespo/phi_seq_mean", float(stats.vespo_phi_mean), sequences)
+        if stats.entropy_kept is not None:
+            self.metrics.add("entropy_mask/kept_ratio", float(stats.entropy_kept), tokens)
+        if stats.off_policy_kept is not None:  # one flag per sequence
+            self.metrics.add("off_policy_mask/kept_ratio", float(stats.off_policy_kept), sequences)
+        entropy = float(stats.entropy_mean)
+        self.metrics.add("entropy", entropy, tokens)
         if stats.kl_mean is not None and self.args.beta > 0:
             self.metrics.add("kl", float(stats.kl_mean), tokens)
+        # Every token is trained on (top_entropy_quantile 1, which adaptive control requires): the
+        # bonus's mean entropy is stats.entropy_mean; the kept tokens' mean is not in the stats.
+        if self.entropy_control.enabled and settings.top_entropy_quantile == 1.0:
+            self.entropy_control.record(entropy * tokens, tokens)
+            policy_loss = float(loss.detach()) + settings.entropy_coef * entropy  # CPU sync
+            self.metrics.add("policy_loss", policy_loss)
 
 
 def completion_metrics(lengths: torch.Tensor, is_truncated: torch.Tensor) -> dict[str, float]:

@@ -19,6 +19,10 @@ own RNG, so a sharded and an unsharded two-process run sample the same completio
 ``REWARD_MODEL=1`` scores with a sequence-classification Llama too (GRPO: beside the demo's reward
 function; PPO: instead of it).
 ``NAN_ON_RANK1=1`` makes process 1's first GRPO minibatch loss NaN (process 0's stays finite).
+``LOSS_OPTIONS`` (GRPO) adds TRL's loss options that read the batch across processes:
+``top_entropy`` (the entropy quantile over every process's tokens) or ``adaptive_entropy`` (the
+controller's entropy over every process; a target of 0 keeps the bonus off, so the runs train alike
+and only the measurement is compared); the summary holds the controller's state.
 
 After training, every run evaluates 11 prompts (an uneven split: the last process's share is padded);
 ``eval-<rank>.json`` holds what each process's ``evaluate()`` returned.
@@ -67,6 +71,13 @@ def sequence_classifier(policy, seed: int) -> LlamaForSequenceClassification:
     )
 
 
+LOSS_OPTIONS = {
+    "": {},
+    "top_entropy": dict(top_entropy_quantile=0.5),
+    "adaptive_entropy": dict(use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=0.0),
+}
+
+
 def grpo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler, phase: str = "") -> GRPOTrainer:
     resume_test = dict(
         num_iterations=2,
@@ -89,6 +100,7 @@ def grpo_trainer(out_dir: str, per_device_batch: int, tokenizer, sampler, phase:
         seed=0,
         fsdp=os.environ.get("SHARDED") == "1",
         **{"max_completion_length": 3, "max_steps": 3, "save_strategy": "no", **resume_test},
+        **LOSS_OPTIONS[os.environ.get("LOSS_OPTIONS", "")],
     )
     policy = build_policy(tokenizer, seed=0)
     with_model = os.environ.get("REWARD_MODEL") == "1"
@@ -198,6 +210,7 @@ def main(out_dir: str, per_device_batch: int, algo: str, phase: str) -> None:
                     "sharded": sharded,
                     "reward_models_sharded": sum(is_sharded(m) for m in scorers),
                     "skipped": skipped,
+                    "entropy_control": trainer.entropy_control.state_dict() if algo == "grpo" else None,
                 },
                 f,
             )

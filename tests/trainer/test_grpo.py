@@ -163,7 +163,7 @@ def test_bad_reward_output_names_function_and_sample(model_dir, reward, message,
 
 
 def run_one_step(
-    tmp_path, grpo_config, id_reward, loss_type: str, batch: int, accumulation: int
+    tmp_path, grpo_config, id_reward, loss_type: str, batch: int, accumulation: int, **fields
 ) -> dict[str, torch.Tensor]:
     """One optimizer step with SGD(lr=1) and no clipping: the update *is* the summed gradient."""
     tokenizer = build_tokenizer()
@@ -179,6 +179,7 @@ def run_one_step(
         max_grad_norm=0.0,
         lr_scheduler_type="constant",
         beta=0.04,
+        **fields,
     )
     trainer = GRPOTrainer(
         model=model,
@@ -192,11 +193,25 @@ def run_one_step(
     return {n: p.detach() - before[n] for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+# Every loss type whose normaliser is global (bnpo's is each minibatch's own), with its fields as
+# TRL recommends them (the KL term is ratio-weighted: use_bias_correction_kl's default).
+GLOBAL_NORMALISERS = {
+    "grpo": {},
+    "dr_grpo": {},
+    "dapo": {},
+    "cispo": {"epsilon_high": 5.0},
+    "sapo": {},
+    "luspo": {"importance_sampling_level": "sequence"},
+    "vespo": {},
+}
+
+
+@pytest.mark.parametrize("loss_type", list(GLOBAL_NORMALISERS))
 def test_accumulation_equivalence(tmp_path, loss_type, grpo_config, id_reward):
     """Batch 8 x accumulation 1 updates exactly like 4 x 2 (field note 5) for global normalisers."""
-    whole = run_one_step(tmp_path, grpo_config, id_reward, loss_type, 8, 1)
-    split = run_one_step(tmp_path, grpo_config, id_reward, loss_type, 4, 2)
+    fields = GLOBAL_NORMALISERS[loss_type]
+    whole = run_one_step(tmp_path, grpo_config, id_reward, loss_type, 8, 1, **fields)
+    split = run_one_step(tmp_path, grpo_config, id_reward, loss_type, 4, 2, **fields)
     assert any(d.abs().max() > 1e-4 for d in whole.values())
     for name, delta in whole.items():
         torch.testing.assert_close(split[name], delta, rtol=1e-4, atol=1e-7, msg=name)
