@@ -363,12 +363,6 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
             check_number(
                 "off_policy_mask_threshold", self.off_policy_mask_threshold, 0.0, float("inf"), high_open=True
             )
-        require(
-            not (self.use_adaptive_entropy and self.top_entropy_quantile < 1.0),
-            f"use_adaptive_entropy=True with top_entropy_quantile={self.top_entropy_quantile!r} is not "
-            "supported yet: the controller measures the mean entropy of the kept (high-entropy) tokens, "
-            "which the fused kernel's statistics do not report; use one of the two",
-        )
         for warning in self._loss_family_warnings():
             warnings.warn(warning, stacklevel=5)  # the caller of GRPOConfig(...)
 

@@ -91,10 +91,6 @@ def test_trl_boolean_scale_rewards_and_inert_fields():
         ({"entropy_coef_min": 0.5, "entropy_coef_max": 0.1}, r"entropy_coef_min \(0.5\) must be <= "),
         ({"entropy_coef_delta": -0.01}, r"entropy_coef_delta must be a finite number in \[0.0, inf\)"),
         ({"entropy_target": -1.0}, r"entropy_target must be"),
-        (
-            {"use_adaptive_entropy": True, "top_entropy_quantile": 0.2},
-            r"use_adaptive_entropy=True with top_entropy_quantile=0.2 is not supported yet",
-        ),
         ({"num_generations": 1}, r"num_generations must be an integer >= 2, got 1"),
         (
             {"per_device_train_batch_size": 6},

@@ -464,7 +464,8 @@ class GRPOTrainer(TrainerBase):
         self, stats: PolicyLossStats, mb: PolicyBatch, loss: torch.Tensor, settings: PolicyLossSettings
     ) -> None:
         """Per-minibatch loss statistics, weighted by what they average over (tokens or sequences),
-        and the entropy the adaptive controller measures (the mean over the tokens trained on)."""
+        and the entropy the adaptive controller measures (the mean over the tokens trained on, the
+        high-entropy mask's kept ones when there is one)."""
         items = float(stats.num_items)
         tokens = float(mb.loss_mask.sum())
         sequences = float(mb.loss_mask.shape[0])
@@ -485,11 +486,12 @@ class GRPOTrainer(TrainerBase):
         self.metrics.add("entropy", entropy, tokens)
         if stats.kl_mean is not None and self.args.beta > 0:
             self.metrics.add("kl", float(stats.kl_mean), tokens)
-        # Every token is trained on (top_entropy_quantile 1, which adaptive control requires): the
-        # bonus's mean entropy is stats.entropy_mean; the kept tokens' mean is not in the stats.
-        if self.entropy_control.enabled and settings.top_entropy_quantile == 1.0:
-            self.entropy_control.record(entropy * tokens, tokens)
-            policy_loss = float(loss.detach()) + settings.entropy_coef * entropy  # CPU sync
+        # The bonus's entropy: the mean over the tokens trained on (the high-entropy mask's kept ones)
+        if self.entropy_control.enabled:
+            acting = float(stats.acting_entropy_mean)
+            acting_tokens = tokens * (1.0 if stats.entropy_kept is None else float(stats.entropy_kept))
+            self.entropy_control.record(acting * acting_tokens, acting_tokens)
+            policy_loss = float(loss.detach()) + settings.entropy_coef * acting  # CPU sync
             self.metrics.add("policy_loss", policy_loss)
 
 

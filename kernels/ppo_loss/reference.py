@@ -34,6 +34,9 @@ class PolicyLossStats:
     cispo_clip: torch.Tensor | None = None  # [] cispo: fraction with ratio > its cap and advantage > 0
     vespo_phi_mean: torch.Tensor | None = None  # [] vespo: mean sequence gamma weight
     entropy_kept: torch.Tensor | None = None  # [] top_entropy_quantile: fraction of tokens trained on
+    # [] mean entropy of the tokens the policy term acts on (all unmasked ones without the
+    # high-entropy mask): the entropy bonus's value, what TRL's adaptive controller measures
+    acting_entropy_mean: torch.Tensor | None = None
     off_policy_kept: torch.Tensor | None = None  # [] off_policy_mask_threshold: fraction of sequences kept
 
 
@@ -105,6 +108,17 @@ def vespo_weights(
     return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def acting_entropy(
+    entropy: torch.Tensor,  # [B, T]
+    mask: torch.Tensor,  # [B, T] float
+    kept_tokens: torch.Tensor | None,  # [B, T] the high-entropy mask, None: every unmasked token
+) -> torch.Tensor:
+    """Mean entropy of the tokens the policy term acts on: the entropy bonus (TRL's ``entropy_loss``,
+    over its ``effective_mask``) and what TRL's adaptive controller measures."""
+    acting = mask if kept_tokens is None else mask * kept_tokens.to(mask.dtype)
+    return (entropy.to(mask.dtype) * acting).sum() / acting.sum().clamp(min=1.0)
+
+
 def policy_objective(
     logprobs: torch.Tensor,  # [B, T] current policy, differentiable
     old_logprobs: torch.Tensor | None,  # [B, T] recorded at sampling time; None: on-policy
@@ -171,11 +185,8 @@ def policy_objective(
             per_token + settings.beta * kl
         )  # not masked by the two masks above (TRL adds it after them)
     loss = (per_token * loss_token_weights(maskf, settings).to(logprobs.dtype)).sum()
-    if settings.entropy_coef != 0.0:  # the mean entropy of the tokens the policy term acts on
-        acting = maskf if kept_tokens is None else maskf * kept_tokens.to(logprobs.dtype)
-        loss = loss - settings.entropy_coef * (
-            entropy.to(logprobs.dtype) * acting
-        ).sum() / acting.sum().clamp(min=1.0)
+    if settings.entropy_coef != 0.0:
+        loss = loss - settings.entropy_coef * acting_entropy(entropy, maskf, kept_tokens)
 
     with torch.no_grad():
         token_count = maskf.sum().clamp(min=1.0)
@@ -201,6 +212,9 @@ def policy_objective(
             cispo_clip=trl_mean((ratio > upper) & (adv > 0)) if settings.loss_type == "cispo" else None,
             vespo_phi_mean=None if phi is None else trl_mean(phi),
             entropy_kept=None if kept_tokens is None else trl_mean(kept_tokens),
+            acting_entropy_mean=None
+            if entropy is None
+            else acting_entropy(entropy, maskf, kept_tokens).float(),
             off_policy_kept=None if kept_sequences is None else trl_mean(kept_sequences),
         )
     return loss, stats

@@ -228,6 +228,8 @@ def counted_stats(truth: Textbook, mask: torch.Tensor, settings: PolicyLossSetti
         counted["vespo_phi_mean"] = mean(terms.phi_seq, terms.phi_seq.shape[1] == 1)
     if terms.entropy_mask is not None:
         counted["entropy_kept"] = mean(terms.entropy_mask)
+    acting = m if terms.entropy_mask is None else m * terms.entropy_mask.double()
+    counted["acting_entropy_mean"] = ((truth.entropy * acting).sum() / acting.sum()).item()
     if terms.off_policy_mask is not None:
         counted["off_policy_kept"] = mean(terms.off_policy_mask, terms.off_policy_mask.shape[1] == 1)
     return counted
@@ -312,7 +314,7 @@ def test_loss_grad_and_stats_match_trl_formula_in_float64(backend, case, dtype, 
     for name in counts:  # counts: equal, not close
         if name in counted:
             assert getattr(stats, name).item() == pytest.approx(counted[name], abs=1e-7), name
-    for name in ("ratio_mean", "kl_mean", "entropy_mean", "vespo_phi_mean"):
+    for name in ("ratio_mean", "kl_mean", "entropy_mean", "vespo_phi_mean", "acting_entropy_mean"):
         if name in counted:
             got = getattr(stats, name).item()
             assert abs(got - counted[name]) <= STAT_TOL * max(1.0, abs(counted[name])), name

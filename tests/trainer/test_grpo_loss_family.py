@@ -222,6 +222,23 @@ def test_adaptive_entropy_measures_the_whole_window_over_its_tokens(grpo_config,
     assert trainer.entropy_control.last_world_entropy != pytest.approx(means[-1], rel=1e-6)
 
 
+def test_adaptive_entropy_with_the_high_entropy_mask_measures_the_kept_tokens(grpo_config, id_reward):
+    """With top_entropy_quantile < 1 the bonus acts on the kept tokens only, and the controller
+    measures their mean entropy (TRL's effective_mask), not all tokens'; policy_loss adds back
+    the bonus over those tokens."""
+    trainer = build(
+        grpo_config, id_reward, **ADAPTIVE, top_entropy_quantile=0.3, entropy_target=100.0, max_steps=2
+    )
+    seen = spy_on_losses(trainer)
+    trainer.train()
+    kept = [float(stats.acting_entropy_mean) for _, _, stats in seen]
+    everyone = [float(stats.entropy_mean) for _, _, stats in seen]
+    assert all(k > e for k, e in zip(kept, everyone, strict=True))  # the top 30% by entropy
+    assert trainer.entropy_control.last_world_entropy == pytest.approx(kept[-1], rel=1e-6)
+    logged = records(trainer)
+    assert logged[1]["policy_loss"] - logged[1]["loss"] == pytest.approx(0.08 * kept[1], rel=1e-5)
+
+
 def test_adaptive_entropy_resumes_exactly(grpo_config, id_reward):
     """A run resumed from its step-2 checkpoint (inside the rollout) logs steps 3 and 4 as the
     uninterrupted run: the coefficient and the last measurement travel in the checkpoint."""
