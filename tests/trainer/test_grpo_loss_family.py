@@ -66,9 +66,7 @@ def expected_metrics(fields: dict) -> tuple[set[str], set[str]]:
     (present if loss_type == "vespo" else absent).add("vespo/phi_seq_mean")
     bonus = fields.get("entropy_coef", 0.0) != 0.0 or fields.get("use_adaptive_entropy", False)
     if bonus:
-        present.add("entropy_coef")
-        # the kept tokens' mean entropy is not in the kernel's stats: no policy_loss with the mask
-        (present if fields.get("top_entropy_quantile", 1.0) == 1.0 else absent).add("policy_loss")
+        present.update({"entropy_coef", "policy_loss"})
     else:
         absent.update(BONUS_METRICS)
     masked = "top_entropy_quantile" in fields
