@@ -34,7 +34,8 @@ from ..metrics import MetricsBuffer, print_completions
 from ..modeling import build_policy, eos_token_ids
 from ..reference import build_reference
 from ..rewards import combine_rewards, load_rewards, score_completions, score_rewards
-from ..rollout import GenerateSampler, Rollout, Sampler
+from ..rollout import GenerateSampler, Rollout, Sampler, sampler_old_logprobs
+from ..samplers import build_sampler
 from .base import RolloutBuffer, TrainerBase, seed_everything
 
 
@@ -155,7 +156,14 @@ class GRPOTrainer(TrainerBase):
             self.model, self.policy_forward, kl_coef=args.beta, sync=args.sync_ref_model
         )
         self.shard_models(*self.rewards.models())
-        self.sampler = sampler or GenerateSampler(self.model, tokenizer.pad_token_id, self.eos_token_ids)
+        self.sampler = sampler or build_sampler(
+            args, self.model, tokenizer.pad_token_id, self.eos_token_ids, self.sharding is not None
+        )
+        if args.old_logprobs_from_sampler and isinstance(self.sampler, GenerateSampler):
+            raise ValueError(
+                "old_logprobs_from_sampler=True, but generate returns no log-probs: set "
+                "use_transformers_continuous_batching=True, or pass a sampler that returns them"
+            )
         self._pending_extra: dict[str, list] = {}
         self._samples: list[dict[str, Any]] = []  # the last rollout's table rows (log_completions)
         self.callbacks("on_init_end")
@@ -201,9 +209,10 @@ class GRPOTrainer(TrainerBase):
         old log-probs are taken on exactly the batches the first pass trains on.
         """
         args = self.args
-        minibatches = PolicyBatch.from_rollout(rollout, args.mask_truncated_completions).split(
-            args.per_device_train_batch_size, self._shuffle
-        )
+        batch = PolicyBatch.from_rollout(rollout, args.mask_truncated_completions)
+        if args.records_old_logprobs and args.old_logprobs_from_sampler:
+            batch.old_logprobs = sampler_old_logprobs(rollout, type(self.sampler).__name__)
+        minibatches = batch.split(args.per_device_train_batch_size, self._shuffle)
         with self.accelerator.autocast():
             for mb in minibatches:
                 self._score_minibatch(mb)
@@ -226,7 +235,7 @@ class GRPOTrainer(TrainerBase):
         one minibatch, no grad; a reference sharing the frozen trunk reads the policy's trunk pass,
         so one trunk pass serves both."""
         temperature, trunk = self.args.temperature, None
-        if self.args.records_old_logprobs:
+        if self.args.records_old_logprobs and mb.old_logprobs is None:  # else the sampler's (exact) ones
             with self.policy_forward.scoring(self.model):
                 policy_pass = self.policy_forward.run(self.model, mb)
                 mb.old_logprobs = self.policy_forward.logprobs(policy_pass, mb, temperature)
