@@ -12,8 +12,9 @@ nothing is sampled other than configured or recorded silently:
 - ``return_logprobs`` defaults to True: the log-probs the engine drew each token with come back
   (``Completions``); they are of the training distribution when only temperature processes the
   logits (``untruncated``), and only then can stand for the old policy's.
-- Logits processors the engine would drop (repetition penalty, ``min_new_tokens`` ...) are refused
-  with a ValueError: dropped, they would leave the sampled distribution other than configured.
+- Logits processors the engine would not apply as ``generate`` does (it drops the repetition
+  penalty, builds no ``min_new_tokens``, hands others only the last token) are refused with a
+  ValueError: temperature, top-k, top-p and min-p are what it applies faithfully.
 - The policy keeps its weights (TRL casts it to bf16 for the call): a sampling dtype other than the
   policy's runs on a copy that ``sync_weights`` keeps in step (``samplers.weights``).
 - On CPU, where the engine would size its cache from half of the free RAM (an attention mask of
@@ -23,6 +24,7 @@ nothing is sampled other than configured or recorded silently:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -38,6 +40,9 @@ from .weights import SamplingWeights
 MIN_TRANSFORMERS = "5.8.0"  # TRL 1.16's floor for use_transformers_continuous_batching
 SIZE_KEYS = ("page_size", "num_blocks", "max_batch_tokens")  # how the cache is sized
 CPU_CONCURRENT_REQUESTS = 64  # completions decoded at once on CPU (the rest wait for their cache)
+# Processors the engine applies exactly as generate does without marking them supported: they read
+# only the scores (the engine hands processors the last token, not the sequence).
+SCORE_ONLY = ("MinPLogitsWarper",)
 
 
 def check_available() -> None:
@@ -116,17 +121,26 @@ class ContinuousBatchingSampler:
         return GenerationConfig(**generation_kwargs(settings, self.pad_token_id, self.eos_token_ids))
 
     def logits_processors(self, settings: SamplingSettings) -> list:
-        """The processors the engine will apply under ``settings``; a ValueError names any it would
-        drop (it marks them unsupported), since dropping them would sample another distribution."""
-        processors = list(self.weights.model._get_logits_processor(self.generation_config(settings)))
-        dropped = [
-            type(p).__name__ for p in processors if getattr(p, "supports_continuous_batching", None) is False
+        """The processors ``generate`` would apply under ``settings``, all of which the engine applies
+        as generate does; a ValueError names any other: the engine drops those it marks unsupported
+        (repetition penalty), builds no length-based ones (``min_new_tokens``), and hands the rest
+        only the last token instead of the sequence, so it would sample another distribution."""
+        config = copy.deepcopy(self.generation_config(settings))
+        # what generate prepares before listing them, so the end-token and length-based ones show too
+        config._eos_token_tensor = torch.tensor(self.eos_token_ids)
+        processors = list(self.weights.model._get_logits_processor(config, input_ids_seq_length=1))
+        unsafe = [
+            type(p).__name__
+            for p in processors
+            if not (
+                getattr(p, "supports_continuous_batching", None) is True or type(p).__name__ in SCORE_ONLY
+            )
         ]
-        if dropped:
+        if unsafe:
             raise ValueError(
-                f"continuous batching does not apply {dropped} (set by repetition_penalty or "
-                "generation_kwargs such as min_new_tokens): it would sample from another distribution "
-                "than configured; remove those settings, or leave use_transformers_continuous_batching off"
+                f"continuous batching would not apply {unsafe} (from repetition_penalty or generation_kwargs "
+                "such as min_new_tokens) as generate does, so it would sample from another distribution than "
+                "configured: remove those settings, or leave use_transformers_continuous_batching off"
             )
         return processors
 
