@@ -21,12 +21,17 @@ only ones either trainer computes logits for) over the training time and the GEM
 the same run (attention scores and checkpoint recompute are not counted as useful work). Memory:
 peak allocated / reserved CUDA bytes over the whole ``train()`` (weights, reference, optimizer state
 included); ``resident_bytes`` is what was allocated before the first step. Each trainer runs its
-own defaults (``optim`` says which optimizer); ``fastppo-fused-adamw`` is fastppo with TRL's.
+own defaults (``optim`` says which optimizer); ``fastppo-fused-adamw`` is fastppo with TRL's, and
+``fastppo-static`` fastppo sampling with its static-cache sampler (``cache_implementation="static"``).
+
+With ``samplers`` (``--samplers``, all by default on the command line) the run also writes the
+rollout table (``bench_rollout``): each sampler alone on the same workload, its own results file.
 
 PPO rows (``algo="ppo"``) share the workload, the clock, the memory probes and the row format; one
 PPO step is one rollout of ``batch`` completions and one epoch over it as a single mini-batch.
 
-Run: ``python -m fastppo.benchmarks.bench_step [--quick] [--model qwen2.5-1.5b] [--out DIR]``.
+Run: ``python -m fastppo.benchmarks.bench_step [--quick] [--model qwen2.5-1.5b] [--out DIR]
+[--trainers fastppo,trl|none] [--samplers all|none|generate,static,...]``.
 """
 
 from __future__ import annotations
@@ -378,6 +383,17 @@ TRAINERS: dict[str, TrainerSpec] = {
             _missing("fastppo.trainer.grpo"),
             arguments=lambda settings, output_dir, steps: dict(
                 grpo_arguments(settings, output_dir, steps), optim=TRL_OPTIM
+            ),
+        ),
+        # fastppo sampling with its static-cache sampler (compiled decode on CUDA, samplers.static).
+        TrainerSpec(
+            "fastppo-static",
+            "grpo",
+            _build_fastppo,
+            _instrument_fastppo,
+            _missing("fastppo.trainer.grpo"),
+            arguments=lambda settings, output_dir, steps: dict(
+                grpo_arguments(settings, output_dir, steps), cache_implementation="static"
             ),
         ),
         # TRL 1.16 has no PPOTrainer to race: the PPO row stands alone (no ratios).
