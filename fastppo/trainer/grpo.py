@@ -3,7 +3,8 @@
 ``train()`` reads as its steps, one rollout per turn of its loop:
   1. rollout    - sample ``num_generations`` completions for each prompt of a generation batch
   2. score      - rewards; reference log-probs (beta > 0); old log-probs only when the rollout feeds
-                  more than one optimizer step (``GRPOConfig.records_old_logprobs``)
+                  more than one optimizer step (``GRPOConfig.records_old_logprobs``): a scoring
+                  forward, or the sampler's own with ``old_logprobs_from_sampler``
   3. advantages - group-relative (``scale_rewards``), one per completion
   4. optimise   - ``num_iterations`` passes over ``steps_per_generation`` minibatches: loss, backward
   5. step       - every ``gradient_accumulation_steps`` minibatches (a window may span rollouts)
