@@ -127,7 +127,7 @@ class ContinuousBatchingSampler:
         only the last token instead of the sequence, so it would sample another distribution."""
         config = copy.deepcopy(self.generation_config(settings))
         # what generate prepares before listing them, so the end-token and length-based ones show too
-        config._eos_token_tensor = torch.tensor(self.eos_token_ids)
+        config._eos_token_tensor = torch.tensor(self.eos_token_ids, dtype=torch.long)
         processors = list(self.weights.model._get_logits_processor(config, input_ids_seq_length=1))
         unsafe = [
             type(p).__name__

@@ -206,10 +206,11 @@ def test_a_run_resumed_inside_a_rollout_is_exact(engine, grpo_config, id_reward,
     assert len(logged(whole)) == 6 and logged(resumed) == logged(whole)  # steps 1-3 from the checkpoint
 
 
-@pytest.mark.slow  # two training runs, one evaluating at every step
-def test_evaluation_does_not_change_what_continuous_batching_trains(grpo_config, id_reward, tmp_path):
-    """Evaluation samples from a forked RNG: the engine (which seeds itself from torch's RNG) trains
-    exactly the same whether evaluation runs every step or never."""
+@pytest.mark.slow  # two training runs per engine, one evaluating at every step
+@pytest.mark.parametrize("engine", ["continuous_batching", "static"])
+def test_evaluation_does_not_change_what_the_sampler_trains(engine, grpo_config, id_reward, tmp_path):
+    """Evaluation samples from a forked RNG: each sampler (continuous batching seeds its engine from
+    torch's RNG) trains exactly the same whether evaluation runs every step or never."""
     runs = []
     for evaluating in (False, True):
         schedule = dict(eval_strategy="steps", eval_steps=1, eval_on_start=True) if evaluating else {}
@@ -218,8 +219,8 @@ def test_evaluation_does_not_change_what_continuous_batching_trains(grpo_config,
             id_reward,
             eval_dataset=dataset(2),
             output_dir=str(tmp_path / str(evaluating)),
-            use_transformers_continuous_batching=True,
             per_device_eval_batch_size=8,
+            **ENGINES[engine],
             **schedule,
         )
         trainer.train()
