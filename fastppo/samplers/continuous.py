@@ -19,7 +19,8 @@ nothing is sampled other than configured or recorded silently:
   policy's runs on a copy that ``sync_weights`` keeps in step (``samplers.weights``).
 - On CPU, where the engine would size its cache from half of the free RAM (an attention mask of
   ``max_batch_tokens x cache tokens`` filled on every call), the cache is sized to the rollout
-  unless the config sets ``page_size``, ``num_blocks`` or ``max_batch_tokens``.
+  unless the config sets ``page_size`` (``block_size`` before transformers 5.18), ``num_blocks``
+  or ``max_batch_tokens``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from ..rollout import Completions, SamplingSettings, generation_kwargs
 from .weights import SamplingWeights
 
 MIN_TRANSFORMERS = "5.8.0"  # TRL 1.16's floor for use_transformers_continuous_batching
-SIZE_KEYS = ("page_size", "num_blocks", "max_batch_tokens")  # how the cache is sized
+# How the cache is sized; tokens per page are ``page_size`` from transformers 5.18 on (``block_size``
+# before, as in the GPU image's 5.17).
+SIZE_KEYS = ("page_size", "block_size", "num_blocks", "max_batch_tokens")
 CPU_CONCURRENT_REQUESTS = 64  # completions decoded at once on CPU (the rest wait for their cache)
 # Processors the engine applies exactly as generate does without marking them supported: they read
 # only the scores (the engine hands processors the last token, not the sequence).
@@ -75,6 +78,14 @@ def engine_kwargs(config: dict[str, Any] | None) -> dict[str, Any]:
     return kwargs
 
 
+def page_size_key() -> str:
+    """The installed transformers' name for the tokens one cache page holds."""
+    from transformers.generation import ContinuousBatchingConfig
+
+    names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+    return "page_size" if "page_size" in names else "block_size"
+
+
 def cpu_cache_sizes(requests: int, longest_prompt: int, max_new_tokens: int) -> dict[str, int]:
     """A paged cache for one rollout on CPU: a page holds a whole completion (a power of two between
     the engine's bounds 4 and 256 tokens), room for ``CPU_CONCURRENT_REQUESTS`` completions at
@@ -83,7 +94,7 @@ def cpu_cache_sizes(requests: int, longest_prompt: int, max_new_tokens: int) -> 
     page = max(4, min(256, 1 << (length - 1).bit_length()))
     concurrent = min(requests, CPU_CONCURRENT_REQUESTS)
     return {
-        "page_size": page,
+        page_size_key(): page,
         "num_blocks": concurrent * (math.ceil(length / page) + 1),
         "max_batch_tokens": min(8192, concurrent * (longest_prompt + 1)),
     }

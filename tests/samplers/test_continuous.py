@@ -8,24 +8,30 @@ import pytest
 import torch
 
 from fastppo.rollout import SamplingSettings, left_pad
-from fastppo.samplers import continuous
-from fastppo.samplers.continuous import ContinuousBatchingSampler, cpu_cache_sizes, engine_kwargs
+from fastppo.samplers.continuous import (
+    ContinuousBatchingSampler,
+    cpu_cache_sizes,
+    engine_kwargs,
+    page_size_key,
+)
 from fastppo.samplers.weights import SamplingWeights
 
 from .conftest import EOS, PAD
 
 SETTINGS = SamplingSettings(max_new_tokens=4, temperature=0.8)
+PAGE = page_size_key()  # "page_size" (transformers >= 5.18) or "block_size"
 
 
 def test_engine_keywords_follow_trl_and_are_checked_now():
     assert engine_kwargs(None) == {"max_memory_percent": 0.5, "return_logprobs": True}  # TRL's 0.5
-    assert engine_kwargs({"max_memory_percent": 0.8, "return_logprobs": False, "page_size": 64}) == {
+    assert engine_kwargs({"max_memory_percent": 0.8, "return_logprobs": False, PAGE: 64}) == {
         "max_memory_percent": 0.8,
         "return_logprobs": False,
-        "page_size": 64,
+        PAGE: 64,
     }
-    with pytest.raises(ValueError, match=r"'page_sise' \(did you mean 'page_size'"):
-        engine_kwargs({"page_sise": 64})
+    typo = PAGE.replace("size", "sise")
+    with pytest.raises(ValueError, match=rf"'{typo}' \(did you mean '{PAGE}'"):
+        engine_kwargs({typo: 64})
     with pytest.raises(ValueError, match="transformers_continuous_batching_config="):
         engine_kwargs({"varlen_compile_config": {"not_an_option": 1}})
 
@@ -60,15 +66,14 @@ def test_the_cache_is_sized_to_the_rollout_on_cpu_unless_configured(peaked_model
         model.generate_batch = spy
         sampler.generate(ids, mask, 3, SETTINGS)
         config = seen[0]
-        return {
-            k: getattr(config, k) for k in ("max_memory_percent", "return_logprobs", *continuous.SIZE_KEYS)
-        }
+        keys = ("max_memory_percent", "return_logprobs", PAGE, "num_blocks", "max_batch_tokens")
+        return {k: getattr(config, k) for k in keys}
 
     ids, mask = left_pad([[3, 4, 5], [6]], PAD)
-    assert cpu_cache_sizes(6, 3, 4) == {"page_size": 8, "num_blocks": 12, "max_batch_tokens": 24}
+    assert cpu_cache_sizes(6, 3, 4) == {PAGE: 8, "num_blocks": 12, "max_batch_tokens": 24}
     sized = engine_config(ContinuousBatchingSampler(peaked_model(), PAD, [EOS]))
     assert sized == {"max_memory_percent": 0.5, "return_logprobs": True, **cpu_cache_sizes(6, 3, 4)}
-    own = {"page_size": 16, "num_blocks": 3, "max_batch_tokens": 64}  # any of them: the user sizes it
+    own = {PAGE: 16, "num_blocks": 3, "max_batch_tokens": 64}  # any of them: the user sizes it
     configured = engine_config(ContinuousBatchingSampler(peaked_model(), PAD, [EOS], own))
     assert configured == {"max_memory_percent": 0.5, "return_logprobs": True, **own}
 

@@ -17,11 +17,13 @@ from fastppo.demo import build_policy, build_tokenizer
 from fastppo.policy_forward import PolicyForward
 from fastppo.rollout import GenerateSampler
 from fastppo.samplers import ContinuousBatchingSampler, StaticCacheSampler
+from fastppo.samplers.continuous import page_size_key
 
 PROMPTS = ["say : cat", "say : dog", "say : red", "say : sun"]
 SHAPE = dict(
     per_device_train_batch_size=8, num_generations=4, max_completion_length=5, max_steps=3, learning_rate=1e-2
 )
+PAGE = page_size_key()  # "page_size" (transformers >= 5.18) or "block_size"
 ENGINES = {
     "generate": {},
     "continuous_batching": {"use_transformers_continuous_batching": True},
@@ -57,9 +59,9 @@ def test_trls_names_choose_the_sampler(grpo_config, id_reward):
         grpo_config,
         id_reward,
         use_transformers_continuous_batching=True,
-        transformers_continuous_batching_config='{"page_size": 16}',  # a JSON string, as from the CLI
+        transformers_continuous_batching_config=f'{{"{PAGE}": 16}}',  # a JSON string, as from the CLI
     )
-    assert configured.sampler.kwargs == {"max_memory_percent": 0.5, "return_logprobs": True, "page_size": 16}
+    assert configured.sampler.kwargs == {"max_memory_percent": 0.5, "return_logprobs": True, PAGE: 16}
     with pytest.warns(
         FutureWarning, match="use_transformers_paged"
     ):  # TRL's deprecated name, mapped as TRL does
@@ -71,13 +73,13 @@ def test_trls_names_choose_the_sampler(grpo_config, id_reward):
     ("fields", "message"),
     [
         (dict(use_transformers_continuous_batching=True, cache_implementation="static"), "does not apply to"),
-        (dict(transformers_continuous_batching_config={"page_size": 16}), "would do nothing"),
+        (dict(transformers_continuous_batching_config={PAGE: 16}), "would do nothing"),
         (
             dict(
                 use_transformers_continuous_batching=True,
-                transformers_continuous_batching_config={"pagesize": 1},
+                transformers_continuous_batching_config={PAGE.replace("_", ""): 1},
             ),
-            "did you mean 'page_size'",
+            f"did you mean '{PAGE}'",
         ),
         (dict(old_logprobs_from_sampler=True, top_k=5), r"with \{'top_k': 5\}"),
         (dict(old_logprobs_from_sampler=True, top_p=0.9, min_p=0.1), "'top_p': 0.9, 'min_p': 0.1"),
