@@ -21,12 +21,17 @@ only ones either trainer computes logits for) over the training time and the GEM
 the same run (attention scores and checkpoint recompute are not counted as useful work). Memory:
 peak allocated / reserved CUDA bytes over the whole ``train()`` (weights, reference, optimizer state
 included); ``resident_bytes`` is what was allocated before the first step. Each trainer runs its
-own defaults (``optim`` says which optimizer); ``fastppo-fused-adamw`` is fastppo with TRL's.
+own defaults (``optim`` says which optimizer); ``fastppo-fused-adamw`` is fastppo with TRL's, and
+``fastppo-static`` fastppo sampling with its static-cache sampler (``cache_implementation="static"``).
+
+With ``samplers`` (``--samplers``, all by default on the command line) the run also writes the
+rollout table (``bench_rollout``): each sampler alone on the same workload, its own results file.
 
 PPO rows (``algo="ppo"``) share the workload, the clock, the memory probes and the row format; one
 PPO step is one rollout of ``batch`` completions and one epoch over it as a single mini-batch.
 
-Run: ``python -m fastppo.benchmarks.bench_step [--quick] [--model qwen2.5-1.5b] [--out DIR]``.
+Run: ``python -m fastppo.benchmarks.bench_step [--quick] [--model qwen2.5-1.5b] [--out DIR]
+[--trainers fastppo,trl|none] [--samplers all|none|generate,static,...]``.
 """
 
 from __future__ import annotations
@@ -87,8 +92,9 @@ class StepSettings:
     loss_type: str = "dapo"  # TRL 1.16's default
     gradient_checkpointing: bool = True  # TRL's default on GPU
     warmup_steps: int = 1  # steps run but not timed (compilation, allocator warm-up)
-    timed_steps: int = 3  # median over these
+    timed_steps: int = 3  # median over these (the rollout table: full generation calls)
     seed: int = 0
+    rollout_stop_share: float = 0.0  # rollout table: share of the vocabulary ending a completion (0: none)
 
     @classmethod
     def quick_settings(cls, model: str = "qwen2.5-0.5b", **overrides: Any) -> StepSettings:
@@ -122,6 +128,8 @@ class StepSettings:
         for name in ("prompt_len", "completion_len", "timed_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.rollout_stop_share < 1.0:
+            raise ValueError(f"rollout_stop_share must be in [0, 1), got {self.rollout_stop_share}")
 
 
 # --- the workload: model, tokenizer, prompts, reward --------------------------------------------------------
@@ -375,6 +383,17 @@ TRAINERS: dict[str, TrainerSpec] = {
                 grpo_arguments(settings, output_dir, steps), optim=TRL_OPTIM
             ),
         ),
+        # fastppo sampling with its static-cache sampler (compiled decode on CUDA, samplers.static).
+        TrainerSpec(
+            "fastppo-static",
+            "grpo",
+            _build_fastppo,
+            _instrument_fastppo,
+            _missing("fastppo.trainer.grpo"),
+            arguments=lambda settings, output_dir, steps: dict(
+                grpo_arguments(settings, output_dir, steps), cache_implementation="static"
+            ),
+        ),
         # TRL 1.16 has no PPOTrainer to race: the PPO row stands alone (no ratios).
         TrainerSpec(
             "fastppo-ppo",
@@ -543,25 +562,34 @@ def run(
     out: Path | None = None,
     profile: bool = False,
     on_step: Callable[[], None] | None = None,
+    samplers: list[str] = (),
 ) -> Path:
-    """Measure each available trainer on one workload; write and return the results JSON."""
+    """Measure each available trainer on one workload, and each sampler of ``samplers`` on the same
+    workload (``bench_rollout``: its own results file, named in this one's ``rollout_results``);
+    write and return the step results JSON."""
+    from .bench_rollout import SAMPLERS, measure_sampler  # it builds on this module's workload
+    from .bench_rollout import add_ratios as add_rollout_ratios
+
     env = environment()
     out_dir = results_dir(out)
-    # Liger patches transformers' modules for the rest of the process: its trainer always runs last.
-    names = sorted(trainers or list(TRAINERS), key=lambda name: "liger" in name)
-    unknown = [n for n in names if n not in TRAINERS]
-    if unknown:
-        raise ValueError(f"unknown trainer(s) {unknown}; known: {list(TRAINERS)}")
+    names = list(TRAINERS) if trainers is None else list(trainers)
+    for unknown, known in (
+        ([n for n in names if n not in TRAINERS], TRAINERS),
+        ([n for n in samplers if n not in SAMPLERS], SAMPLERS),
+    ):
+        if unknown:
+            raise ValueError(f"unknown trainer(s) or sampler(s) {unknown}; known: {list(known)}")
     if not settings.quick and not on_gpu():
         warnings.warn("full-size step benchmark on CPU: this takes very long; use --quick", stacklevel=2)
     # Fraction of the matmul floor: train_flops over the measured bf16 GEMM rate. GPU only: a tiny
     # CPU model against a CPU GEMM rate is no floor (it can exceed 100%).
     rate = matmul_flops_per_s(dtype=settings.dtype) if on_gpu() else None
-    rows, skipped = [], {}
+    rows, skipped, rollout_rows, rollout_skipped = [], {}, [], {}
+    rollout_name = f"rollout-{settings.model}"
 
     def write(workload: Workload) -> Path:
-        """The results so far (rewritten after each trainer: a run stopped at its time limit, or a
-        trainer that fails, keeps the rows already measured)."""
+        """The results so far (rewritten after each trainer and sampler: a run stopped at its time
+        limit, or one that fails, keeps the rows already measured)."""
         for row in rows:
             row["train_flop_fraction"] = (
                 row["train_flops"] / (row["training_ms"] * 1e-3) / rate if rate else None
@@ -573,32 +601,54 @@ def run(
             "matmul_flops_per_s": rate,
             "linear_params": workload.linear_params,
         }
+        if samplers:
+            add_rollout_ratios(rollout_rows)
+            rollout = {"settings": extra["settings"], "skipped": rollout_skipped}
+            extra["rollout_results"] = write_results_in(
+                out_dir, rollout_name, env, rollout_rows, rollout
+            ).name
         return write_results_in(out_dir, f"step-{settings.model}", env, rows, extra)
 
     with tempfile.TemporaryDirectory(prefix="fastppo-bench-") as tmp:
         workload = prepare_workload(settings, Path(tmp) / "model")
+        tables = {  # kind -> (its rows, its skipped, its specs, how one is measured)
+            "trainer": (
+                rows,
+                skipped,
+                TRAINERS,
+                lambda spec: measure(spec, workload, Path(tmp), out_dir if profile else None, on_step),
+            ),
+            "sampler": (
+                rollout_rows,
+                rollout_skipped,
+                SAMPLERS,
+                lambda spec: measure_sampler(spec, workload, Path(tmp)),
+            ),
+        }
+        # Liger patches transformers' modules for the rest of the process: its trainer always runs last.
+        plan = [("trainer", n) for n in names if "liger" not in n] + [("sampler", n) for n in samplers]
+        plan += [("trainer", n) for n in names if "liger" in n]
         path = write(workload)
-        for position, name in enumerate(names):
-            reason = TRAINERS[name].unavailable()
+        for position, (kind, name) in enumerate(plan):
+            table_rows, table_skipped, specs, measure_one = tables[kind]
+            reason = specs[name].unavailable()
             if reason:
-                skipped[name] = reason
+                table_skipped[name] = reason
                 continue
             try:
-                rows.append(
-                    measure(TRAINERS[name], workload, Path(tmp), out_dir if profile else None, on_step)
-                )
+                table_rows.append(measure_one(specs[name]))
             except KeyboardInterrupt:  # the stage's time limit (SIGINT): say who went unmeasured
-                for unmeasured in names[position:]:
-                    skipped.setdefault(unmeasured, STOPPED)
+                for unmeasured_kind, unmeasured in plan[position:]:
+                    tables[unmeasured_kind][1].setdefault(unmeasured, STOPPED)
                 write(workload)
                 raise
-            except Exception as error:  # the other trainers' rows still count
+            except Exception as error:  # the others' rows still count
                 if isinstance(error, torch.OutOfMemoryError):
-                    skipped[name] = "out of memory"
+                    table_skipped[name] = "out of memory"
                 else:
-                    skipped[name] = failure_note(error)
-                warnings.warn(f"{name}: {skipped[name]}", stacklevel=2)
-            _release()  # outside the except block: its traceback would keep the failed trainer alive
+                    table_skipped[name] = failure_note(error)
+                warnings.warn(f"{name}: {table_skipped[name]}", stacklevel=2)
+            _release()  # outside the except block: its traceback would keep the failed one alive
             path = write(workload)
     return path
 
@@ -611,10 +661,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
     parser.add_argument("--profile", action="store_true", help="Chrome trace + top kernels of one extra step")
-    parser.add_argument("--trainers", default=None, help=f"comma list of {list(TRAINERS)}")
+    parser.add_argument("--trainers", default=None, help=f"comma list of {list(TRAINERS)}, or 'none'")
+    parser.add_argument(
+        "--samplers",
+        default="all",
+        help="rollout table: comma list of bench_rollout.SAMPLERS, 'all' (default) or 'none'",
+    )
     for name in ("batch", "num_generations", "prompt_len", "completion_len", "timed_steps"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    parser.add_argument(
+        "--rollout-stop-share",
+        type=float,
+        default=None,
+        help="rollout table: share of the vocabulary that ends a completion (default 0: fixed lengths)",
+    )
     return parser.parse_args(argv)
+
+
+def sampler_names(value: str) -> list[str]:
+    """``--samplers``: 'all', 'none' or a comma list."""
+    from .bench_rollout import SAMPLERS
+
+    if value == "all":
+        return list(SAMPLERS)
+    return [] if value == "none" else value.split(",")
 
 
 def settings_from(args: argparse.Namespace) -> StepSettings:
@@ -623,6 +693,8 @@ def settings_from(args: argparse.Namespace) -> StepSettings:
         for k in ("batch", "num_generations", "prompt_len", "completion_len", "timed_steps")
         if getattr(args, k, None) is not None
     }
+    if getattr(args, "rollout_stop_share", None) is not None:
+        sizes["rollout_stop_share"] = args.rollout_stop_share
     if args.quick:
         return StepSettings.quick_settings(args.model or "qwen2.5-0.5b", **sizes)
     return StepSettings(model=args.model or "qwen2.5-1.5b", **sizes)
@@ -630,10 +702,16 @@ def settings_from(args: argparse.Namespace) -> StepSettings:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    trainers = args.trainers.split(",") if args.trainers else None
-    path = run(settings_from(args), trainers, args.out, args.profile)
-    print(report.result_table(json.loads(path.read_text())))
-    print(f"wrote {path}")
+    trainers = None if args.trainers is None else [] if args.trainers == "none" else args.trainers.split(",")
+    path = run(settings_from(args), trainers, args.out, args.profile, samplers=sampler_names(args.samplers))
+    result = json.loads(path.read_text())
+    if trainers != []:
+        print(report.result_table(result))
+        print(f"wrote {path}")
+    if result.get("rollout_results"):
+        rollout = path.parent / result["rollout_results"]
+        print(report.result_table(json.loads(rollout.read_text())))
+        print(f"wrote {rollout}")
     return 0
 
 

@@ -15,8 +15,10 @@ BUDGET_S=${BUDGET_S:-480}          # whole call, seconds
 RESERVE_S=20                       # kept for bundling the results
 STAGES=${STAGES:-"tests kernels"}
 MODEL=${MODEL:-qwen2.5-1.5b}       # the issue's target shape
-# The step job of a short call: fastppo, TRL, and fastppo with TRL's optimizer; 2 timed steps.
-STEP_ARGS=${STEP_ARGS:-"--trainers fastppo,trl,fastppo-fused-adamw --timed-steps 2"}
+# The step job of a short call: fastppo and TRL (one timed step each after a warm-up), then the
+# rollout table (bench_rollout), TRL's default generate first (the ratios' base), the static sampler
+# (its compile, ~1-1.5 min, is the unknown) next; estimated ~200 s of the stage's 240 (none measured).
+STEP_ARGS=${STEP_ARGS:-"--trainers fastppo,trl --samplers trl-generate,static,continuous-batching,generate,trl-continuous-batching --timed-steps 1"}
 OUT=${OUT:-/tmp/fastppo-gpu-out}   # set by the device tool; files here come back (8 at most)
 RESULTS=/tmp/fastppo-results       # the benchmark results; bundled into $OUT/results.tar.gz
 PROFILE=/tmp/fastppo-profile       # the profiled step (a run of its own); bundled into $OUT/traces.tar.gz

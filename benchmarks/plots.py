@@ -18,7 +18,7 @@ from typing import Any
 from .common import device_tag, results_dir
 from .report import family, is_cpu, load_results
 
-SERIES_KEYS = ("trainer", "impl", "provider", "implementation", "method", "variant", "backend")
+SERIES_KEYS = ("trainer", "sampler", "impl", "provider", "implementation", "method", "variant", "backend")
 SIZE_KEYS = ("model", "tokens_per_step", "n_tokens", "vocab", "hidden", "mode", "dtype")
 GIB = 2**30
 
@@ -110,6 +110,12 @@ def plot_group(name: str, results: list[dict[str, Any]], out_dir: Path) -> Path 
         panels = [
             ("train_tokens_per_s", "training tokens/s"),
             ("step_tokens_per_s", "step tokens/s"),
+            ("peak_allocated_bytes", "peak allocated (GiB)"),
+        ]
+    elif name == "rollout":
+        panels = [
+            ("tokens_per_s", "generated tokens/s"),
+            ("last_token_ms", "time to last token (ms)"),
             ("peak_allocated_bytes", "peak allocated (GiB)"),
         ]
     elif name == "memory":

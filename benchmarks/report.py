@@ -45,6 +45,22 @@ COLUMNS = {
         "attention",
         "note",
     ],
+    "rollout": [
+        "sampler",
+        "model",
+        "batch",
+        "completion_len_measured",
+        "warmup_ms",
+        "first_token_ms",
+        "last_token_ms",
+        "tokens_per_s",
+        "rollout_speedup_vs_trl-generate",
+        "padding_waste",
+        "peak_allocated_bytes",
+        "graphs_compiled",
+        "dtype",
+        "note",
+    ],
     "memory": [
         "kind",
         "trainer",
@@ -96,7 +112,7 @@ def family(result: dict[str, Any]) -> str:
     return result["benchmark"].split("-")[0]
 
 
-RATIO_PREFIXES = ("train_speedup", "step_speedup", "peak_memory_vs", "max_tokens_vs")
+RATIO_PREFIXES = ("train_speedup", "step_speedup", "rollout_speedup", "peak_memory_vs", "max_tokens_vs")
 
 
 def _cell(key: str, value: Any) -> Any:
@@ -105,7 +121,7 @@ def _cell(key: str, value: Any) -> Any:
         return value
     if key.endswith("_bytes") or key.endswith("_bytes_at_max"):
         return f"{value / 2**30:.2f} GiB"
-    if key.endswith("_fraction"):
+    if key.endswith("_fraction") or key == "padding_waste":
         return f"{value:.0%}"
     if key.startswith(RATIO_PREFIXES):
         return f"{value:.2f}x"
@@ -147,7 +163,7 @@ def _versions(env: dict[str, Any]) -> str:
     return ", ".join(f"{n} {env['versions'][n]}" for n in names if env.get("versions", {}).get(n))
 
 
-README_FAMILIES = ("step", "memory", "token_logprobs", "policy_loss", "linear_loss")
+README_FAMILIES = ("step", "rollout", "memory", "token_logprobs", "policy_loss", "linear_loss")
 # The logits-in kernel tables are long (every size, both modes): the README shows the targets' vocabulary.
 README_VOCAB = {"token_logprobs": 151936, "policy_loss": 151936}
 

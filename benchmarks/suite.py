@@ -2,7 +2,8 @@
 
 Suites:
   kernels  log-probs, fused policy loss and linear fused loss against their peers (one script each)
-  step     one full GRPO iteration, fastppo against TRL's GRPOTrainer, phase by phase (bench_step)
+  step     one full GRPO iteration, fastppo against TRL's GRPOTrainer, phase by phase (bench_step),
+           and the rollout table: each sampler alone on the same prompts (bench_rollout)
   memory   the largest batch that trains, fastppo against TRL (bench_memory; accounting on CPU)
   all      the three in that order
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
 import subprocess
@@ -110,8 +112,16 @@ def run_step(args: argparse.Namespace, out_dir: Path, progress: Progress) -> Out
     runnable = [n for n in names if not bench_step.TRAINERS[n].unavailable()]
     steps = settings.warmup_steps + settings.timed_steps + args.profile
     task = progress.add_task(f"step: {settings.model}", total=steps * len(runnable))
-    path = bench_step.run(settings, names, out_dir, args.profile, on_step=lambda: progress.advance(task))
-    return Outcome("step", [path])
+    path = bench_step.run(
+        settings,
+        names,
+        out_dir,
+        args.profile,
+        on_step=lambda: progress.advance(task),
+        samplers=bench_step.sampler_names("all"),  # the rollout table beside the trainers
+    )
+    rollout = json.loads(path.read_text()).get("rollout_results")
+    return Outcome("step", [path, *([path.parent / rollout] if rollout else [])])
 
 
 def run_memory(args: argparse.Namespace, out_dir: Path, progress: Progress) -> Outcome:

@@ -31,11 +31,10 @@ INERT_PREFIXES = ("vllm_", "hub_", "trackio_")
 INERT_FIELDS = frozenset(
     # do_*: flags for user scripts (Trainer ignores them too); run_name/project: names the reporting
     # integrations read themselves; local_rank/ddp_timeout: set by launchers; log_*: verbosity;
-    # the rest only matter with DeepSpeed, images or continuous batching.
+    # the rest only matter with DeepSpeed or images.
     """
     do_train do_eval do_predict run_name project local_rank ddp_timeout log_level log_level_replica
     log_on_each_node logging_nan_inf_filter skip_memory_metrics ds3_gather_for_generation log_multimodal
-    transformers_continuous_batching_config
     """.split()
 )
 

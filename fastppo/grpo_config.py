@@ -12,6 +12,12 @@ value is rejected (see ``fastppo.config``). Deliberate differences from TRL 1.16
   when flash-attn is installed (CUDA), else ``fastppo_varlen`` for padding-free batches on CUDA, else
   ``sdpa`` (``fastppo.memory.packing.pick_attn_implementation``).
 - ``max_prompt_length`` (dropped by TRL) is kept: prompts are truncated from the left to that length.
+- ``use_transformers_continuous_batching``: the log-probs the engine sampled with come back
+  (``return_logprobs`` defaults to True), logits processors it would drop are refused, and the
+  policy is never cast (``fastppo.samplers.continuous``); ``transformers_continuous_batching_config``
+  without it, or with ``cache_implementation``, is refused rather than ignored.
+- ``cache_implementation="static"`` pads prompts to a few bucket widths so the compiled decode step
+  is not rebuilt for every new prompt width (``fastppo.samplers.static``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .config import (
 )
 from .kernels.ppo_loss.settings import CLIPPED_LOSS_TYPES, IMPORTANCE_LEVELS, LOSS_TYPES, PolicyLossSettings
 from .rollout import PromptSettings, SamplingSettings
+from .samplers.continuous import engine_kwargs
 
 SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
@@ -54,6 +61,8 @@ SUPPORTED_GRPO = frozenset(
     sapo_temperature_neg sapo_temperature_pos vespo_k_pos vespo_lambda_pos vespo_k_neg vespo_lambda_neg
     use_bias_correction_kl entropy_coef use_adaptive_entropy entropy_coef_min entropy_coef_max
     entropy_coef_delta entropy_target top_entropy_quantile off_policy_mask_threshold
+    use_transformers_continuous_batching transformers_continuous_batching_config use_transformers_paged
+    old_logprobs_from_sampler
     """.split()
 )
 
@@ -242,16 +251,27 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
     num_completions_to_print: int | None = option(None, "Rows of that table; None: all.")
     log_unique_prompts: bool = unsupported(False, "completion-table filtering")
     log_completions_hub_repo: str | None = unsupported(None, "uploading completions to the Hub")
-    use_transformers_continuous_batching: bool = unsupported(False, "continuous batching")
-    transformers_continuous_batching_config: dict | str | None = option(
-        None, "Continuous batching only (inert)."
+    use_transformers_continuous_batching: bool = option(
+        False, "Sample with transformers' continuous batching (generate_batch; fastppo.samplers.continuous)."
     )
-    use_transformers_paged: bool = unsupported(False, "deprecated paged generation")
+    transformers_continuous_batching_config: dict | str | None = option(
+        None,
+        "ContinuousBatchingConfig keywords (max_memory_percent defaults to 0.5, return_logprobs to True).",
+    )
+    use_transformers_paged: bool = option(
+        False, "Deprecated (TRL): use use_transformers_continuous_batching."
+    )
     vllm_importance_sampling_cap: float | None = option(None, "vLLM only (inert).")
 
     # fastppo's own switches (the others are FastppoOptions')
     eval_do_sample: bool = option(
         True, "fastppo: evaluate() samples like training; False: one greedy completion per prompt."
+    )
+    old_logprobs_from_sampler: bool = option(
+        False,
+        "fastppo: when old log-probs are recorded, take the sampler's own (continuous batching records "
+        "them) instead of a scoring forward; needs the untruncated distribution (top_k=0, top_p=1, "
+        "min_p=None). On GPU they differ from a training forward's by the kernels' rounding.",
     )
 
     def __post_init__(self) -> None:
@@ -264,6 +284,7 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
         self._derive_batch_sizes()
         self._check_grpo()
         self._check_loss_family()
+        self._check_sampler()
 
     # --- checks, one place each -------------------------------------------------------------------
 
@@ -405,6 +426,48 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
                 "with num_iterations > 1 or steps_per_generation > gradient_accumulation_steps"
             )
         return found
+
+    def _check_sampler(self) -> None:
+        """The rollout engine's switches (``fastppo.samplers``): TRL's continuous batching names, and
+        sampler log-probs standing for the old policy's only where they are its distribution."""
+        if self.use_transformers_paged:  # TRL 1.16 maps its deprecated name the same way
+            warnings.warn(
+                "`use_transformers_paged` is deprecated and will be removed in TRL v2.0.0. Use "
+                "`use_transformers_continuous_batching` instead.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.use_transformers_continuous_batching = True
+        if self.use_transformers_continuous_batching:
+            engine_kwargs(self.transformers_continuous_batching_config)  # keys and values, now
+            require(
+                self.cache_implementation is None,
+                f"cache_implementation={self.cache_implementation!r} does not apply to continuous batching "
+                "(it pages its own KV cache): leave it None, or use_transformers_continuous_batching=False",
+            )
+        else:
+            require(
+                self.transformers_continuous_batching_config is None,
+                "transformers_continuous_batching_config is set but use_transformers_continuous_batching is "
+                "False: it would do nothing; switch continuous batching on or drop the config",
+            )
+        if self.old_logprobs_from_sampler:
+            truncated = {
+                name: value
+                for name, value, off in (
+                    ("top_k", self.top_k, 0),
+                    ("top_p", self.top_p, 1.0),
+                    ("min_p", self.min_p, None),
+                    ("repetition_penalty", self.repetition_penalty, 1.0),
+                )
+                if value != off
+            }
+            require(
+                not truncated,
+                f"old_logprobs_from_sampler=True with {truncated}: the log-probs of a truncated or penalised "
+                "distribution are not those training takes (softmax(logits / temperature) over the whole "
+                "vocabulary)",
+            )
 
     # --- derived values used by the trainer -------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The rollout engine shared by GRPO and PPO: prompts in, sampled completions (ids, masks, text) out.
 
-Generation sits behind the small ``Sampler`` protocol so a faster engine (vLLM, a paged/continuous
-batching sampler) can replace ``model.generate`` without touching the trainers. Prompts are plain
+Generation sits behind the small ``Sampler`` protocol, so an engine replaces ``model.generate``
+without touching the trainers: ``GenerateSampler`` (here, the default), and in ``fastppo.samplers``
+transformers' continuous batching and a static-cache sampler with compiled decode. Prompts are plain
 text or chat messages (rendered with the tokenizer's chat template), left-padded for generation.
 """
 
@@ -46,8 +47,42 @@ class PromptSettings:
     keep_columns: bool = True  # the dataset's other columns reach the reward functions
 
 
+@dataclasses.dataclass
+class Completions:
+    """What a sampler may return instead of bare ids: the ids and, where the engine has them, the
+    log-probs it drew each token with. A trainer uses those log-probs as the old policy's only when
+    ``untruncated`` says they are of the distribution training takes log-probs of."""
+
+    ids: torch.Tensor  # [P * n, Lc] right-padded with the pad id after the first end token
+    logprobs: torch.Tensor | None = None  # [P * n, Lc] fp32, of each sampled token; 0 at padding
+    # True: the log-probs are of softmax(logits / T) over the whole vocabulary with the sampling
+    # temperature (no top-k / top-p / min-p truncation, no other logits processor), i.e. the
+    # distribution training's log-probs are of; False: of a truncated or otherwise processed one.
+    untruncated: bool = False
+
+
 class Sampler(Protocol):
-    """Draws ``n`` completions for each prompt row; completions of one prompt come out consecutively."""
+    """Draws ``n`` completions for each prompt row; completions of one prompt come out consecutively.
+
+    ``generate`` returns the completion ids ``[P * n, Lc]`` (right-padded with the pad id after the
+    first end token, which the completion keeps), or ``Completions`` when the engine also has the
+    log-probs it sampled with. It runs under no grad, in eval mode, and leaves the model's mode as
+    it found it. A sampler that keeps weights of its own (a copy in another dtype, an inference
+    engine in another process, graphs captured over them) also defines ``sync_weights()``: the
+    trainers call it before any sampling once the policy's weights have changed (after an
+    optimizer step, or a resume), so it never samples from stale weights.
+
+    Plugging in vLLM (fastppo does not ship it: vLLM cannot be installed on the machines this is
+    tested on, so ``use_vllm`` stays refused): build a ``vllm.LLM`` next to the policy; in
+    ``generate`` turn each unpadded prompt row into ``TokensPrompt(prompt_token_ids=...)``, sample
+    with ``SamplingParams(n=n, temperature=settings.temperature, top_p=..., top_k=settings.top_k or
+    -1, min_p=..., max_tokens=settings.max_new_tokens, stop_token_ids=<end tokens>, logprobs=0)``
+    (vLLM's logprobs mode must be ``processed_logprobs`` for them to be of the sampled
+    distribution), pad the token ids as above and return ``Completions(ids, logprobs, untruncated)``
+    with ``untruncated`` only when no top-k/top-p/min-p applies; in ``sync_weights`` push the
+    policy's ``state_dict`` into the engine (``llm.llm_engine.model_executor...load_weights``, or
+    TRL's ``VLLMClient.update_named_param`` for a server). Pass it as ``GRPOTrainer(sampler=...)``.
+    """
 
     def generate(
         self,
@@ -55,8 +90,30 @@ class Sampler(Protocol):
         prompt_mask: torch.Tensor,  # [P, Lp]
         n: int,
         settings: SamplingSettings,
-    ) -> torch.Tensor:  # [P * n, Lc] completion ids, right-padded with the pad id after the first EOS
-        ...
+    ) -> torch.Tensor | Completions: ...
+
+
+def generation_kwargs(
+    settings: SamplingSettings, pad_token_id: int, eos_token_ids: Sequence[int], **fields: Any
+) -> dict[str, Any]:
+    """The ``GenerationConfig`` fields of a sampler built on transformers: length, end tokens and the
+    distribution exactly as ``settings`` says, then the sampler's own ``fields``, then the user's
+    ``settings.extra`` (``generation_kwargs``: applied last, they override the above)."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": settings.do_sample,
+        "pad_token_id": pad_token_id,
+        "eos_token_id": list(eos_token_ids),
+        "repetition_penalty": settings.repetition_penalty,
+    }
+    if settings.do_sample:
+        # top_k=0 must be passed as 0: None would fall back to transformers' default of 50
+        kwargs.update(
+            temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, min_p=settings.min_p
+        )
+    else:  # greedy: unset the sampling knobs so transformers does not warn about them
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return {**kwargs, **fields, **dict(settings.extra)}
 
 
 class GenerateSampler:
@@ -67,31 +124,26 @@ class GenerateSampler:
         self.pad_token_id = pad_token_id
         self.eos_token_ids = list(eos_token_ids)
 
-    @torch.no_grad()
-    def generate(self, prompt_ids, prompt_mask, n, settings):
+    def generation_config(self, n: int, settings: SamplingSettings, **fields: Any) -> Any:
+        """The ``GenerationConfig`` of one call (``fields``: a subclass's own, before ``settings.extra``)."""
         from transformers import GenerationConfig
 
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": settings.max_new_tokens,
-            "do_sample": settings.do_sample,
-            "pad_token_id": self.pad_token_id,
-            "eos_token_id": self.eos_token_ids,
+        fields = {
             "use_cache": True,
             "num_return_sequences": n,
-            "repetition_penalty": settings.repetition_penalty,
             "cache_implementation": settings.cache_implementation,
+            **fields,
         }
-        if settings.do_sample:
-            # top_k=0 must be passed as 0: None would fall back to transformers' default of 50
-            kwargs.update(
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                top_k=settings.top_k,
-                min_p=settings.min_p,
-            )
-        else:  # greedy: unset the sampling knobs so transformers does not warn about them
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        kwargs.update(dict(settings.extra))
+        return GenerationConfig(
+            **generation_kwargs(settings, self.pad_token_id, self.eos_token_ids, **fields)
+        )
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, prompt_mask, n, settings):
+        return self.run(prompt_ids, prompt_mask, self.generation_config(n, settings))
+
+    def run(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config: Any) -> torch.Tensor:
+        """``model.generate`` under ``config``; the completion ids ``[P * n, Lc]``."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -100,10 +152,7 @@ class GenerateSampler:
             sync = {"synced_gpus": False} if is_sharded(self.model) else {}
             with gathered(self.model), library_generation_defaults(self.model):
                 sequences = self.model.generate(
-                    input_ids=prompt_ids,
-                    attention_mask=prompt_mask,
-                    generation_config=GenerationConfig(**kwargs),
-                    **sync,
+                    input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, **sync
                 )
         finally:
             self.model.train(was_training)
@@ -246,6 +295,8 @@ class Rollout:
     completion_id_lists: list[list[int]]  # [B] completion ids without padding
     columns: dict[str, list]  # other dataset columns, [B] each
     num_truncated_prompts: int  # prompts cut to max_prompt_length
+    sampling_logprobs: torch.Tensor | None = None  # [B, Lc] the sampler's own, 0 at padding; None: none
+    sampling_logprobs_untruncated: bool = False  # they are of softmax(logits / T) over the whole vocabulary
 
     @property
     def lengths(self) -> torch.Tensor:  # [B] completion lengths in tokens
@@ -267,8 +318,19 @@ def sample_rollout(
         tokenizer, rows, prompt_settings.max_prompt_length, prompt_settings.chat_template_kwargs
     )
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    completion_ids = sampler.generate(prompt_ids, prompt_mask, n, settings)
+    sampled = sampler.generate(prompt_ids, prompt_mask, n, settings)
+    if not isinstance(sampled, Completions):
+        sampled = Completions(sampled)
+    completion_ids = sampled.ids
     mask, is_truncated = completion_mask(completion_ids, eos_token_ids)
+    logprobs = sampled.logprobs
+    if logprobs is not None:
+        if logprobs.shape != completion_ids.shape:
+            raise ValueError(
+                f"{type(sampler).__name__} returned log-probs of shape {tuple(logprobs.shape)} for "
+                f"completions of shape {tuple(completion_ids.shape)}; they must match token for token"
+            )
+        logprobs = logprobs.float().masked_fill(~mask.bool(), 0.0)
     id_lists = [ids[: int(m.sum())].tolist() for ids, m in zip(completion_ids, mask, strict=True)]  # CPU sync
     texts = tokenizer.batch_decode(id_lists, skip_special_tokens=True)
     repeated = [row for row in rows for _ in range(n)]
@@ -289,4 +351,20 @@ def sample_rollout(
         completion_id_lists=id_lists,
         columns=columns,
         num_truncated_prompts=truncated,
+        sampling_logprobs=logprobs,
+        sampling_logprobs_untruncated=logprobs is not None and sampled.untruncated,
     )
+
+
+def sampler_old_logprobs(rollout: Rollout, sampler_name: str) -> torch.Tensor:
+    """``[B, Lc]`` the rollout's sampling log-probs, to stand for the old policy's: only when they are
+    of the distribution training takes log-probs of (never a truncated one mixed in silently)."""
+    if rollout.sampling_logprobs is None or not rollout.sampling_logprobs_untruncated:
+        what = (
+            "no log-probs" if rollout.sampling_logprobs is None else "log-probs of a truncated distribution"
+        )
+        raise ValueError(
+            f"old_logprobs_from_sampler=True, but {sampler_name} returned {what}: they cannot stand for "
+            "the old policy's softmax(logits / temperature); set old_logprobs_from_sampler=False"
+        )
+    return rollout.sampling_logprobs

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fastppo.benchmarks import bench_memory, bench_step, report, suite
+from fastppo.benchmarks import bench_memory, bench_rollout, bench_step, report, suite
 from fastppo.benchmarks.profiling import PhaseClock
 
 GPU_ENV = {
@@ -121,6 +121,24 @@ def test_step_rows_compare_the_same_work(suite_run):
         assert row["scoring_ms"] > 0  # beta > 0: reference log-probs are scored in both trainers
     assert rows["fastppo"]["train_speedup_vs_trl"] == pytest.approx(
         rows["trl"]["training_ms"] / rows["fastppo"]["training_ms"]
+    )
+
+
+@pytest.mark.slow  # the whole benchmark suite at CPU sizes (shared module fixture)
+def test_rollout_rows_compare_the_same_work(suite_run):
+    """Every sampler's row, fastppo's and TRL's, on the step's prompts: all completions run to the
+    configured length (no end token in the table), so there is no padding to waste."""
+    out, planted, _, _ = suite_run
+    (rollout,) = [r for r in _new_results(out, planted) if report.family(r) == "rollout"]
+    rows = {row["sampler"]: row for row in rollout["rows"]}
+    assert set(rows) == set(bench_rollout.SAMPLERS) and not rollout["skipped"]
+    settings = rollout["settings"]
+    for row in rows.values():
+        assert row["generated_tokens"] == settings["batch"] * settings["completion_len"]
+        assert row["padding_waste"] == 0.0 and row["graphs_compiled"] == 0  # no compile on CPU
+    base = rows[bench_rollout.BASELINE]
+    assert rows["static"]["rollout_speedup_vs_trl-generate"] == pytest.approx(
+        rows["static"]["tokens_per_s"] / base["tokens_per_s"]
     )
 
 

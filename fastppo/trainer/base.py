@@ -167,6 +167,7 @@ class TrainerBase:
         self.policy_forward = PolicyForward(args.forward_plan())
         self.reference: ReferencePolicy | None = None
         self.sampler: Sampler | None = None
+        self._sampler_weights_step: int | None = None  # optimizer step the sampler's weights are of
         self.eos_token_ids: list[int] = []
         self.state = TrainerState(
             is_local_process_zero=self.accelerator.is_local_main_process,
@@ -306,7 +307,13 @@ class TrainerBase:
             yield rows[rank_rows(len(rows), self.accelerator, "prompts per rollout")]
 
     def sample(self, rows: list[dict[str, Any]], n: int, settings: SamplingSettings) -> Rollout:
-        """``n`` completions for each dataset row, with the current policy (under autocast)."""
+        """``n`` completions for each dataset row, with the current policy (under autocast). A
+        sampler with weights of its own (``Sampler.sync_weights``) first takes the policy's, when an
+        optimizer step (or a resume) changed them since it last did."""
+        sync_weights = getattr(self.sampler, "sync_weights", None)
+        if sync_weights is not None and self._sampler_weights_step != self.state.global_step:
+            sync_weights()
+            self._sampler_weights_step = self.state.global_step
         with self.accelerator.autocast():
             return sample_rollout(
                 self.sampler,

@@ -3,7 +3,8 @@
 ``train()`` reads as its steps, one rollout per turn of its loop:
   1. rollout    - sample ``num_generations`` completions for each prompt of a generation batch
   2. score      - rewards; reference log-probs (beta > 0); old log-probs only when the rollout feeds
-                  more than one optimizer step (``GRPOConfig.records_old_logprobs``)
+                  more than one optimizer step (``GRPOConfig.records_old_logprobs``): a scoring
+                  forward, or the sampler's own with ``old_logprobs_from_sampler``
   3. advantages - group-relative (``scale_rewards``), one per completion
   4. optimise   - ``num_iterations`` passes over ``steps_per_generation`` minibatches: loss, backward
   5. step       - every ``gradient_accumulation_steps`` minibatches (a window may span rollouts)
@@ -46,7 +47,8 @@ from ..metrics import MetricsBuffer, print_completions
 from ..modeling import build_policy, eos_token_ids
 from ..reference import build_reference
 from ..rewards import combine_rewards, load_rewards, score_completions, score_rewards
-from ..rollout import GenerateSampler, Rollout, Sampler
+from ..rollout import GenerateSampler, Rollout, Sampler, sampler_old_logprobs
+from ..samplers import build_sampler
 from .base import RolloutBuffer, TrainerBase, seed_everything
 from .entropy_control import EntropyControl
 
@@ -181,7 +183,14 @@ class GRPOTrainer(TrainerBase):
             self.model, self.policy_forward, kl_coef=args.beta, sync=args.sync_ref_model
         )
         self.shard_models(*self.rewards.models())
-        self.sampler = sampler or GenerateSampler(self.model, tokenizer.pad_token_id, self.eos_token_ids)
+        self.sampler = sampler or build_sampler(
+            args, self.model, tokenizer.pad_token_id, self.eos_token_ids, self.sharding is not None
+        )
+        if args.old_logprobs_from_sampler and isinstance(self.sampler, GenerateSampler):
+            raise ValueError(
+                "old_logprobs_from_sampler=True, but generate returns no log-probs: set "
+                "use_transformers_continuous_batching=True, or pass a sampler that returns them"
+            )
         self.entropy_control = EntropyControl.from_config(args)
         # the top_entropy_quantile threshold over every process's tokens, as TRL's
         self._gather: Gather | None = (
@@ -232,9 +241,10 @@ class GRPOTrainer(TrainerBase):
         old log-probs are taken on exactly the batches the first pass trains on.
         """
         args = self.args
-        minibatches = PolicyBatch.from_rollout(rollout, args.mask_truncated_completions).split(
-            args.per_device_train_batch_size, self._shuffle
-        )
+        batch = PolicyBatch.from_rollout(rollout, args.mask_truncated_completions)
+        if args.records_old_logprobs and args.old_logprobs_from_sampler:
+            batch.old_logprobs = sampler_old_logprobs(rollout, type(self.sampler).__name__)
+        minibatches = batch.split(args.per_device_train_batch_size, self._shuffle)
         with self.accelerator.autocast():
             for mb in minibatches:
                 self._score_minibatch(mb)
@@ -257,7 +267,7 @@ class GRPOTrainer(TrainerBase):
         one minibatch, no grad; a reference sharing the frozen trunk reads the policy's trunk pass,
         so one trunk pass serves both."""
         temperature, trunk = self.args.temperature, None
-        if self.args.records_old_logprobs:
+        if self.args.records_old_logprobs and mb.old_logprobs is None:  # else the sampler's (exact) ones
             with self.policy_forward.scoring(self.model):
                 policy_pass = self.policy_forward.run(self.model, mb)
                 mb.old_logprobs = self.policy_forward.logprobs(policy_pass, mb, temperature)
