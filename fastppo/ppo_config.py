@@ -4,11 +4,15 @@ Checked against TRL v0.19.1's ``OnPolicyConfig`` and ``PPOConfig`` source (TRL 1
 them). Every ``transformers.TrainingArguments`` field exists; what fastppo implements is listed in
 ``SUPPORTED_PPO``; any other field set to a non-default value is rejected (``fastppo.config``).
 Batch sizes follow v0.19's arithmetic (a rollout is per_device_train_batch_size x
-gradient_accumulation_steps rows per process, split into num_mini_batches optimizer steps); they are
+gradient_accumulation_steps rows per process, split into num_mini_batches mini-batches, one
+optimizer step each, walked in micro-batches of per_device_train_batch_size rows); they are
 read-only properties here, not fields. Deliberate differences: ``bf16`` / ``gradient_checkpointing``
 / ``optim`` resolve per machine (as in GRPOConfig); ``sft_model_path`` / ``reward_model_path``
 default to ``None`` (fastppo never downloads; legacy TRL's scripts read them, its trainer did not);
-``max_grad_norm`` defaults to 0 (no clipping, as legacy's loop never clipped).
+``max_grad_norm`` defaults to 0 (no clipping, as legacy's loop never clipped); one optimizer step
+per mini-batch, as legacy's loops are written (under accelerate's accumulation its optimizer only
+stepped every gradient_accumulation_steps micro-batches, across mini-batches: once per PPO epoch
+when num_mini_batches divides gradient_accumulation_steps).
 """
 
 from __future__ import annotations
@@ -135,11 +139,13 @@ class PPOConfig(FastppoOptions, TrainingArguments):
             not (self.stop_token is not None and self.stop_token_id is not None),
             f"set stop_token ({self.stop_token!r}) or stop_token_id ({self.stop_token_id}), not both",
         )
-        require(
-            self.gradient_accumulation_steps % self.num_mini_batches == 0,
-            f"num_mini_batches={self.num_mini_batches} must divide gradient_accumulation_steps="
-            f"{self.gradient_accumulation_steps}: a rollout of per_device_train_batch_size x "
-            "gradient_accumulation_steps rows splits into mini-batches of whole micro-batches",
+        require(  # legacy TRL's exact_div (it also checks batch_size, a multiple of local_batch_size)
+            self.local_batch_size % self.num_mini_batches == 0,
+            f"`local_batch_size` must be a multiple of `num_mini_batches`, inexact division: "
+            f"{self.local_batch_size} / {self.num_mini_batches} = "
+            f"{self.local_batch_size / self.num_mini_batches}"
+            f" (local_batch_size = per_device_train_batch_size={self.per_device_train_batch_size} x "
+            f"gradient_accumulation_steps={self.gradient_accumulation_steps})",
         )
         check_choice("critic", self.critic, CRITICS)
         require(
@@ -166,8 +172,10 @@ class PPOConfig(FastppoOptions, TrainingArguments):
 
     @property
     def micro_batches_per_step(self) -> int:
-        """Micro-batches of per_device_train_batch_size rows accumulated into one optimizer step."""
-        return self.gradient_accumulation_steps // self.num_mini_batches
+        """Micro-batches accumulated into one optimizer step: the mini-batch in slices of
+        per_device_train_batch_size rows, the last one shorter when that does not divide it (legacy
+        TRL's micro-batch loop; a mini-batch smaller than per_device_train_batch_size is one)."""
+        return math.ceil(self.local_mini_batch_size / self.per_device_train_batch_size)
 
     def stop_id(self, eos_token_id: int | None) -> int | None:
         """The token that ends a completion: stop_token_id, or EOS with stop_token='eos', else None."""

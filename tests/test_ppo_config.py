@@ -90,3 +90,33 @@ def test_unsupported_training_argument_is_rejected():
 def test_bad_values_name_the_option(kwargs, name):
     with pytest.raises(ValueError, match=name):
         make(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "per_device, accum, num_mini_batches, local_mini_batch_size, micro_batches",
+    [
+        (8, 1, 2, 4, 1),  # a mini-batch smaller than per_device_train_batch_size: one micro-batch
+        (4, 3, 2, 6, 2),  # 6 rows in slices of 4: 4 + 2
+        (2, 4, 2, 4, 2),
+        (4, 2, 8, 1, 1),
+    ],
+)
+def test_mini_batches_need_only_divide_the_rollout(
+    per_device, accum, num_mini_batches, local_mini_batch_size, micro_batches
+):
+    """Legacy TRL only asks num_mini_batches to divide local_batch_size (its exact_div), not
+    gradient_accumulation_steps: every such config is accepted, with its micro-batch loop's count."""
+    c = make(
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
+        num_mini_batches=num_mini_batches,
+    )
+    assert (c.local_mini_batch_size, c.micro_batches_per_step) == (local_mini_batch_size, micro_batches)
+
+
+def test_num_mini_batches_not_dividing_the_rollout_is_refused_as_legacy_trl_does():
+    with pytest.raises(
+        ValueError,
+        match=r"`local_batch_size` must be a multiple of `num_mini_batches`, inexact division: 8 / 3 = 2\.66",
+    ):
+        make(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=3)

@@ -14,10 +14,13 @@ fused loss kernel (the same ones GRPO uses).
   6. log / evaluate / save - legacy TRL's metric names, averaged over the logging window
 
 Batch sizes follow TRL 0.19: a rollout is ``per_device_train_batch_size x gradient_accumulation_steps``
-rows per process, split into ``num_mini_batches`` mini-batches, one optimizer step each, of
-``gradient_accumulation_steps / num_mini_batches`` micro-batches. Deliberate differences from legacy
-TRL: ``max_steps``, ``logging_steps``, ``save_steps`` and the LR schedule count optimizer steps (as
-transformers' Trainer), not rollouts; the score lands on the last token of the completion (legacy put
+rows per process, split into ``num_mini_batches`` mini-batches, one optimizer step each, walked in
+micro-batches of ``per_device_train_batch_size`` rows (``PPOConfig.micro_batches_per_step``).
+Deliberate differences from legacy TRL: each mini-batch is one optimizer step, as its loops read
+(under accelerate's accumulation its optimizer stepped every ``gradient_accumulation_steps``
+micro-batches instead, across mini-batch and rollout boundaries); ``max_steps``,
+``logging_steps``, ``save_steps`` and the LR schedule count optimizer steps (as transformers'
+Trainer), not rollouts; the score lands on the last token of the completion (legacy put
 it one position later when that fitted, on a padding token); masked means leave padding out of every
 statistic; a completion ends at EOS or ``stop_token_id``, whichever comes first.
 """
@@ -332,13 +335,16 @@ class PPOTrainer(TrainerBase):
         batch.advantages = masked_whiten(advantages, mask) * mask
 
     def _passes(self, record: RolloutRecord) -> list[torch.Tensor]:
-        """Row indices of every micro-batch, epoch after epoch: each epoch a fresh shuffle split into
-        ``num_mini_batches`` mini-batches of whole micro-batches (legacy TRL's loops)."""
+        """Row indices of every micro-batch, epoch after epoch (legacy TRL's loops): each epoch a
+        fresh shuffle cut into ``num_mini_batches`` mini-batches of ``local_mini_batch_size`` rows,
+        each cut into micro-batches of ``per_device_train_batch_size`` rows (the last one shorter
+        when that does not divide the mini-batch)."""
         args = self.args
         passes = []
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(record.batch.completion_ids.shape[0], generator=self._shuffle)
-            passes += list(order.split(args.per_device_train_batch_size))
+            for mini_batch in order.split(args.local_mini_batch_size):
+                passes += list(mini_batch.split(args.per_device_train_batch_size))
         return passes
 
     def _optimise(self, buffer: EpochPasses) -> None:
@@ -346,7 +352,6 @@ class PPOTrainer(TrainerBase):
         policy and value loss from one pass, backward; an optimizer step at the end of each
         mini-batch, then log / evaluate / save. Stops early when training must stop."""
         args, record = self.args, buffer.record
-        scale = 1.0 / args.micro_batches_per_step  # each micro-batch loss is a masked mean
         if buffer.done == 0:  # a resumed rollout's tokens were counted before the checkpoint
             self.add_tokens(record.batch.num_tokens * args.num_ppo_epochs)
         for mb in self.micro_batches(buffer):
@@ -361,6 +366,9 @@ class PPOTrainer(TrainerBase):
                         mb.loss_mask,
                         args.cliprange_value,
                     )
+                # each micro-batch loss is a masked mean; weighted by its share of the mini-batch's
+                # rows, the step's gradient is the mean over the mini-batch whatever the micro split
+                scale = mb.completion_ids.shape[0] / args.local_mini_batch_size
                 self.backward((pg_loss + args.vf_coef * value_loss.loss) * scale)
             self._record_minibatch(mb, stats, pg_loss, value_loss)
             if self.window_complete:

@@ -25,6 +25,7 @@ from fastppo.demo import build_dataset, build_policy, build_tokenizer, run_demo,
 from fastppo.policy_forward import PolicyForward
 from fastppo.reference import SharedTrunkReference
 from fastppo.reward_model import completion_scores
+from fastppo.trainer.ppo import EpochPasses
 
 # The run every test here starts from (ppo_config adds a quiet short run around it).
 SHAPE = dict(
@@ -321,8 +322,6 @@ def test_batch_arithmetic_follows_legacy_trl(ppo_config):
     cfg = ppo_config(SHAPE, max_steps=-1, total_episodes=40, num_train_epochs=1)
     assert cfg.num_updates(1000) == 3  # ceil(40 / 16), as legacy's num_total_batches
     assert cfg.optimizer_steps(1000) == 3 * 2 * 2  # updates x num_ppo_epochs x num_mini_batches
-    with pytest.raises(ValueError, match="num_mini_batches=3 must divide gradient_accumulation_steps=2"):
-        ppo_config(SHAPE, num_mini_batches=3)
     with pytest.raises(ValueError, match="not both"):
         ppo_config(SHAPE, stop_token="eos", stop_token_id=1)
 
@@ -419,3 +418,127 @@ def test_data_seed_zero_orders_the_prompts(trainer):
     t._rollout = lambda rows: drawn.append(rows) or rollout(rows)
     t.train()
     assert drawn == [next(prompt_batches(t.train_dataset, t.args.batch_size, seed=0))]
+
+
+def legacy_trl_schedule(per_device, accum, num_mini_batches, num_ppo_epochs, total_episodes, dataset_len):
+    """Rows of each micro-batch of each optimizer step, as TRL v0.19.1's PPOTrainer writes its batch
+    arithmetic and loops (one process; one ``optimizer.step()`` per mini-batch, as its loops read)."""
+    num_train_epochs = 1  # the runs below: TrainingArguments' 3 would triple the step count
+    world_size = 1
+    if total_episodes is None:  # allow the users to define episodes in terms of epochs.
+        total_episodes = int(num_train_epochs * dataset_len)
+    local_batch_size = per_device * accum
+    batch_size = int(local_batch_size * world_size)
+    assert local_batch_size % num_mini_batches == 0  # exact_div
+    local_mini_batch_size = local_batch_size // num_mini_batches
+    num_total_batches = math.ceil(total_episodes / batch_size)
+    steps = []
+    for _update in range(1, num_total_batches + 1):
+        for _ppo_epoch_idx in range(num_ppo_epochs):
+            b_inds = list(range(local_batch_size))  # np.random.permutation: sizes do not depend on it
+            for mini_batch_start in range(0, local_batch_size, local_mini_batch_size):
+                mini_batch_inds = b_inds[mini_batch_start : mini_batch_start + local_mini_batch_size]
+                micro = []
+                for micro_batch_start in range(0, local_mini_batch_size, per_device):
+                    micro.append(len(mini_batch_inds[micro_batch_start : micro_batch_start + per_device]))
+                steps.append(micro)
+    return steps
+
+
+# (per_device_train_batch_size, gradient_accumulation_steps, num_mini_batches, num_ppo_epochs,
+#  total_episodes; None: num_train_epochs=1 x the 12-row dataset)
+LEGACY_CONFIGS = [
+    (8, 1, 2, 1, 16),  # refused before: num_mini_batches did not divide gradient_accumulation_steps
+    (4, 3, 2, 1, 12),  # mini-batches of 6 rows walked as 4 + 2
+    (2, 4, 2, 2, 20),  # ceil(20 / 8) = 3 rollouts
+    (3, 2, 3, 2, None),  # total_episodes from num_train_epochs x len(train_dataset)
+    (4, 2, 4, 1, 9),
+]
+
+
+@pytest.mark.parametrize("per_device, accum, num_mini, epochs, episodes", LEGACY_CONFIGS)
+def test_every_legacy_config_runs_legacy_trls_optimizer_steps(
+    per_device, accum, num_mini, epochs, episodes, trainer
+):
+    t = trainer(
+        train_dataset=build_dataset(size=12, seed=2),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
+        num_mini_batches=num_mini,
+        num_ppo_epochs=epochs,
+        total_episodes=episodes,
+        num_train_epochs=1,
+        max_steps=-1,
+        response_length=2,
+    )
+    steps, micro_batch_rows = [], []
+    micro_batches, optimizer_step = t.micro_batches, t.optimizer_step
+
+    def counted_micro_batches(buffer):
+        for mb in micro_batches(buffer):
+            micro_batch_rows.append(mb.completion_ids.shape[0])
+            yield mb
+
+    def counted_step():
+        steps.append(list(micro_batch_rows))
+        micro_batch_rows.clear()
+        optimizer_step()
+
+    t.micro_batches, t.optimizer_step = counted_micro_batches, counted_step
+    t.train()
+    expected = legacy_trl_schedule(per_device, accum, num_mini, epochs, episodes, dataset_len=12)
+    assert steps == expected
+    assert t.state.global_step == t.state.max_steps == len(expected)
+
+
+@pytest.mark.parametrize("per_device, accum, num_mini", [(4, 3, 2), (2, 3, 1), (8, 3, 4)])
+def test_a_mini_batch_gradient_is_the_mean_over_its_rows_whatever_the_micro_split(
+    per_device, accum, num_mini, trainer, tmp_path
+):
+    """The same 6-row mini-batch as one micro-batch, and split by per_device_train_batch_size (4 + 2,
+    2 + 2 + 2, or one of 6 under 8): the gradient the optimizer steps on is the same. Every
+    completion runs to response_length (min_new_tokens), so each row has as many tokens and the
+    mean over the rows is the mean over the tokens of one big batch.
+
+    Tolerance (fp32 on CPU): the split only changes the summation order, 1e-5 of the largest entry.
+    """
+    run = dict(num_ppo_epochs=1, response_length=4, generation_kwargs={"min_new_tokens": 4}, max_steps=1)
+    whole = trainer(
+        output_dir=str(tmp_path / "whole"),
+        per_device_train_batch_size=6,
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        **run,
+    )
+    split = trainer(
+        output_dir=str(tmp_path / "split"),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
+        num_mini_batches=num_mini,
+        **run,
+    )
+    assert split.args.local_mini_batch_size == 6
+    record = whole._record(whole._rollout([whole.train_dataset[i] for i in range(6)]))
+    whole._rewards_and_advantages(record)
+    assert bool(record.batch.loss_mask.all())  # every row has all 4 tokens
+
+    def step_gradient(t: PPOTrainer) -> dict[str, torch.Tensor]:
+        grads = []
+        t.begin_training(1, "PPO")
+        t.optimizer_step = lambda: grads.append(
+            {
+                name: p.grad.clone()
+                for module in t.trained_modules()
+                for name, p in module.named_parameters()
+                if p.grad is not None
+            }
+        )
+        t.after_step = lambda: True
+        t._optimise(EpochPasses(record, t._passes(record)))
+        assert len(grads) == 1
+        return grads[0]
+
+    expected, got = step_gradient(whole), step_gradient(split)
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=0, atol=1e-5 * float(grad.abs().max()), msg=name)
