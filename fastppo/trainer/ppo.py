@@ -230,7 +230,7 @@ class PPOTrainer(TrainerBase):
                     and self.eval_dataset is not None
                     and (self.rollouts_drawn - 1) % sample_every == 0
                 ):
-                    self.print_samples()
+                    self.generate_completions(sampling=True)
                 buffer = EpochPasses(record, self._passes(record))
             self._optimise(buffer)  # 4. optimise, 5. step, 6. log / evaluate / save
         return self.end_training()
@@ -442,25 +442,33 @@ class PPOTrainer(TrainerBase):
         """Mean score of one greedy completion per ``eval_dataset`` prompt."""
         if self.eval_dataset is None:
             raise ValueError("evaluate() needs an eval_dataset")
-        rows = self._evaluation_rows()
+        rows = self._evaluation_rows(self.eval_dataset)
         return self.report_evaluation(
             {f"{metric_key_prefix}_objective/scores": sum(r["score"] for r in rows) / len(rows)}
         )
 
-    def print_samples(self) -> None:
-        """A table of greedy completions for the eval prompts (legacy TRL's generate_completions)."""
-        rows = self._evaluation_rows()  # every process: each samples its share
+    def generate_completions(self, sampling: bool = False) -> None:
+        """Legacy TRL's table of greedy completions and their scores (its first 5 rows) for the eval
+        prompts; ``sampling=True`` (what training calls) samples only its first eval batch,
+        ``per_device_eval_batch_size`` prompts per process. Every process must call it."""
+        if self.eval_dataset is None:
+            raise ValueError("generate_completions() needs an eval_dataset")
+        dataset = self.eval_dataset
+        if sampling:
+            size = min(len(dataset), self.args.per_device_eval_batch_size * self.accelerator.num_processes)
+            dataset = [dataset[i] for i in range(size)]
+        rows = self._evaluation_rows(dataset)
         if self.accelerator.is_main_process:
-            print_completions(rows, self.state.global_step)
+            print_completions(rows, self.state.global_step, limit=5)
 
-    def _evaluation_rows(self) -> list[dict[str, Any]]:
-        """Every eval prompt's greedy completion and score; each process samples its share."""
+    def _evaluation_rows(self, dataset: Any) -> list[dict[str, Any]]:
+        """Every prompt's greedy completion and score; each process samples its share."""
         rows: list[dict[str, Any]] = []
         size, greedy = (
             self.args.local_rollout_forward_batch_size,
             self.args.sampling_settings(do_sample=False),
         )
-        for rollout, counts in self.evaluation_rollouts(self.eval_dataset, size, 1, greedy):
+        for rollout, counts in self.evaluation_rollouts(dataset, size, 1, greedy):
             scores, _ = self._scores(rollout, PolicyBatch.from_rollout(rollout, mask_truncated=False))
             rows += [
                 {"prompt": p, "completion": c, "score": float(s)}

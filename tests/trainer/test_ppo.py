@@ -46,13 +46,13 @@ SHAPE = dict(
 def trainer(ppo_config):
     """``trainer(tokenizer=None, *, policy=None, reward_model=says_word, train_dataset=None, **options)``:
     PPO of this file's run on the demo task (its tiny Llama unless ``policy``); ``options`` are
-    PPOTrainer's ``value_model`` / ``optimizers`` or PPOConfig fields."""
+    PPOTrainer's ``value_model`` / ``optimizers`` / ``eval_dataset`` or PPOConfig fields."""
 
     def make(
         tokenizer=None, *, policy=None, reward_model=says_word, train_dataset=None, **options
     ) -> PPOTrainer:
         tokenizer = tokenizer or build_tokenizer()
-        given = {k: options.pop(k) for k in ("value_model", "optimizers") if k in options}
+        given = {k: options.pop(k) for k in ("value_model", "optimizers", "eval_dataset") if k in options}
         return PPOTrainer(
             ppo_config(SHAPE, **options),
             tokenizer,
@@ -542,3 +542,20 @@ def test_a_mini_batch_gradient_is_the_mean_over_its_rows_whatever_the_micro_spli
     assert got.keys() == expected.keys()
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=0, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+
+def test_generate_completions_samples_the_first_eval_batch_when_sampling(trainer, capsys):
+    """Legacy TRL's ``generate_completions``: every eval prompt by default (the scripts' last line),
+    only the first ``per_device_eval_batch_size`` of them when training calls it (sampling=True)."""
+    t = trainer(eval_dataset=build_dataset(size=7, seed=4), per_device_eval_batch_size=3)
+    prompts, rollouts = [], t.evaluation_rollouts
+
+    def counted(dataset, *args):
+        prompts.append(len(dataset))
+        yield from rollouts(dataset, *args)
+
+    t.evaluation_rollouts = counted
+    t.generate_completions(sampling=True)
+    t.generate_completions()
+    assert prompts == [3, 7]
+    assert "score" in capsys.readouterr().out
