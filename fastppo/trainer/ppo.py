@@ -225,14 +225,15 @@ class PPOTrainer(TrainerBase):
                     record = self._record(rollout)  # 2. score
                     self._rewards_and_advantages(record)  # 3. advantages
                 self._log_rollout(rollout, record)
-                if (
-                    sample_every
-                    and self.eval_dataset is not None
-                    and (self.rollouts_drawn - 1) % sample_every == 0
-                ):
-                    self.generate_completions(sampling=True)
                 buffer = EpochPasses(record, self._passes(record))
             self._optimise(buffer)  # 4. optimise, 5. step, 6. log / evaluate / save
+            if (  # legacy TRL: after the update, with the policy it trained
+                buffer.finished
+                and sample_every
+                and self.eval_dataset is not None
+                and (self.rollouts_drawn - 1) % sample_every == 0
+            ):
+                self.generate_completions(sampling=True)
         return self.end_training()
 
     def _rollout(self, rows: list[dict[str, Any]]) -> Rollout:

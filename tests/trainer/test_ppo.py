@@ -559,3 +559,19 @@ def test_generate_completions_samples_the_first_eval_batch_when_sampling(trainer
     t.generate_completions()
     assert prompts == [3, 7]
     assert "score" in capsys.readouterr().out
+
+
+def test_samples_are_printed_after_the_update_every_num_total_batches_over_num_sample_generations(trainer):
+    """Legacy TRL: ``sample_generations_freq = max(1, num_total_batches // num_sample_generations)``,
+    and a table after update ``u`` when ``(u - 1) % freq == 0``, once that update has trained."""
+    t = trainer(
+        eval_dataset=build_dataset(size=2, seed=4),
+        max_steps=-1,
+        total_episodes=64,  # num_total_batches = 64 / 16 = 4 rollouts of 2 epochs x 2 mini-batches
+        num_sample_generations=2,  # freq = 4 // 2 = 2: after updates 1 and 3
+        response_length=2,
+    )
+    at_steps = []
+    t.generate_completions = lambda sampling=False: at_steps.append((t.state.global_step, sampling))
+    t.train()
+    assert at_steps == [(1 * 4, True), (3 * 4, True)]
