@@ -25,7 +25,7 @@ from fastppo.demo import build_dataset, build_policy, build_tokenizer, run_demo,
 from fastppo.policy_forward import PolicyForward
 from fastppo.reference import SharedTrunkReference
 from fastppo.reward_model import completion_scores
-from fastppo.trainer.ppo import EpochPasses
+from fastppo.trainer.ppo import EpochPasses, concat_rollouts
 
 # The run every test here starts from (ppo_config adds a quiet short run around it).
 SHAPE = dict(
@@ -575,3 +575,30 @@ def test_samples_are_printed_after_the_update_every_num_total_batches_over_num_s
     t.generate_completions = lambda sampling=False: at_steps.append((t.state.global_step, sampling))
     t.train()
     assert at_steps == [(1 * 4, True), (3 * 4, True)]
+
+
+def test_rollouts_are_generated_local_rollout_forward_batch_size_prompts_at_a_time(trainer):
+    """Legacy TRL generates a rollout in batches of local_rollout_forward_batch_size (its memory
+    bound); the batches' rows, re-padded into one rollout, are the rows one batch would give: greedy
+    completions of prompts of different lengths (left padding) and of different lengths (right: the
+    untrained policy repeats the prompt's last word, and "dog" is a stop token)."""
+    t = trainer(local_rollout_forward_batch_size=5, max_steps=1, stop_token_id=build_tokenizer().vocab["dog"])
+    rows = [{"prompt": "say : " + " : ".join(["cat", "dog", "sun"][: 1 + i % 3])} for i in range(7)]
+    greedy = t.args.sampling_settings(do_sample=False)
+    one = t.sample(rows, 1, greedy)
+    chunked = concat_rollouts(
+        [t.sample(rows[i : i + 3], 1, greedy) for i in (0, 3, 6)], t.processing_class.pad_token_id
+    )
+    assert len(set(one.lengths.tolist())) > 1
+    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "is_truncated"):
+        assert torch.equal(getattr(chunked, name), getattr(one, name)), name
+    assert (chunked.prompts, chunked.completions, chunked.completion_id_lists) == (
+        one.prompts,
+        one.completions,
+        one.completion_id_lists,
+    )
+
+    sizes, generate = [], t.sampler.generate
+    t.sampler.generate = lambda ids, *a: sizes.append(ids.shape[0]) or generate(ids, *a)
+    t.train()
+    assert sizes == [5, 5, 5, 1]  # the 16 prompts of a rollout
