@@ -179,6 +179,7 @@ class GRPOTrainer(TrainerBase):
             chat_template_kwargs=args.chat_template_kwargs,
             device=self.device,
         )
+        self.reward_processing_classes = self.rewards.processing_classes  # TRL's attribute
         self.reference = build_reference(
             self.model, self.policy_forward, kl_coef=args.beta, sync=args.sync_ref_model
         )
@@ -245,6 +246,7 @@ class GRPOTrainer(TrainerBase):
         if args.records_old_logprobs and args.old_logprobs_from_sampler:
             batch.old_logprobs = sampler_old_logprobs(rollout, type(self.sampler).__name__)
         minibatches = batch.split(args.per_device_train_batch_size, self._shuffle)
+        self._pending_extra = {}  # log_extra columns: this rollout's only (a table row each)
         with self.accelerator.autocast():
             for mb in minibatches:
                 self._score_minibatch(mb)
@@ -452,7 +454,8 @@ class GRPOTrainer(TrainerBase):
     # --- helpers ------------------------------------------------------------------------------------
 
     def _log_extra(self, column: str, values: list) -> None:
-        self._pending_extra[column] = list(values)
+        """TRL's ``log_extra``: values extend the column for the current rollout's completions table."""
+        self._pending_extra.setdefault(column, []).extend(values)
 
     def _completion_rows(
         self, rollout: Rollout, scores: Scores, advantages: torch.Tensor
