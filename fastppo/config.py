@@ -315,6 +315,7 @@ class ForwardPlan:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # memory budget of one chunk of logits (fused)
     padding_free: bool = False  # packed rows of attended tokens instead of padded ones
     num_frozen_layers: int | None = None  # K: the shared frozen trunk; None: every layer trains
+    lm_head_fp32: bool = False  # the lm_head projection in fp32 outside autocast (cast_lm_head_to_fp32)
 
 
 @dataclasses.dataclass
@@ -386,4 +387,5 @@ class FastppoOptions:
             chunk_bytes=self.kernel_chunk_bytes,
             padding_free=self.padding_free,
             num_frozen_layers=self.num_frozen_layers,
+            lm_head_fp32=getattr(self, "cast_lm_head_to_fp32", False),
         )

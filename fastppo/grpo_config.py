@@ -11,6 +11,8 @@ value is rejected (see ``fastppo.config``). Deliberate differences from TRL 1.16
 - ``model_init_kwargs["attn_implementation"]`` (TRL's spelling), when not given: ``flash_attention_2``
   when flash-attn is installed (CUDA), else ``fastppo_varlen`` for padding-free batches on CUDA, else
   ``sdpa`` (``fastppo.memory.packing.pick_attn_implementation``).
+- ``use_liger_kernel=True`` is accepted and logged once: fastppo's own fused kernels serve it (TRL
+  applies Liger's layer kernels).
 - ``max_prompt_length`` (dropped by TRL) is kept: prompts are truncated from the left to that length.
 - ``use_transformers_continuous_batching``: the log-probs the engine sampled with come back
   (``return_logprobs`` defaults to True), logits processors it would drop are refused, and the
@@ -62,7 +64,7 @@ SUPPORTED_GRPO = frozenset(
     use_bias_correction_kl entropy_coef use_adaptive_entropy entropy_coef_min entropy_coef_max
     entropy_coef_delta entropy_target top_entropy_quantile off_policy_mask_threshold
     use_transformers_continuous_batching transformers_continuous_batching_config use_transformers_paged
-    old_logprobs_from_sampler
+    old_logprobs_from_sampler router_aux_loss_coef cast_lm_head_to_fp32 use_liger_kernel
     """.split()
 )
 
@@ -90,7 +92,9 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
         None, "bf16 mixed precision; None: on with a bf16-capable CUDA GPU, else fp32."
     )
     lr_scheduler_kwargs: dict | str | None = option(None, "Extra arguments of the learning-rate scheduler.")
-    use_liger_kernel: bool = unsupported(False, "fastppo runs its own fused kernels")
+    use_liger_kernel: bool = option(
+        False, "Accepted for TRL scripts: fastppo's own fused kernels serve it (logged once); no Liger."
+    )
     torch_empty_cache_steps: int | None = unsupported(None, "cache emptying")
     report_to: None | str | list[str] = option(
         "none",
@@ -108,9 +112,18 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
     trust_remote_code: bool = option(
         False, "Allow models/tokenizers with custom code (policy and reward models)."
     )
-    router_aux_loss_coef: float | None = unsupported(None, "MoE auxiliary loss")
+    router_aux_loss_coef: float | None = option(
+        None,
+        "MoE load-balancing auxiliary loss weight (TRL): added to the loss of a model whose config has "
+        "output_router_logits; None: the config's router_aux_loss_coef; 0.0: off; a non-MoE model fails.",
+    )
     disable_dropout: bool = option(False, "Set every dropout probability of the policy (and reference) to 0.")
-    cast_lm_head_to_fp32: bool = unsupported(False, "fp32 lm_head")
+    cast_lm_head_to_fp32: bool = option(
+        False,
+        "ScaleRL (TRL): keep the lm_head weight (and a tied embedding) in fp32 and run the lm_head "
+        "projection in fp32 outside autocast; the fused kernels already accumulate in fp32, so this "
+        "changes the rounding of the bf16 operands only.",
+    )
 
     # Data and generation
     num_generations: int | None = option(
@@ -329,6 +342,8 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
             "repetition_penalty", self.repetition_penalty, 0.0, float("inf"), low_open=True, high_open=True
         )
         check_number("beta", self.beta, 0.0, float("inf"), high_open=True)
+        if self.router_aux_loss_coef is not None:
+            check_number("router_aux_loss_coef", self.router_aux_loss_coef, 0.0, float("inf"), high_open=True)
         check_int("num_iterations", self.num_iterations, 1)
         check_number("epsilon", self.epsilon, 0.0, 1.0, low_open=True, high_open=True)
         if self.epsilon_high is not None:
@@ -406,7 +421,8 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
                 f"When using `importance_sampling_level='sequence'`, the `'{self.loss_type}'` loss sums "
                 "per-token contributions, which effectively weights each sequence by its completion length "
                 "instead of optimizing the per-sequence objective. To reproduce the GSPO paper's setup, set "
-                "`loss_type='grpo'`."
+                "`loss_type='grpo'` (see "
+                "https://huggingface.co/docs/trl/main/en/paper_index#group-sequence-policy-optimization)."
             )
         if self.loss_type == "cispo" and self.epsilon_high is None:
             found.append(

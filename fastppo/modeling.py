@@ -5,19 +5,32 @@ A missing model path is reported before anything is loaded or generated.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import warnings
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
+from transformers.utils import logging as hf_logging
 
-from .adapters import has_adapters
+from .adapters import has_adapters, unwrap_peft
 from .memory.activation_checkpointing import enable_gradient_checkpointing
 from .memory.packing import VARLEN_ATTENTION, pick_attn_implementation, register_varlen_attention
 from .memory.trunk import freeze_trunk
+from .reward_model import fp32_linear
 from .rewards import check_vocab
+
+logger = hf_logging.get_logger(__name__)  # a stdlib logger with transformers' warning_once
+
+# The class flag transformers checks before dispatching to each attention implementation fastppo picks.
+ATTENTION_SUPPORT_FLAGS = {
+    "flash_attention_2": "_supports_flash_attn",
+    VARLEN_ATTENTION: "_supports_attention_backend",
+    "sdpa": "_supports_sdpa",
+}
 
 
 def check_model_source(name: str, trust_remote_code: bool = False) -> None:
@@ -78,13 +91,38 @@ def load_causal_lm(
         dtype = getattr(torch, dtype)
     kwargs["dtype"] = dtype
     if kwargs.get("attn_implementation") is None:
-        kwargs["attn_implementation"] = pick_attn_implementation(padding_free, device)
+        kwargs["attn_implementation"] = default_attention(model, trust_remote_code, padding_free, device)
     if kwargs["attn_implementation"] == VARLEN_ATTENTION:
         register_varlen_attention()  # a name transformers learns only at registration
     try:
         return AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except (OSError, SafetensorError) as exc:  # weight files missing, unreadable or corrupt
         raise ValueError(f"model {model!r} could not be loaded: {exc}") from exc
+
+
+def default_attention(
+    model: str, trust_remote_code: bool, padding_free: bool, device: torch.device | str | None
+) -> str:
+    """``pick_attn_implementation``'s choice if the model class supports it, else SDPA, else eager
+    with a warning: transformers refuses at load an implementation the class lacks (GPT-OSS and
+    others declare ``_supports_sdpa = False``). A class known only from remote code keeps the pick."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    picked = pick_attn_implementation(padding_free, device)
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        return picked
+    for name in dict.fromkeys((picked, "sdpa")):
+        if getattr(model_class, ATTENTION_SUPPORT_FLAGS[name], False):
+            return name
+    warnings.warn(
+        f"{model_class.__name__} has no {picked!r} or 'sdpa' attention path in transformers, so it is loaded "
+        "with attn_implementation='eager' (slower, and it holds the [tokens, tokens] attention scores); set "
+        "model_init_kwargs={'attn_implementation': ...} to choose another",
+        stacklevel=4,
+    )
+    return "eager"
 
 
 def load_tokenizer(model: nn.Module, processing_class: Any, trust_remote_code: bool) -> Any:
@@ -161,6 +199,27 @@ def prepare_policy(
     return model
 
 
+def cast_lm_head_to_fp32(model: nn.Module) -> None:
+    """TRL's ``cast_lm_head_to_fp32`` (ScaleRL): the lm_head weight kept in fp32 and its projection
+    run in fp32 outside autocast. The plain path calls ``lm_head`` (its forward is replaced); the fused
+    kernels read the weight directly and follow ``ForwardPlan.lm_head_fp32``. A tied input embedding
+    shares the weight, so its output is cast back to the model's dtype, as TRL does."""
+    base = unwrap_peft(model)
+    head = base.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise ValueError(
+            "`cast_lm_head_to_fp32=True` is not supported when the lm_head carries a PEFT adapter (e.g. "
+            f"`target_modules` includes `lm_head`; got {type(head).__name__}). Remove `lm_head` from the "
+            "adapter's target modules, or set `cast_lm_head_to_fp32=False`."
+        )
+    dtype = head.weight.dtype
+    head.float()
+    head.forward = functools.partial(fp32_linear, head)
+    embedding = base.get_input_embeddings()
+    if embedding.weight is head.weight and dtype != torch.float32:
+        embedding.register_forward_hook(lambda module, inputs, output: output.to(dtype))
+
+
 def switch_off_dropout(model: nn.Module) -> None:
     """Dropout modules, and the attention dropout transformers applies functionally (Llama, Qwen2:
     ``config.attention_dropout`` read by each attention module), set to 0: with either left on, the
@@ -204,4 +263,11 @@ def build_policy(
         disable_dropout=disable_dropout,
         num_frozen_layers=args.num_frozen_layers,
     )
+    if getattr(args, "cast_lm_head_to_fp32", False):
+        cast_lm_head_to_fp32(policy)
+    if getattr(args, "use_liger_kernel", False):
+        logger.warning_once(
+            "use_liger_kernel=True: fastppo's own fused kernels (chunked lm_head log-probs and loss, no "
+            "[tokens, vocab] logits) serve it; Liger's kernels are not applied"
+        )
     return policy, tokenizer

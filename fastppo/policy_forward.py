@@ -110,13 +110,18 @@ def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
 
 
 def head_operands(
-    head: nn.Linear, hidden: torch.Tensor
+    head: nn.Linear, hidden: torch.Tensor, fp32: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(hidden, weight, bias) in one dtype: autocast's when it is on (bf16 training on GPU), else the
-    weight's. The kernels then run with autocast off, so forward and backward agree on dtypes."""
+    """(hidden, weight, bias) in one dtype: fp32 when asked (``cast_lm_head_to_fp32``), else
+    autocast's when it is on (bf16 training on GPU), else the weight's. The kernels then run with
+    autocast off, so forward and backward agree on dtypes."""
     device_type = hidden.device.type
     dtype = (
-        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else head.weight.dtype
+        torch.float32
+        if fp32
+        else torch.get_autocast_dtype(device_type)
+        if torch.is_autocast_enabled(device_type)
+        else head.weight.dtype
     )
     bias = None if head.bias is None else head.bias.to(dtype)
     return hidden.to(dtype), head.weight.to(dtype), bias
@@ -245,7 +250,7 @@ class PolicyForward:
         """``[b, Lc]`` fp32 log-probs of the completion tokens from hidden states and an lm_head, 0 where
         ``completion_mask`` is 0: chunked through the kernel (fused), or from full logits (plain)."""
         mask = batch.completion_mask.bool()
-        hidden, weight, bias = head_operands(head, hidden)
+        hidden, weight, bias = head_operands(head, hidden, self.plan.lm_head_fp32)
         if self.plan.fused:
             with torch.autocast(hidden.device.type, enabled=False):
                 return linear_token_logprobs(
@@ -256,7 +261,8 @@ class PolicyForward:
                     temperature=temperature,
                     chunk_bytes=self.plan.chunk_bytes,
                 )
-        logits = torch.nn.functional.linear(hidden, weight, bias)
+        with torch.autocast(hidden.device.type, enabled=False):  # operands already in their dtype
+            logits = torch.nn.functional.linear(hidden, weight, bias)
         logp, _ = plain_token_logprobs(logits, batch.completion_ids, temperature)
         return logp.masked_fill(~mask, 0.0)
 
@@ -288,7 +294,7 @@ class PolicyForward:
         old, ref = _loss_inputs(batch)
         if self.plan.fused:
             _, head = lm_parts(policy_pass.model)
-            hidden, weight, bias = head_operands(head, policy_pass.hidden)
+            hidden, weight, bias = head_operands(head, policy_pass.hidden, self.plan.lm_head_fp32)
             with torch.autocast(hidden.device.type, enabled=False):
                 # old None: on-policy; the kernel uses the detached current log-probs (ratio 1) from
                 # its own scan, so no extra lm_head pass is spent on them.
@@ -309,7 +315,9 @@ class PolicyForward:
         logits = policy_pass.logits
         if logits is None:  # a trunk pass: the policy's top applies the bare lm_head
             _, head = lm_parts(policy_pass.model)
-            logits = torch.nn.functional.linear(*head_operands(head, policy_pass.hidden))
+            operands = head_operands(head, policy_pass.hidden, self.plan.lm_head_fp32)
+            with torch.autocast(operands[0].device.type, enabled=False):  # operands already in their dtype
+                logits = torch.nn.functional.linear(*operands)
         logp, entropy = plain_token_logprobs(
             logits, batch.completion_ids, settings.temperature, with_entropy=True
         )

@@ -4,7 +4,8 @@ A reward function is called as ``func(prompts=..., completions=..., completion_i
 (every other dataset column arrives as a keyword list, one entry per completion, plus
 ``trainer_state``, ``log_metric`` and ``log_extra``) and returns one float or ``None`` per completion.
 ``None`` means "not applicable" and becomes NaN; the weighted sum over functions ignores NaN
-(``nansum``) and a completion no function scored stays NaN, so it gets advantage 0.
+(``nansum``) and a completion no function scored stays NaN, so it gets advantage 0 (TRL 1.16's
+"unscorable" rows), and TRL's warning naming that sample's inputs is logged.
 
 Bad reward output is an error naming the function and the sample (``RewardFunctionError``): a
 function that raises, returns the wrong number of rewards, or a NaN/inf/non-number. With
@@ -21,6 +22,7 @@ import asyncio
 import dataclasses
 import functools
 import inspect
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,6 +34,10 @@ from .sharding import reshard
 
 RewardFunc = Callable[..., Sequence[float | None]]
 INVALID_METRIC = "rewards/invalid_samples"
+# The trainer's own reward kwargs, left out of the all-None warning's sample (TRL's rule).
+TRAINER_KWARGS = ("trainer_state", "log_extra", "log_metric")
+
+logger = logging.getLogger(__name__)
 
 
 class RewardFunctionError(ValueError):
@@ -97,6 +103,8 @@ class RewardSet:
     funcs: list[RewardFunc]
     names: list[str]
     weights: torch.Tensor  # [F] fp32
+    # [F] TRL's ``reward_processing_classes``: each reward model's tokenizer, as given for functions
+    processing_classes: list[Any] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.funcs)
@@ -127,25 +135,36 @@ def load_rewards(
     if not funcs_in or any(f is None for f in funcs_in):
         raise ValueError("reward_funcs must name at least one reward function or reward model, got none")
     tokenizers = reward_processing_classes
-    if not isinstance(tokenizers, (list, tuple)):
-        tokenizers = [tokenizers] * len(funcs_in)
+    if tokenizers is None:
+        tokenizers = [None] * len(funcs_in)
+    elif not isinstance(tokenizers, (list, tuple)):  # one tokenizer is a list of one, as in TRL
+        tokenizers = [tokenizers]
     if len(tokenizers) != len(funcs_in):
         raise ValueError(
-            f"got {len(tokenizers)} reward_processing_classes for {len(funcs_in)} reward functions"
+            f"The number of reward processing classes ({len(tokenizers)}) must match the number of reward "
+            f"functions ({len(funcs_in)}): pass a list with one entry per reward function (None for plain "
+            "functions and for reward models that use their checkpoint's tokenizer)"
         )
+    tokenizers = list(tokenizers)
     funcs: list[RewardFunc] = []
-    for func, tokenizer in zip(funcs_in, tokenizers, strict=True):
+    for i, (func, tokenizer) in enumerate(zip(funcs_in, tokenizers, strict=True)):
         if isinstance(func, str):
             kwargs = {"trust_remote_code": trust_remote_code, **(model_init_kwargs or {})}
             func = AutoModelForSequenceClassification.from_pretrained(func, num_labels=1, **kwargs)
         if isinstance(func, nn.Module):
             if tokenizer is None:
                 name = func.config._name_or_path
+                if not name:
+                    raise ValueError(
+                        f"reward model {i} ({type(func).__name__}) was not loaded from a path, so its "
+                        "tokenizer cannot be found: give it in reward_processing_classes"
+                    )
                 tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
             check_vocab(func, tokenizer, f"reward model {callable_name(func)!r}")
             func.config.pad_token_id = tokenizer.pad_token_id
+            tokenizers[i] = tokenizer
             func = RewardModelScorer(func.to(device).eval(), tokenizer, dict(chat_template_kwargs or {}))
         elif not callable(func):
             raise ValueError(
@@ -159,7 +178,7 @@ def load_rewards(
             f"reward_weights has {len(weights)} entries but there are {len(funcs)} reward functions"
         )
     names = [callable_name(f) for f in funcs]
-    return RewardSet(funcs, names, torch.tensor(list(weights), dtype=torch.float32))
+    return RewardSet(funcs, names, torch.tensor(list(weights), dtype=torch.float32), tokenizers)
 
 
 def check_vocab(model: nn.Module, tokenizer: Any, what: str) -> None:
@@ -275,9 +294,27 @@ def score_rewards(
         valid &= torch.tensor([v is not None for v in values], dtype=torch.bool)
         out[:, j] = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
     out[~valid] = math.nan
+    warn_unscored(out, valid, prompts, completions, columns)
     if skip_invalid and "log_metric" in extra:
         extra["log_metric"](INVALID_METRIC, float((~valid).sum()))
     return RewardScores(out, valid)
+
+
+def warn_unscored(
+    per_func: torch.Tensor, valid: torch.Tensor, prompts: list, completions: list, columns: dict[str, list]
+) -> None:
+    """TRL's warning when every function returned None for a sample (invalid samples aside: they
+    are counted in ``rewards/invalid_samples``), naming the first such sample's inputs."""
+    unscored = (torch.isnan(per_func).all(dim=1) & valid).nonzero(as_tuple=True)[0]
+    if not unscored.numel():
+        return
+    i = int(unscored[0])
+    row = {key: value[i] for key, value in columns.items() if key not in TRAINER_KWARGS}
+    row["prompt"], row["completion"] = prompts[i], completions[i]
+    logger.warning(
+        f"All reward functions returned None for the following kwargs:\n{row}\n"
+        "Please ensure that at least one reward function returns a valid reward."
+    )
 
 
 def score_completions(

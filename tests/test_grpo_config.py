@@ -79,7 +79,6 @@ def test_trl_boolean_scale_rewards_and_inert_fields():
         ({"use_vllm": True}, r"not supported by fastppo: use_vllm=True"),
         ({"torch_compile": True}, r"not supported by fastppo: torch_compile=True"),
         ({"push_to_hub": True}, r"push_to_hub=True"),
-        ({"use_liger_kernel": True}, r"use_liger_kernel=True"),
         ({"fp16_full_eval": True}, r"fp16_full_eval=True"),
         ({"loss_type": "ppo"}, r"loss_type must be one of \('grpo', .*'vespo'\), got 'ppo'"),
         ({"sapo_temperature_neg": 0.0}, r"sapo_temperature_neg must be a finite number in \(0.0, inf\)"),

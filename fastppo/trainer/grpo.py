@@ -29,7 +29,7 @@ from torch import nn
 from transformers.trainer_utils import TrainOutput
 
 from ..advantages import group_relative_advantages, nanstd, normalize_then_sum_advantages
-from ..batch import PolicyBatch
+from ..batch import PolicyBatch, sequence_inputs
 from ..checkpoint import resolve_resume
 from ..data import check_prompt_dataset
 from ..distributed import (
@@ -45,6 +45,7 @@ from ..kernels.ppo_loss import Gather, PolicyLossSettings, PolicyLossStats, high
 from ..kernels.ppo_loss.settings import CLIPPED_LOSS_TYPES
 from ..metrics import MetricsBuffer, print_completions
 from ..modeling import build_policy, eos_token_ids
+from ..moe import RouterAuxLoss
 from ..reference import build_reference
 from ..rewards import combine_rewards, load_rewards, score_completions, score_rewards
 from ..rollout import GenerateSampler, Rollout, Sampler, sampler_old_logprobs
@@ -170,6 +171,7 @@ class GRPOTrainer(TrainerBase):
             )
         self.model.to(self.device)
         self.eos_token_ids = eos_token_ids(policy, tokenizer)
+        self.router_aux = RouterAuxLoss.from_model(self.model, args.router_aux_loss_coef)  # MoE policies
         self.rewards = load_rewards(
             reward_funcs,
             weights=args.reward_weights,
@@ -179,6 +181,7 @@ class GRPOTrainer(TrainerBase):
             chat_template_kwargs=args.chat_template_kwargs,
             device=self.device,
         )
+        self.reward_processing_classes = self.rewards.processing_classes  # TRL's attribute
         self.reference = build_reference(
             self.model, self.policy_forward, kl_coef=args.beta, sync=args.sync_ref_model
         )
@@ -245,6 +248,7 @@ class GRPOTrainer(TrainerBase):
         if args.records_old_logprobs and args.old_logprobs_from_sampler:
             batch.old_logprobs = sampler_old_logprobs(rollout, type(self.sampler).__name__)
         minibatches = batch.split(args.per_device_train_batch_size, self._shuffle)
+        self._pending_extra = {}  # log_extra columns: this rollout's only (a table row each)
         with self.accelerator.autocast():
             for mb in minibatches:
                 self._score_minibatch(mb)
@@ -313,9 +317,12 @@ class GRPOTrainer(TrainerBase):
             # the coefficient of the previous optimizer step, for every micro-batch of this window
             settings = scaling.for_coef(self.entropy_control.applied())
             with self.metrics.timed("time/minibatch"):
-                with self.accelerator.autocast():  # 4. optimise
+                with self.accelerator.autocast(), self.router_aux.recording(self.model) as router_logits:
                     loss, stats = self.policy_forward.policy_loss(self.model, mb, settings, self._gather)
-                self.backward(loss * scaling.scale)
+                    scaled = loss * scaling.scale  # 4. optimise
+                    if self.router_aux.enabled:
+                        scaled = scaled + self._router_aux_term(router_logits, mb)
+                self.backward(scaled)
             self._record_loss_stats(stats, mb, loss, settings)
             if self.window_complete:
                 self.optimizer_step()  # 5. step
@@ -323,6 +330,15 @@ class GRPOTrainer(TrainerBase):
                 self._sync_reference()
                 if self.after_step():  # 6. log / evaluate / save
                     return
+
+    def _router_aux_term(self, router_logits: list[torch.Tensor], mb: PolicyBatch) -> torch.Tensor:
+        """What an MoE policy's load-balancing loss adds to a minibatch's scaled loss, as TRL:
+        ``router_aux_loss_coef * aux_loss / gradient_accumulation_steps`` whatever the loss type;
+        the unweighted loss is logged as TRL's ``aux_loss``."""
+        mask = None if self.args.padding_free else sequence_inputs(mb)["attention_mask"]
+        aux = self.router_aux.loss(router_logits, mask)
+        self.metrics.add("aux_loss", float(aux.detach()))  # CPU sync
+        return self.router_aux.coef * aux / self.args.gradient_accumulation_steps
 
     def _loss_scaling(self, minibatches: list[PolicyBatch]) -> LossScaling:
         """The loss settings and the factor each minibatch's loss is scaled by under accumulation
@@ -452,7 +468,8 @@ class GRPOTrainer(TrainerBase):
     # --- helpers ------------------------------------------------------------------------------------
 
     def _log_extra(self, column: str, values: list) -> None:
-        self._pending_extra[column] = list(values)
+        """TRL's ``log_extra``: values extend the column for the current rollout's completions table."""
+        self._pending_extra.setdefault(column, []).extend(values)
 
     def _completion_rows(
         self, rollout: Rollout, scores: Scores, advantages: torch.Tensor
