@@ -31,7 +31,7 @@ from torch import nn
 from transformers.trainer_utils import TrainOutput, speed_metrics
 
 from ..advantages import group_relative_advantages, nanstd, normalize_then_sum_advantages
-from ..batch import PolicyBatch
+from ..batch import PolicyBatch, pad_to_multiple
 from ..checkpoint import resolve_resume
 from ..data import check_prompt_dataset, check_streamed_training, is_streamed
 from ..distributed import (
@@ -254,7 +254,7 @@ class GRPOTrainer(TrainerBase):
         batch = PolicyBatch.from_rollout(rollout, args.mask_truncated_completions)
         if args.records_old_logprobs and args.old_logprobs_from_sampler:
             batch.old_logprobs = sampler_old_logprobs(rollout, type(self.sampler).__name__)
-        minibatches = batch.split(args.per_device_train_batch_size, self._shuffle)
+        minibatches = batch.split(args.per_device_train_batch_size, self._shuffle, args.pad_to_multiple_of)
         with self.accelerator.autocast():
             for mb in minibatches:
                 self._score_minibatch(mb)
@@ -493,6 +493,7 @@ class GRPOTrainer(TrainerBase):
         over processes and the entropy bonus is the plain mean (at the coefficient training applies)."""
         args = self.args
         batch = PolicyBatch.from_rollout(rollout, args.mask_truncated_completions)
+        batch = pad_to_multiple(batch, args.pad_to_multiple_of)
         rewards = combine_rewards(per_func.to(self.device), self.rewards.weights)
         batch.advantages, _ = group_relative_advantages(rewards, n, args.scale_rewards)
         settings = dataclasses.replace(args.loss_settings(), entropy_coef=self.entropy_control.applied())

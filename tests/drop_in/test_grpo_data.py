@@ -280,3 +280,65 @@ def test_drawing_prompts_leaves_torchs_random_stream_alone():
     state = torch.get_rng_state()
     next(prompt_batches(datasets.Dataset.from_dict({"prompt": PROMPTS}), 2, seed=0))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# --- pad_to_multiple_of ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, resolved", [("auto", None), (None, None), ("null", None), ("64", 64), (16, 16)]
+)
+def test_pad_to_multiple_of_takes_trls_values(grpo_config, value, resolved):
+    assert grpo_config(SHAPE, pad_to_multiple_of=value).pad_to_multiple_of == resolved
+
+
+@pytest.mark.parametrize(
+    "fused, padding_free",
+    [(True, False), (False, False), (True, True)],
+    ids=["fused", "plain", "padding-free"],
+)
+def test_pad_to_multiple_of_pads_every_batch_and_changes_no_update(
+    grpo_config, id_reward, tmp_path, fused, padding_free
+):
+    """One SGD(lr=1) step, so the update is the gradient: the same with the batches padded to a
+    multiple of 8 as without; the batches trained on and the eval batch have such shapes."""
+    updates, shapes, eval_losses = [], [], []
+    for multiple in (None, 8):
+        tokenizer = build_tokenizer()
+        model = build_policy(tokenizer, seed=0, hidden_size=32)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer = GRPOTrainer(
+            model=model,
+            processing_class=tokenizer,
+            reward_funcs=id_reward,
+            args=grpo_config(
+                SHAPE,
+                output_dir=str(tmp_path / str(multiple)),
+                max_steps=1,
+                beta=0.04,
+                max_grad_norm=0.0,
+                use_fused_kernels=fused,
+                padding_free=padding_free,
+                pad_to_multiple_of=multiple,
+                num_generations_eval=2,
+            ),
+            train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+            optimizers=(torch.optim.SGD(model.parameters(), lr=1.0), None),
+        )
+        policy_loss = trainer.policy_forward.policy_loss
+
+        def spy(model, batch, *args, multiple=multiple, policy_loss=policy_loss, **kwargs):
+            shapes.append((multiple, batch.prompt_ids.shape[1], batch.completion_ids.shape[1]))
+            return policy_loss(model, batch, *args, **kwargs)
+
+        trainer.policy_forward.policy_loss = spy
+        eval_losses.append(trainer.evaluate(datasets.Dataset.from_dict({"prompt": PROMPTS[:2]}))["eval_loss"])
+        trainer.train()
+        updates.append({n: p.detach() - before[n] for n, p in model.named_parameters()})
+    padded = [(p, c) for m, p, c in shapes if m == 8]
+    assert len(padded) == 2 and all(p % 8 == 0 and c % 8 == 0 for p, c in padded)  # eval and train batch
+    assert [(p, c) for m, p, c in shapes if m is None] != padded  # not multiples of 8 unpadded
+    assert eval_losses[0] != 0 and eval_losses[1] == pytest.approx(eval_losses[0], rel=1e-5, abs=1e-7)
+    assert any(d.abs().max() > 1e-4 for d in updates[0].values())
+    for name, delta in updates[0].items():
+        torch.testing.assert_close(updates[1][name], delta, rtol=1e-4, atol=1e-6, msg=name)
