@@ -133,6 +133,11 @@ def test_a_torch_stream_is_shuffled_deterministically_per_seed():
     assert [r["prompt"] for r in next(unshuffled)] == PROMPTS[:4]
 
 
+def test_a_stream_shorter_than_one_rollout_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"fewer prompts than one rollout needs \(2\)"):
+        next(prompt_batches(TorchPrompts(PROMPTS[:1]), 2, seed=0))
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_skipping_batches_continues_the_same_stream(stream):
     """What a resumed run draws: the uninterrupted stream from its checkpoint's position on."""
