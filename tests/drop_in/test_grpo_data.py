@@ -347,3 +347,13 @@ def test_pad_to_multiple_of_pads_every_batch_and_changes_no_update(
     assert any(d.abs().max() > 1e-4 for d in updates[0].values())
     for name, delta in updates[0].items():
         torch.testing.assert_close(updates[1][name], delta, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_named_eval_sets_are_logged_during_training(grpo_config, id_reward):
+    sets = {name: datasets.Dataset.from_dict({"prompt": PROMPTS[i : i + 2]}) for i, name in enumerate("ab")}
+    trainer = make_trainer(grpo_config, id_reward, eval_dataset=sets, eval_strategy="steps", eval_steps=2)
+    trainer.train()
+    logged = [
+        sorted(k for k in r if k.endswith("_reward")) for r in trainer.state.log_history if "loss" not in r
+    ]
+    assert logged == [["eval_a_reward"], ["eval_b_reward"]]  # one record per set, at step 2
