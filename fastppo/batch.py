@@ -49,8 +49,9 @@ class PolicyBatch:
     def num_tokens(self) -> int:  # prompt + completion tokens attended to (CPU sync)
         return int(self.prompt_mask.sum() + self.completion_mask.sum())
 
-    def select(self, rows: torch.Tensor) -> PolicyBatch:
-        """The given rows, with all-padding columns cut (leading prompt, trailing completion columns)."""
+    def select(self, rows: torch.Tensor, pad_to_multiple_of: int | None = None) -> PolicyBatch:
+        """The given rows, with all-padding columns cut (leading prompt, trailing completion columns),
+        then padded back up to ``pad_to_multiple_of`` columns each (``pad_to_multiple``)."""
         picked = {
             f.name: None if (v := getattr(self, f.name)) is None else v[rows]
             for f in dataclasses.fields(self)
@@ -66,13 +67,15 @@ class PolicyBatch:
                 picked[name] = picked[name][:, :end]
         if picked["advantages"] is not None and picked["advantages"].dim() == 2:
             picked["advantages"] = picked["advantages"][:, :end]
-        return PolicyBatch(**picked)
+        return pad_to_multiple(PolicyBatch(**picked), pad_to_multiple_of)
 
-    def split(self, size: int, generator: torch.Generator | None = None) -> list[PolicyBatch]:
-        """Shuffled minibatches of ``size`` rows (the last may be smaller)."""
+    def split(
+        self, size: int, generator: torch.Generator | None = None, pad_to_multiple_of: int | None = None
+    ) -> list[PolicyBatch]:
+        """Shuffled minibatches of ``size`` rows (the last may be smaller), see ``select``."""
         n = self.completion_ids.shape[0]
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-        return [self.select(chunk.to(self.rows.device)) for chunk in order.split(size)]
+        return [self.select(chunk.to(self.rows.device), pad_to_multiple_of) for chunk in order.split(size)]
 
     def state_dict(self) -> dict[str, torch.Tensor | None]:
         """The fields as a dict of tensors (a checkpoint of the rollout being optimised)."""
@@ -81,6 +84,26 @@ class PolicyBatch:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> PolicyBatch:
         return cls(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()})
+
+
+def pad_to_multiple(batch: PolicyBatch, multiple: int | None) -> PolicyBatch:
+    """TRL's ``pad_to_multiple_of``: the prompt columns padded on the left and the completion columns
+    on the right up to a multiple of ``multiple`` (kernels that want aligned shapes), None: as is.
+    The added tokens are masked out everywhere (attention, loss, log-probs 0), so the loss does not
+    change; their ids (0) are never attended to. Padding-free forwards drop them again."""
+    if multiple is None:
+        return batch
+    left = -batch.prompt_ids.shape[1] % multiple
+    right = -batch.completion_ids.shape[1] % multiple
+    padded = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if f.name in ("prompt_ids", "prompt_mask"):
+            value = torch.nn.functional.pad(value, (left, 0))
+        elif value is not None and value.dim() == 2 and f.name != "rows":  # the [b, Lc] fields
+            value = torch.nn.functional.pad(value, (0, right))
+        padded[f.name] = value
+    return PolicyBatch(**padded)
 
 
 def sequence_inputs(batch: PolicyBatch) -> dict[str, torch.Tensor]:

@@ -49,6 +49,8 @@ SUPPORTED_TRAINING_ARGUMENTS = frozenset(
     eval_steps eval_on_start seed data_seed full_determinism bf16 fp16 tf32 use_cpu
     gradient_checkpointing gradient_checkpointing_kwargs activation_checkpointing
     activation_checkpointing_kwargs report_to disable_tqdm
+    dataloader_num_workers dataloader_pin_memory dataloader_persistent_workers dataloader_prefetch_factor
+    dataloader_multiprocessing_context
     """.split()
 )
 # Sharding with FSDP2 (fastppo.sharding).

@@ -69,6 +69,18 @@ SUPPORTED_GRPO = frozenset(
 )
 
 
+def resolve_pad_to_multiple_of(value: Any) -> int | None:
+    """TRL's ``pad_to_multiple_of``: an int >= 1, its string ("64"), None ("none"/"null"), or "auto"
+    (None: TRL pads only on Neuron devices)."""
+    if isinstance(value, str) and value.lower() in ("auto", "none", "null"):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value is not None:
+        check_int("pad_to_multiple_of", value, 1)
+    return value
+
+
 @strict_config
 class GRPOConfig(FastppoOptions, TrainingArguments):
     """Configuration of ``fastppo.GRPOTrainer`` (TRL 1.16 names and defaults; see the module docstring)."""
@@ -139,7 +151,9 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
     ds3_gather_for_generation: bool = option(True, "DeepSpeed ZeRO-3 only (inert without DeepSpeed).")
     shuffle_dataset: bool | None = option(True, "Shuffle the training prompts each epoch.")
     pad_to_multiple_of: int | str | None = option(
-        "auto", "Only None/'auto' (no extra padding) are supported."
+        "auto",
+        "Pad the prompt and completion ids of each batch to a multiple of this; 'auto': no padding "
+        "(TRL pads to 128 on Neuron only, which fastppo does not run on).",
     )
     generation_batch_size: int | None = option(
         None, "Completions per rollout; None: per_device_train_batch_size * steps_per_generation."
@@ -290,10 +304,7 @@ class GRPOConfig(FastppoOptions, TrainingArguments):
     def __post_init__(self) -> None:
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
         super().__post_init__()  # FastppoOptions: TrainingArguments' checks and fastppo's switches
-        require(
-            self.pad_to_multiple_of in (None, "auto"),
-            f"pad_to_multiple_of={self.pad_to_multiple_of!r} is not supported (only None or 'auto')",
-        )
+        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of)
         self._derive_batch_sizes()
         self._check_grpo()
         self._check_loss_family()

@@ -129,7 +129,7 @@ def test_trl_boolean_scale_rewards_and_inert_fields():
             {"lr_scheduler_type": "reduce_lr_on_plateau", "eval_strategy": "steps", "eval_steps": 1},
             r"lr_scheduler_type='reduce_lr_on_plateau'",
         ),
-        ({"pad_to_multiple_of": 64}, r"pad_to_multiple_of=64 is not supported"),
+        ({"pad_to_multiple_of": 0}, r"pad_to_multiple_of must be an integer >= 1, got 0"),
         ({"kernel_chunk_bytes": 0}, r"kernel_chunk_bytes must be an integer >= 1"),
         # sampling at another temperature than the log-probs are taken at would be silently off-policy
         ({"generation_kwargs": {"temperature": 0.3, "max_time": 5}}, r"must not set \['temperature'\]"),

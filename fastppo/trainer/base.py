@@ -40,7 +40,7 @@ from .. import checkpoint as ckpt
 from .. import sharding
 from ..adapters import has_adapters
 from ..batch import PolicyBatch
-from ..data import prompt_batches
+from ..data import Loading, is_streamed, prompt_batches
 from ..distributed import (
     all_reduce_gradients,
     broadcast_parameters,
@@ -297,12 +297,18 @@ class TrainerBase:
     def prompt_stream(self, size: int, seed: int, shuffle: bool = True) -> Iterator[list[dict[str, Any]]]:
         """This process's rows of each rollout's ``size`` prompts (whole GRPO groups stay on one
         process), endless (the step count ends training): reshuffled each epoch, and a resumed run
-        continues after the batches drawn before its checkpoint."""
-        batches = prompt_batches(self.train_dataset, size, seed, shuffle)
-        for _ in range(self.rollouts_drawn):
-            next(batches)
+        continues after the batches drawn before its checkpoint (``fastppo.data``: the same order
+        with DataLoader workers; a stream is replayed to there). A stream's ``state.epoch`` counts
+        its full passes (the fraction of one needs a length)."""
+        loading = Loading.from_args(self.args, self.device)
+        batches = prompt_batches(self.train_dataset, size, seed, shuffle, self.rollouts_drawn, loading)
+        streamed = is_streamed(self.train_dataset)
         for rows in batches:
-            self.state.epoch = self.args.epochs_done(self.rollouts_drawn, len(self.train_dataset))
+            self.state.epoch = (
+                float(batches.passes)
+                if streamed
+                else self.args.epochs_done(self.rollouts_drawn, len(self.train_dataset))
+            )
             self.rollouts_drawn += 1
             yield rows[rank_rows(len(rows), self.accelerator, "prompts per rollout")]
 
@@ -454,7 +460,10 @@ class TrainerBase:
         """This process's share of ``dataset``, ``prompts_per_call`` prompts at a time: each share's
         rollout and which of its prompts count (the last process's share is padded with repeats so
         every process samples as many times: sharded generation needs it). Sampled from a forked
-        RNG (``untouched_rng``)."""
+        RNG (``untouched_rng``). An iterable dataset is read whole first (every process reads
+        the same rows, then takes its share)."""
+        if is_streamed(dataset):
+            dataset = list(dataset)
         indices, counted = evaluation_share(len(dataset), self.accelerator)
         for start in range(0, len(indices), prompts_per_call):
             rows = [dataset[i] for i in indices[start : start + prompts_per_call]]

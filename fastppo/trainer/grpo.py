@@ -22,16 +22,18 @@ of tokens trained on) and ``off_policy_mask/kept_ratio`` (the fraction of sequen
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import TrainOutput, speed_metrics
 
 from ..advantages import group_relative_advantages, nanstd, normalize_then_sum_advantages
-from ..batch import PolicyBatch, sequence_inputs
+from ..batch import PolicyBatch, pad_to_multiple, sequence_inputs
 from ..checkpoint import resolve_resume
-from ..data import check_prompt_dataset
+from ..data import check_prompt_dataset, check_streamed_training, is_streamed
 from ..distributed import (
     gather_counted,
     gather_ragged,
@@ -108,7 +110,14 @@ class MinibatchPasses(RolloutBuffer):
 
 
 class GRPOTrainer(TrainerBase):
-    """Group Relative Policy Optimization (Shao et al. 2024) with TRL's signature and config."""
+    """Group Relative Policy Optimization (Shao et al. 2024) with TRL's signature and config.
+
+    Custom generation plugs in as ``sampler``: any ``fastppo.rollout.Sampler`` (tokenised prompts
+    in; completion ids, and the log-probs it sampled with when exact, out), in place of TRL's
+    experimental ``rollout_func``, which is refused. ``train_dataset`` is required; it and
+    ``eval_dataset`` may be ``datasets.Dataset``/``IterableDataset`` (or a torch ``IterableDataset``),
+    ``eval_dataset`` also a dict of them (``fastppo.data``).
+    """
 
     BUFFER = MinibatchPasses
 
@@ -130,11 +139,13 @@ class GRPOTrainer(TrainerBase):
         environment_factory: Any = None,
         sampler: Sampler | None = None,
     ):
-        for name, value in (
-            ("tools", tools),
-            ("rollout_func", rollout_func),
-            ("environment_factory", environment_factory),
-        ):
+        if rollout_func is not None:
+            raise ValueError(
+                "rollout_func is not supported by fastppo's GRPOTrainer: pass your generation as a "
+                "fastppo.rollout.Sampler instead, GRPOTrainer(sampler=...) (token ids in, completion ids "
+                "and optionally their exact log-probs out; see the Sampler protocol's docstring)"
+            )
+        for name, value in (("tools", tools), ("environment_factory", environment_factory)):
             if value is not None:
                 raise ValueError(f"{name} is not supported by fastppo's GRPOTrainer (agent/tool rollouts)")
         if args is None:
@@ -208,11 +219,10 @@ class GRPOTrainer(TrainerBase):
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         """Run GRPO for ``max_steps`` optimizer steps (or ``num_train_epochs``); metrics go to
         ``self.metrics_file`` (JSONL) and the reward curve to ``self.reward_plot`` (PNG)."""
-        if self.train_dataset is None:
-            raise ValueError("train() needs a train_dataset with a 'prompt' column")
         args = self.args
         resume = resolve_resume(resume_from_checkpoint, args.output_dir)
-        self.begin_training(args.optimizer_steps(len(self.train_dataset)), "GRPO", resume_from=resume)
+        rows = 0 if is_streamed(self.train_dataset) else len(self.train_dataset)  # streamed: max_steps is set
+        self.begin_training(args.optimizer_steps(rows), "GRPO", resume_from=resume)
         prompts = self.prompt_stream(args.prompts_per_rollout, args.data_order_seed, args.shuffle_dataset)
         while not self.finished:
             buffer = self.buffer  # the rollout a checkpoint fell inside, else None: a new one
@@ -247,7 +257,7 @@ class GRPOTrainer(TrainerBase):
         batch = PolicyBatch.from_rollout(rollout, args.mask_truncated_completions)
         if args.records_old_logprobs and args.old_logprobs_from_sampler:
             batch.old_logprobs = sampler_old_logprobs(rollout, type(self.sampler).__name__)
-        minibatches = batch.split(args.per_device_train_batch_size, self._shuffle)
+        minibatches = batch.split(args.per_device_train_batch_size, self._shuffle, args.pad_to_multiple_of)
         self._pending_extra = {}  # log_extra columns: this rollout's only (a table row each)
         with self.accelerator.autocast():
             for mb in minibatches:
@@ -416,38 +426,57 @@ class GRPOTrainer(TrainerBase):
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
-        """Mean reward of completions sampled for ``eval_dataset`` (TRL's metric names, prefixed).
+        """``eval_loss`` and the mean reward of completions sampled for ``eval_dataset`` (TRL's
+        metric names, prefixed), with HF's ``eval_runtime`` / ``eval_samples_per_second`` /
+        ``eval_steps_per_second``; fires ``on_evaluate`` with them.
 
         ``num_generations_eval`` sampled completions per prompt, or one greedy completion when
-        ``eval_do_sample=False``. No loss is computed (there is no fixed target to score against).
+        ``eval_do_sample=False``. ``eval_loss`` is TRL's: the GRPO loss of each eval batch (one
+        sampling call's completions, ``per_device_eval_batch_size`` of them) with advantages from
+        its own groups, on-policy (ratio 1), no accumulation scaling, averaged over the completions.
         Values reward functions pass to ``log_metric`` are averaged into the result; ``log_extra``
         columns are dropped (they feed the training completions table). ``ignore_keys``: TRL's
         signature, unused. With several processes each samples its share of the prompts and the
-        metrics are over all of them.
+        metrics are over all of them. A dict of datasets (or the trainer's, or a name of one of
+        them) is evaluated one by one, each set's metrics prefixed ``eval_<name>_`` as HF Trainer
+        does. An IterableDataset is read whole (it must be finite).
         """
         args = self.args
-        dataset = (
-            self.eval_dataset if eval_dataset is None else _check_dataset("eval_dataset", eval_dataset, args)
-        )
+        if isinstance(eval_dataset, str):  # HF: the name of one of the trainer's eval datasets
+            if not isinstance(self.eval_dataset, dict) or eval_dataset not in self.eval_dataset:
+                named = list(self.eval_dataset) if isinstance(self.eval_dataset, dict) else []
+                raise ValueError(f"evaluate({eval_dataset!r}): no eval dataset of that name (have {named})")
+            dataset = self.eval_dataset[eval_dataset]
+        elif eval_dataset is None:
+            dataset = self.eval_dataset
+        else:
+            dataset = _check_dataset("eval_dataset", eval_dataset, args)
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (here or in the trainer)")
+        if isinstance(dataset, dict):  # Trainer.evaluate: each set on its own, its name in the keys
+            metrics: dict[str, float] = {}
+            for name, named_set in dataset.items():
+                metrics.update(self.evaluate(named_set, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        start_time = time.time()
         n = (args.num_generations_eval or args.num_generations) if args.eval_do_sample else 1
         per_call = max(1, args.per_device_eval_batch_size // n)  # prompts per generate call
         per_func, lengths, truncated, counted = [], [], [], []
+        loss_sum = 0.0  # eval batches' losses, each weighted by its counted completions
         logged = MetricsBuffer()
         extra = {"trainer_state": self.state, "log_metric": logged.add, "log_extra": lambda *a, **k: None}
         sampling = args.sampling_settings(do_sample=args.eval_do_sample)
         for rollout, counts in self.evaluation_rollouts(dataset, per_call, n, sampling):
-            per_func.append(
-                score_completions(
-                    self.rewards,
-                    rollout.prompts,
-                    rollout.completions,
-                    rollout.completion_id_lists,
-                    rollout.columns,
-                    extra,
-                )
+            scored = score_completions(
+                self.rewards,
+                rollout.prompts,
+                rollout.completions,
+                rollout.completion_id_lists,
+                rollout.columns,
+                extra,
             )
+            per_func.append(scored)
+            loss_sum += self._eval_batch_loss(rollout, scored, n) * n * sum(counts)
             lengths.append(rollout.lengths)
             truncated.append(rollout.is_truncated)
             counted += counts
@@ -459,11 +488,41 @@ class GRPOTrainer(TrainerBase):
         rewards = combine_rewards(per_func_all, self.rewards.weights)
         logged.load_state_dict(merge_metric_sums(logged.state_dict(), self.accelerator))
         found = {
+            "loss": sum_over_processes(loss_sum, self.accelerator) / rewards.shape[0],
             **logged.flush(),
             **reward_metrics(per_func_all, rewards, self.rewards.names),
             **completion_metrics(lengths_all, truncated_all),
         }
-        return self.report_evaluation({f"{metric_key_prefix}_{k}": v for k, v in found.items()})
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in found.items()}
+        samples, batch = rewards.shape[0], args.per_device_eval_batch_size * self.accelerator.num_processes
+        metrics.update(
+            speed_metrics(
+                metric_key_prefix, start_time, num_samples=samples, num_steps=math.ceil(samples / batch)
+            )
+        )
+        return self.report_evaluation(metrics)
+
+    def _eval_batch_loss(self, rollout: Rollout, per_func: torch.Tensor, n: int) -> float:
+        """TRL's eval loss of one eval batch (its ``prediction_step``): the GRPO loss of the batch's
+        completions, advantages from its own groups of ``n``, reference log-probs when beta > 0,
+        on-policy; no accumulation, so dapo / cispo / vespo divide by the batch's mean token count
+        over processes and the entropy bonus is the plain mean (at the coefficient training applies)."""
+        args = self.args
+        batch = PolicyBatch.from_rollout(rollout, args.mask_truncated_completions)
+        batch = pad_to_multiple(batch, args.pad_to_multiple_of)
+        rewards = combine_rewards(per_func.to(self.device), self.rewards.weights)
+        batch.advantages, _ = group_relative_advantages(rewards, n, args.scale_rewards)
+        settings = dataclasses.replace(args.loss_settings(), entropy_coef=self.entropy_control.applied())
+        if settings.loss_type in ("dapo", "cispo", "vespo"):
+            tokens = sum_over_processes(float(batch.loss_mask.sum()), self.accelerator)  # CPU sync
+            settings = dataclasses.replace(
+                settings, num_items_in_batch=max(tokens / self.accelerator.num_processes, 1.0)
+            )
+        with self.accelerator.autocast(), self.policy_forward.scoring(self.model):
+            if self.reference is not None:
+                batch.ref_logprobs = self.reference.logprobs(batch, args.temperature, None)
+            loss, _ = self.policy_forward.policy_loss(self.model, batch, settings, self._gather)
+        return float(loss)  # CPU sync
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -549,13 +608,21 @@ def reward_metrics(per_func: torch.Tensor, rewards: torch.Tensor, names: list[st
 
 
 def _check_dataset(name: str, dataset: Any, args: GRPOConfig) -> Any:
-    """A prompt dataset with a "prompt" column (text or chat messages); one rollout's prompts at least
-    for training."""
+    """A prompt dataset with a "prompt" column (text or chat messages), map-style or iterable (TRL
+    takes both): for training required (TRL: unless an environment owns the data, which fastppo
+    does not support), with one rollout's prompts at least and ``max_steps`` when streamed; for
+    evaluation also a dict of named datasets."""
     training = name == "train_dataset"
-    return check_prompt_dataset(
+    checked = check_prompt_dataset(
         name,
         dataset,
         ("prompt",),
         min_rows=args.prompts_per_rollout if training else 1,
         rollout_size="generation_batch_size / num_generations",
+        required=training,
+        streamed_ok=True,
+        named_ok=not training,
     )
+    if training:
+        check_streamed_training(checked, args.max_steps, args.dataloader_num_workers)
+    return checked
