@@ -200,6 +200,14 @@ class TrainerBase:
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    @property
+    def ref_model(self) -> nn.Module | None:
+        """TRL's name for the frozen reference model (fastppo's ``reference`` role holds it): its own
+        weights, or None when it holds none (beta / kl_coef 0: no reference; a PEFT policy's
+        reference is the policy with its adapters off, None in TRL too). With ``num_frozen_layers``
+        it is the module of the layers above the shared trunk, not a whole causal LM."""
+        return None if self.reference is None else self.reference.own_weights()
+
     def untouched_rng(self) -> contextlib.AbstractContextManager:
         """Evaluation samples from a fork of torch's RNG (CPU and this GPU), so training's random
         stream, and with it an exact resume, does not depend on when or whether evaluation ran."""
