@@ -106,9 +106,10 @@ def optimizer_cls_and_kwargs(
     optim_args: str | None = None,
 ) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """transformers' optimizer class and keyword arguments for ``optim_name``
-    (``Trainer.get_optimizer_cls_and_kwargs``). The factory reads only these ``TrainingArguments``
-    fields for the optimizers fastppo drives (GaLore, APOLLO and LOMO, which need more, are refused),
-    so they are passed by value: ``create_optimizer`` has no config. A missing package or malformed
+    (``Trainer.get_optimizer_cls_and_kwargs``; the defaults are TrainingArguments'). The factory
+    reads only these ``TrainingArguments`` fields for the optimizers fastppo drives (GaLore, APOLLO
+    and LOMO, which need more, are refused), so they are passed by value: ``create_optimizer`` has
+    no config. A missing package or malformed
     ``optim_args`` ("key=value,...") is a ValueError naming the optimizer."""
     fields = types.SimpleNamespace(
         optim=OptimizerNames(optim_name),
@@ -126,6 +127,7 @@ def optimizer_cls_and_kwargs(
 
 
 def is_bitsandbytes(optimizer_cls: type) -> bool:
+    """Whether transformers picked a bitsandbytes class (known from the class, not a list of names)."""
     return optimizer_cls.__module__.startswith("bitsandbytes")
 
 
@@ -158,14 +160,14 @@ def resolve_optim_name(optim_name: Any, device: torch.device | str, optim_args: 
     ``adamw_torch`` where bitsandbytes cannot run (warned once); another bitsandbytes optimizer there,
     an unknown or refused name, or one transformers cannot build here is a ValueError."""
     name = checked_optim_name(optim_name)
-    problem = bitsandbytes_problem(torch.device(device).type)
+    device_type = torch.device(device).type
     if name in BNB_OPTIMIZERS:
-        if problem is not None:
+        if (problem := bitsandbytes_problem(device_type)) is not None:
             warn_once(f"optim={name!r} falls back to 'adamw_torch': {problem}")
             return "adamw_torch"
         return name
     optimizer_cls, _ = optimizer_cls_and_kwargs(name, optim_args=optim_args)
-    if is_bitsandbytes(optimizer_cls) and problem is not None:
+    if is_bitsandbytes(optimizer_cls) and (problem := bitsandbytes_problem(device_type)) is not None:
         raise ValueError(
             f"optim={name!r} cannot run here: {problem} (only the 8-bit AdamW names "
             f"{list(BNB_OPTIMIZERS)} fall back to 'adamw_torch')"
