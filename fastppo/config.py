@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from .kernels.linear_ppo_loss.chunked import DEFAULT_CHUNK_BYTES
-from .optim import SUPPORTED_OPTIMIZERS, resolve_config_optim
+from .optim import resolve_config_optim
 
 T = TypeVar("T")
 
@@ -44,8 +44,8 @@ SUPPORTED_TRAINING_ARGUMENTS = frozenset(
     """
     output_dir per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps
     learning_rate weight_decay adam_beta1 adam_beta2 adam_epsilon max_grad_norm num_train_epochs
-    max_steps lr_scheduler_type lr_scheduler_kwargs warmup_steps optim logging_strategy logging_steps
-    logging_first_step save_strategy save_steps save_total_limit save_only_model eval_strategy
+    max_steps lr_scheduler_type lr_scheduler_kwargs warmup_steps optim optim_args logging_strategy
+    logging_steps logging_first_step save_strategy save_steps save_total_limit save_only_model eval_strategy
     eval_steps eval_on_start seed data_seed full_determinism bf16 fp16 tf32 use_cpu
     gradient_checkpointing gradient_checkpointing_kwargs activation_checkpointing
     activation_checkpointing_kwargs report_to disable_tqdm
@@ -228,11 +228,12 @@ def resolve_device_defaults(config: Any) -> None:
     if config.gradient_checkpointing is None:
         config.gradient_checkpointing = cuda
     # optim: None (fastppo's default) -> 8-bit AdamW where bitsandbytes runs (CUDA), else adamw_torch;
-    # an 8-bit name that cannot run here falls back now, so the saved config says what trained.
+    # an 8-bit name that cannot run here falls back now, so the saved config says what trained; a name
+    # transformers does not know, or cannot build here, fails now.
     optim = getattr(config.optim, "value", config.optim)
     if optim is None and config.fsdp:  # bitsandbytes' 8-bit state is not sharded (fastppo.sharding)
         optim = "adamw_torch"
-    config.optim = resolve_config_optim(optim, "cuda" if cuda else "cpu")
+    config.optim = resolve_config_optim(optim, "cuda" if cuda else "cpu", config.optim_args)
     if hasattr(config, "activation_checkpointing"):
         # transformers >= 5.2x renamed gradient_checkpointing* (TRL's names) to activation_checkpointing*
         # and warns on the old names; move TRL's spelling over so a TRL user's config stays quiet.
@@ -258,7 +259,6 @@ def check_fused_precision(config: Any) -> None:
 
 def check_training_arguments(config: Any) -> None:
     """The TrainingArguments values trainer/base.py can honour (after TrainingArguments' own checks)."""
-    check_choice("optim", getattr(config.optim, "value", config.optim), SUPPORTED_OPTIMIZERS)
     check_fused_precision(config)
     for name in ("logging_strategy", "save_strategy", "eval_strategy"):
         value = getattr(config, name)
@@ -334,7 +334,9 @@ class FastppoOptions:
     # TrainingArguments defaults both trainers differ on (TRL's GRPO, legacy TRL's PPO)
     logging_steps: float = option(10, "Log every X optimizer steps (a float < 1 is a fraction of max_steps).")
     optim: str | None = option(
-        None, "AdamW implementation; None: 'adamw_8bit' on CUDA when bitsandbytes runs, else 'adamw_torch'."
+        None,
+        "Any transformers OptimizerNames (with optim_args); None: 'adamw_8bit' on CUDA when bitsandbytes "
+        "runs, else 'adamw_torch'.",
     )
     # fastppo's own switches
     use_fused_kernels: bool = option(

@@ -123,7 +123,7 @@ def test_trl_boolean_scale_rewards_and_inert_fields():
             r"report_to got unknown option\(s\): 'tensorbord' \(did you mean 'tensorboard'",
         ),
         ({"report_to": ["clearml"]}, r"report_to=\['clearml'\]: \['clearml'\] not installed"),
-        ({"optim": "adafactor"}, r"optim must be one of"),
+        ({"optim": "adam"}, r"optim must be one of transformers. OptimizerNames .*got .adam."),
         ({"logging_strategy": "epoch"}, r"logging_strategy must be one of"),
         (
             {"lr_scheduler_type": "reduce_lr_on_plateau", "eval_strategy": "steps", "eval_steps": 1},

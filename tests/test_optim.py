@@ -1,7 +1,9 @@
 """Optimizer choice (8-bit on CUDA, torch AdamW otherwise with one warning; resolved when a config is
-built), trainable-only state, and the byte formulas the memory benchmark reports
-(``memory.accounting``), checked against the state optimizers really hold."""
+built), transformers' optimizer names and optim_args through its own factory (and a GRPO run that
+trains with SGD and Adafactor), trainable-only state, and the byte formulas the memory benchmark
+reports (``memory.accounting``), checked against the state optimizers really hold."""
 
+import types
 import warnings
 
 import pytest
@@ -17,7 +19,13 @@ from fastppo.memory.accounting import (
     trainable_parameter_count,
     trainable_parameters,
 )
-from fastppo.optim import build_bnb_optimizer, create_optimizer, default_optim_name, parameter_groups
+from fastppo.optim import (
+    build_optimizer,
+    create_optimizer,
+    default_optim_name,
+    optimizer_from_config,
+    parameter_groups,
+)
 
 
 class Block(nn.Module):
@@ -100,8 +108,10 @@ def test_the_bitsandbytes_probe_runs_on_this_processs_gpu(monkeypatch):
 
 
 def test_bad_names_and_nothing_to_train_are_errors():
-    with pytest.raises(ValueError, match="optim must be one of .*'adamw_8bit'.*got 'sgd'"):
-        create_optimizer(Block(), "sgd", lr=1e-3)
+    with pytest.raises(
+        ValueError, match="optim must be one of transformers' OptimizerNames .*'sgd'.*got 'sgdd'"
+    ):
+        create_optimizer(Block(), "sgdd", lr=1e-3)
     with pytest.raises(ValueError, match="no trainable parameters"):
         create_optimizer(Block().requires_grad_(False), "adamw_torch", lr=1e-3)
     with pytest.raises(ValueError, match="optim must be one of"):
@@ -126,7 +136,7 @@ def test_torch_adamw_state_bytes_formula(dtype):
 def test_bitsandbytes_8bit_state_bytes_formula(name):
     """bitsandbytes >= 0.45 also steps on CPU, which lets the formula meet real 8-bit state here."""
     model = Block()
-    opt = build_bnb_optimizer(parameter_groups(model, 0.0), name, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    opt = build_optimizer(parameter_groups(model, 0.0), name, lr=1e-3)  # no CUDA-only check
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU"
@@ -184,5 +194,85 @@ def test_config_optim_defaults_and_8bit_fallback_warns_once_on_cpu(grpo_config):
         assert grpo_config(optim="adamw_8bit").optim == "adamw_torch"
         assert grpo_config(optim="adamw_torch_fused").optim == "adamw_torch_fused"
     assert not [w for w in caught if "falls back" in str(w.message)]
+    assert grpo_config(optim="adafactor", optim_args="beta1=0.9").optim == "adafactor"
     with pytest.raises(ValueError, match="optim must be one of"):
-        grpo_config(optim="adafactor")
+        grpo_config(optim="adam")
+
+
+def changed_after_a_step(opt: torch.optim.Optimizer, model: nn.Module) -> bool:
+    before = [p.detach().clone() for p in model.parameters()]
+    step_once(opt, model)
+    return all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("sgd", torch.optim.SGD),
+        ("adagrad", torch.optim.Adagrad),
+        ("rmsprop", torch.optim.RMSprop),
+        ("adamw_torch_fused", torch.optim.AdamW),
+        ("adafactor", None),  # transformers.optimization.Adafactor
+    ],
+)
+def test_transformers_optimizer_names_build_through_its_factory_and_step(name, cls):
+    from transformers.optimization import Adafactor
+
+    model = Block()
+    opt = create_optimizer(model, name, lr=1e-2, weight_decay=0.1)
+    assert type(opt) is (cls or Adafactor)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # fastppo's groups kept
+    assert changed_after_a_step(opt, model)
+    if name == "adafactor":  # transformers' settings for a fixed learning rate
+        assert opt.defaults["lr"] == 1e-2 and not opt.defaults["relative_step"]
+
+
+def test_optim_args_reach_the_optimizer():
+    opt = create_optimizer(Block(), "sgd", lr=0.1, optim_args="momentum=0.9, nesterov=True")
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["nesterov"] is True
+    opt = create_optimizer(Block(), "rmsprop", lr=0.1, optim_args="alpha=0.5,centered=true")
+    assert opt.defaults["alpha"] == 0.5 and opt.defaults["centered"] is True
+
+
+def test_optimizers_that_cannot_run_or_be_driven_are_clear_errors(grpo_config):
+    # another bitsandbytes optimizer on CPU: no documented fallback (Lion is not AdamW)
+    with pytest.raises(ValueError, match="optim='lion_8bit' cannot run here: .*CUDA only"):
+        create_optimizer(Block(), "lion_8bit", lr=1e-3)
+    with pytest.raises(ValueError, match="optim='paged_adamw_32bit' cannot run here"):
+        grpo_config(optim="paged_adamw_32bit")  # when the config is built
+    with pytest.raises(ValueError, match="optim='grokadamw' cannot be built here: .*install grokadamw"):
+        grpo_config(optim="grokadamw")  # its package is not installed here
+    with pytest.raises(ValueError, match="optim='sgd' cannot be built here"):
+        grpo_config(optim="sgd", optim_args="momentum")  # not key=value
+    for name, reason in (("lomo", "inside backward"), ("galore_adamw", "optim_target_modules")):
+        with pytest.raises(ValueError, match=f"optim={name!r} is not supported by fastppo: .*{reason}"):
+            grpo_config(optim=name)
+
+
+def test_sharded_runs_refuse_bitsandbytes_optimizers_without_a_fallback():
+    args = types.SimpleNamespace(
+        optim="lion_32bit", optim_args=None, learning_rate=1e-3, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="optim='lion_32bit' with fsdp: bitsandbytes does not shard"):
+        optimizer_from_config(args, [Block()], sharded=True)
+    optim.warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="'adamw_8bit' with fsdp.*adamw_torch"):
+        opt = optimizer_from_config(
+            types.SimpleNamespace(**{**vars(args), "optim": "adamw_8bit"}), [Block()], True
+        )
+    assert type(opt) is torch.optim.AdamW
+
+
+@pytest.mark.parametrize("name, optim_args", [("sgd", "momentum=0.9"), ("adafactor", None)])
+def test_grpo_trains_with_sgd_and_adafactor(grpo_trainer, name, optim_args):
+    trainer = grpo_trainer(optim=name, optim_args=optim_args, max_steps=3, learning_rate=0.05)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    output = trainer.train()
+    inner = trainer.optimizer.optimizer  # accelerate's AcceleratedOptimizer around it
+    assert type(inner).__name__ == {"sgd": "SGD", "adafactor": "Adafactor"}[name]
+    if name == "sgd":
+        assert inner.defaults["momentum"] == 0.9
+    assert output.global_step == 3
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) > len(before) // 2, moved

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -34,7 +35,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, get_scheduler
 from transformers.integrations import get_reporting_integration_callbacks
-from transformers.trainer_utils import TrainOutput, enable_full_determinism, set_seed
+from transformers.trainer_utils import TrainOutput, enable_full_determinism, set_seed, speed_metrics
 
 from .. import checkpoint as ckpt
 from .. import sharding
@@ -57,6 +58,9 @@ from ..rollout import Rollout, Sampler, SamplingSettings, sample_rollout
 from .training_log import TrainingLog
 
 logger = logging.getLogger("fastppo")
+# A key only the run's summary row (end_training) holds: it goes to log_history and on_log, as HF's,
+# but not to metrics.jsonl, whose records stay one per logged step or evaluation.
+SUMMARY_METRIC = "train_runtime"
 
 
 def interval(value: float, total: int) -> int:
@@ -196,6 +200,14 @@ class TrainerBase:
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    @property
+    def ref_model(self) -> nn.Module | None:
+        """TRL's name for the frozen reference model (fastppo's ``reference`` role holds it): its own
+        weights, or None when it holds none (beta / kl_coef 0: no reference; a PEFT policy's
+        reference is the policy with its adapters off, None in TRL too). With ``num_frozen_layers``
+        it is the module of the layers above the shared trunk, not a whole causal LM."""
+        return None if self.reference is None else self.reference.own_weights()
+
     def untouched_rng(self) -> contextlib.AbstractContextManager:
         """Evaluation samples from a fork of torch's RNG (CPU and this GPU), so training's random
         stream, and with it an exact resume, does not depend on when or whether evaluation ran."""
@@ -277,6 +289,8 @@ class TrainerBase:
         ckpt.remove_stale_temps(args.output_dir)
         if resume_from is not None:
             ckpt.load_checkpoint(self, resume_from)
+        # Where this train() call starts (after a resume): its summary covers its own steps, as HF's.
+        self._call_start = (time.time(), self.state.global_step, self.training_log.loss_sum)
         self.training_log.open(
             args.output_dir,
             self.state.log_history,
@@ -415,8 +429,28 @@ class TrainerBase:
         return control.should_training_stop
 
     def end_training(self) -> TrainOutput:
-        """Close the progress bar, draw the reward curve (``self.reward_plot``), fire on_train_end."""
+        """HF Trainer's ending (``_finalize_training``): the summary row (``train_loss``: the mean step
+        loss over the steps this call trained, for a resumed run those after its checkpoint, as HF's;
+        ``train_runtime``; samples and steps per second; ``total_flos``, 0: fastppo counts no FLOPs;
+        ``epoch``, ``step``) logged to log_history and the callbacks' on_log (not to metrics.jsonl,
+        which keeps the per-step records), then the progress bar closed, the reward curve drawn
+        (``self.reward_plot``) and on_train_end. Returns ``TrainOutput(global_step, training_loss,
+        metrics)``."""
         self.accelerator.wait_for_everyone()  # every process leaves train() with its collectives done
+        start_time, start_step, start_loss_sum = self._call_start
+        steps = self.state.global_step - start_step
+        samples_per_step = (
+            self.args.per_device_train_batch_size
+            * self.args.micro_batches_per_step
+            * self.accelerator.num_processes
+        )
+        # non-finite (skipped) steps add no loss but count, as in TrainingLog.add_step_loss
+        train_loss = (self.training_log.loss_sum - start_loss_sum) / max(steps, 0.001)
+        metrics = speed_metrics("train", start_time, num_samples=steps * samples_per_step, num_steps=steps)
+        metrics["total_flos"] = self.state.total_flos
+        metrics["train_loss"] = train_loss
+        self.log(metrics, training=False)
+        metrics["epoch"] = self.state.log_history[-1]["epoch"]  # HF's log() adds it to this dict too
         self.reward_plot = self.training_log.close(
             self.state.log_history,
             self.args.output_dir,
@@ -425,12 +459,7 @@ class TrainerBase:
             kl_metric=self.KL_METRIC,
         )
         self.callbacks("on_train_end")
-        runtime, steps = self.training_log.runtime, self.state.global_step
-        return TrainOutput(
-            steps,
-            self.training_log.loss_sum / max(steps, 1),
-            {"train_runtime": runtime, "train_steps_per_second": steps / max(runtime, 1e-9)},
-        )
+        return TrainOutput(self.state.global_step, train_loss, metrics)
 
     # --- logging and evaluation -----------------------------------------------------------------
 
@@ -446,7 +475,8 @@ class TrainerBase:
         logs = dict(record)  # what callbacks get, as from Trainer: the step is state.global_step
         record["step"] = self.state.global_step
         self.state.log_history.append(record)
-        self.training_log.write(record, training)
+        if SUMMARY_METRIC not in record:  # metrics.jsonl: the per-step and evaluation records only
+            self.training_log.write(record, training)
         self.callbacks("on_log", logs=logs)
 
     @property

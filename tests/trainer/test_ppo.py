@@ -169,7 +169,7 @@ def test_first_update_ratio_is_exactly_one(fused, trainer):
 def test_metrics_carry_legacy_trl_names(trainer):
     t = trainer(max_steps=2, logging_steps=2)  # one record over two minibatches
     t.train()
-    (record,) = t.state.log_history
+    record, _summary = t.state.log_history  # the step's record, then train()'s summary row
     legacy = (
         "objective/kl objective/entropy objective/non_score_reward objective/rlhf_reward objective/scores "
         "policy/approxkl_avg policy/clipfrac_avg loss/policy_avg loss/value_avg val/clipfrac_avg "
@@ -310,7 +310,7 @@ def test_later_minibatches_train_against_the_recorded_logprobs(trainer):
     ratios away from 1 (if training fell back to on-policy old log-probs, it would stay exactly 1)."""
     t = trainer(max_steps=4, learning_rate=0.05)
     t.train()
-    last = t.state.log_history[-1]
+    last = t.state.log_history[-2]  # [-1]: train()'s summary row
     assert last["policy/approxkl_avg"] > 1e-6
     assert abs(last["val/ratio"] - 1.0) > 1e-6 or last["policy/clipfrac_avg"] > 0
 
@@ -339,7 +339,7 @@ def test_steps_per_rollout_and_options_whiten_k3_stop_token(trainer):
     t.train()
     assert t.state.global_step == 2 * 2 * 2  # 2 rollouts x 2 epochs x 2 mini-batches
     assert all(math.isfinite(r["loss"]) for r in t.state.log_history if "loss" in r)
-    assert t.state.log_history[-1]["episode"] == 32
+    assert t.state.log_history[-2]["episode"] == 32  # [-1]: train()'s summary row
 
 
 def test_reward_model_scores_the_token_ids_at_the_last_token(value_model, trainer):
@@ -381,13 +381,15 @@ def test_resume_inside_a_rollout_continues_exactly(tmp_path, trainer):
             {
                 k: v
                 for k, v in r.items()
-                if not k.startswith("time/") and k not in ("tokens/s", "train_runtime")
+                # train_*: the summary row covers each train() call's own steps (HF's train_loss)
+                if not k.startswith(("time/", "train_")) and k != "tokens/s"
             }
             for r in history
         ]
 
     expected, got = values(full.state.log_history), values(resumed.state.log_history)
-    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 7))
+    # steps 1..6, then train()'s summary row at step 6
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == [*range(1, 7), 6]
     for want, have in zip(expected, got, strict=True):
         assert have.keys() == want.keys()
         for key, value in want.items():
