@@ -182,6 +182,7 @@ class TrainerBase:
         reporters = get_reporting_integration_callbacks(args.report_to)
         self.callbacks = Callbacks([*reporters, *(callbacks or [])], self)
         self.training_log = TrainingLog(self.accelerator)
+        self._logging_step = False  # log() is writing a training step's record (log_training_step)
         self.metrics = self.training_log.metrics  # what the trainers record into, weighted per minibatch
         self.reward_plot: str | None = None
         self.guard = NonFiniteGuard(args.max_consecutive_nonfinite_steps)
@@ -419,7 +420,7 @@ class TrainerBase:
             control.should_log = args.logging_strategy == "steps"
         control = self.callbacks("on_step_end")
         if control.should_log:
-            self.log({})
+            self.log_training_step()
         if control.should_evaluate:
             self.evaluate()
         if control.should_save:
@@ -449,7 +450,7 @@ class TrainerBase:
         metrics = speed_metrics("train", start_time, num_samples=steps * samples_per_step, num_steps=steps)
         metrics["total_flos"] = self.state.total_flos
         metrics["train_loss"] = train_loss
-        self.log(metrics, training=False)
+        self.log(metrics)
         metrics["epoch"] = self.state.log_history[-1]["epoch"]  # HF's log() adds it to this dict too
         self.reward_plot = self.training_log.close(
             self.state.log_history,
@@ -463,20 +464,35 @@ class TrainerBase:
 
     # --- logging and evaluation -----------------------------------------------------------------
 
-    def log(self, logs: dict[str, float], training: bool = True) -> None:
-        """Write ``logs`` into log_history, metrics.jsonl and the callbacks' ``on_log``; with
-        ``training``, first add the training metrics of the window since the last log (means over
-        all its minibatches), the loss, learning rate and throughput."""
+    def log_training_step(self) -> None:
+        """Step 6's log: the window's training record, then ``log`` with it, as HF Trainer's
+        ``_maybe_log_save_evaluate`` builds its record before calling ``log``; so an override of
+        ``log`` written for Trainer (``log(self, logs, start_time=None)``) sees the whole record."""
+        self._logging_step = True
+        try:
+            self.log(self.training_metrics())
+        finally:
+            self._logging_step = False
+
+    def training_metrics(self) -> dict[str, float]:
+        """The window since the last log: its training metrics (means over all its minibatches),
+        the loss, learning rate and throughput."""
+        record: dict[str, float] = {}
+        lr = None if self.lr_scheduler is None else float(self.lr_scheduler.get_last_lr()[0])
+        self.training_log.flush_window(record, self.state.num_input_tokens_seen, self.guard.skipped, lr)
+        return record
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Write ``logs`` into log_history, metrics.jsonl and the callbacks' ``on_log``, with HF
+        ``Trainer.log``'s signature. ``start_time`` is taken for that signature only: the
+        throughput Trainer would time from it is already in the training record."""
         record = dict(logs)
-        if training:
-            lr = None if self.lr_scheduler is None else float(self.lr_scheduler.get_last_lr()[0])
-            self.training_log.flush_window(record, self.state.num_input_tokens_seen, self.guard.skipped, lr)
         record["epoch"] = round(self.state.epoch, 4)
         logs = dict(record)  # what callbacks get, as from Trainer: the step is state.global_step
         record["step"] = self.state.global_step
         self.state.log_history.append(record)
         if SUMMARY_METRIC not in record:  # metrics.jsonl: the per-step and evaluation records only
-            self.training_log.write(record, training)
+            self.training_log.write(record, training=self._logging_step)
         self.callbacks("on_log", logs=logs)
 
     @property
@@ -504,7 +520,7 @@ class TrainerBase:
     def report_evaluation(self, metrics: dict[str, float]) -> dict[str, float]:
         """During training the metrics go into the log next to the training records; on_evaluate."""
         if self.training_log.writer is not None:
-            self.log(metrics, training=False)
+            self.log(metrics)
         self.callbacks("on_evaluate", metrics=metrics)
         return metrics
 

@@ -415,9 +415,9 @@ class GRPOTrainer(TrainerBase):
         if self.args.use_adaptive_entropy and "entropy_control" in extras:
             self.entropy_control.load_state_dict(extras["entropy_control"])
 
-    def log(self, logs: dict[str, float], training: bool = True) -> None:
-        super().log(logs, training)
-        if training and self.args.log_completions:
+    def log_training_step(self) -> None:
+        super().log_training_step()
+        if self.args.log_completions:
             print_completions(self._samples, self.state.global_step, self.args.num_completions_to_print)
 
     # --- evaluation ---------------------------------------------------------------------------------

@@ -430,15 +430,15 @@ class PPOTrainer(TrainerBase):
         self.metrics.add("val/clipfrac_avg", float(value_loss.clipfrac), tokens)
         self.metrics.add("val/ratio", ratio_mean, tokens)
 
-    def log(self, logs: dict[str, float], training: bool = True) -> None:
+    def training_metrics(self) -> dict[str, float]:
         """Adds the latest rollout's metrics, legacy TRL's ``lr`` and ``val/ratio_var`` (variance of
         the micro-batch mean ratios of the window)."""
-        if training:
-            logs = {**self._rollout_metrics, **logs, "lr": float(self.lr_scheduler.get_last_lr()[0])}
-            if len(self._ratio_means) > 1:
-                logs["val/ratio_var"] = float(torch.tensor(self._ratio_means).var())
-            self._ratio_means = []
-        super().log(logs, training)
+        record = {**self._rollout_metrics, **super().training_metrics()}
+        record["lr"] = float(self.lr_scheduler.get_last_lr()[0])
+        if len(self._ratio_means) > 1:
+            record["val/ratio_var"] = float(torch.tensor(self._ratio_means).var())
+        self._ratio_means = []
+        return record
 
     # --- evaluation, samples, saving, checkpoints ---------------------------------------------------
 

@@ -106,3 +106,19 @@ def test_a_resumed_run_reports_the_mean_loss_of_its_own_steps(grpo_trainer):
     assert resumed.state.log_history[-1]["train_steps_per_second"] == pytest.approx(
         2 / resumed.state.log_history[-1]["train_runtime"], rel=1e-2
     )
+
+
+def test_a_log_override_written_for_hf_trainer_keeps_training_records(grpo_trainer):
+    """A subclass with HF Trainer's signature, ``log(self, logs, start_time=None)`` calling
+    ``super().log(logs, start_time)``, must still get the training metrics added (start_time None
+    once read as training=False)."""
+    from fastppo import GRPOTrainer
+
+    class Tagged(GRPOTrainer):
+        def log(self, logs, start_time=None):
+            super().log({**logs, "tag": 1.0}, start_time)
+
+    trainer = grpo_trainer(max_steps=2, logging_steps=1, cls=Tagged)
+    trainer.train()
+    steps = [r for r in trainer.state.log_history if "tag" in r and "train_loss" not in r]
+    assert len(steps) == 2 and all("loss" in r and "learning_rate" in r for r in steps)
