@@ -340,7 +340,7 @@ class FastppoOptions:
     )
     kernel_chunk_bytes: int | None = option(
         None,
-        "fastppo: memory budget of one chunk of logits (fused path); None: 1 GiB on a GPU, 64 MiB on CPU.",
+        "fastppo: memory budget of one chunk of logits (fused path); None: 1 GiB on a GPU, 128 MiB on CPU.",
     )
     num_frozen_layers: int | None = option(
         None,

@@ -259,7 +259,7 @@ def linear_ppo_loss(
     parameter). ``old_logprobs=None``: on-policy (ratio exactly 1), which saves the caller a
     separate scoring pass. ``settings``, ``gather`` and the ``loss_settings`` keywords as in
     ``fused_policy_loss``. Peak extra memory is one chunk of ``chunk_bytes``, independent of B * T
-    (None: ``chunked.default_chunk_bytes``, 1 GiB on a GPU and 64 MiB on CPU).
+    (None: ``chunked.default_chunk_bytes``, 1 GiB on a GPU and 128 MiB on CPU).
 
     Example:
         >>> loss, stats = linear_ppo_loss(h, model.lm_head.weight, ids, old, adv, mask, loss_type="dapo")
