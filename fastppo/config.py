@@ -19,7 +19,6 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from .kernels.linear_ppo_loss.chunked import DEFAULT_CHUNK_BYTES
 from .optim import resolve_config_optim
 
 T = TypeVar("T")
@@ -314,7 +313,7 @@ class ForwardPlan:
     ``forward_plan()`` builds it once, so the switches do not travel through the call sites."""
 
     fused: bool = True  # hidden states -> chunked kernels; False: full logits -> log_softmax (plain)
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # memory budget of one chunk of logits (fused)
+    chunk_bytes: int | None = None  # memory budget of one chunk of logits (fused); None: by device
     padding_free: bool = False  # packed rows of attended tokens instead of padded ones
     num_frozen_layers: int | None = None  # K: the shared frozen trunk; None: every layer trains
     lm_head_fp32: bool = False  # the lm_head projection in fp32 outside autocast (cast_lm_head_to_fp32)
@@ -344,8 +343,9 @@ class FastppoOptions:
         "fastppo: hidden states -> chunked fused loss (no [tokens, vocab] logits); "
         "False runs the plain PyTorch path (for A/B checks).",
     )
-    kernel_chunk_bytes: int = option(
-        DEFAULT_CHUNK_BYTES, "fastppo: memory budget of one chunk of logits in the fused path."
+    kernel_chunk_bytes: int | None = option(
+        None,
+        "fastppo: memory budget of one chunk of logits (fused path); None: 1 GiB on a GPU, 128 MiB on CPU.",
     )
     num_frozen_layers: int | None = option(
         None,
@@ -375,7 +375,8 @@ class FastppoOptions:
         super().__post_init__()  # TrainingArguments
         check_training_arguments(self)
         check_generation_kwargs(self.generation_kwargs)
-        check_int("kernel_chunk_bytes", self.kernel_chunk_bytes, 1)
+        if self.kernel_chunk_bytes is not None:
+            check_int("kernel_chunk_bytes", self.kernel_chunk_bytes, 1)
         check_int("max_consecutive_nonfinite_steps", self.max_consecutive_nonfinite_steps, 1)
         check_memory_options(self)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,21 +25,28 @@ def launch(
     out: Path,
     per_device_batch: int,
     algo: str,
-    port: int,
     phase: str = "",
     env: dict | None = None,
     use_fsdp: bool = False,
 ) -> dict:
     """The script under ``accelerate launch`` with two processes (``env``: SHARDED / SAMPLER;
-    ``use_fsdp``: launched as accelerate's FSDP2 instead of plain data parallel)."""
+    ``use_fsdp``: launched as accelerate's FSDP2 instead of plain data parallel), rendezvousing on a
+    port free at launch time, so suites running side by side on one machine never collide."""
     launcher = str(Path(sys.executable).with_name("accelerate"))
     kind = ["--use_fsdp", "--fsdp_version", "2"] if use_fsdp else ["--multi_gpu"]
     command = [launcher, "launch", *kind, "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     # --multi_gpu: data parallel; on a machine without CUDA accelerate runs it on CPU with gloo
     return run(
         [*command, str(SCRIPT), str(out), str(per_device_batch), algo, *([phase] if phase else [])], out, env
     )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: bound to port 0 (the kernel picks one), read, released."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run(command: list[str], out: Path, extra_env: dict | None = None) -> dict:
@@ -61,7 +69,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     single = run([sys.executable, str(SCRIPT), str(one), "16"], one)
-    double = launch(two, 8, "grpo", 29517)
+    double = launch(two, 8, "grpo")
     assert len(single["losses"]) == len(double["losses"]) == 3
     assert double["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-7)
     assert double["rewards"] == pytest.approx(single["rewards"], rel=1e-5)
@@ -84,7 +92,7 @@ def test_loss_options_over_processes_match_one_process(tmp_path, options):
     one.mkdir(), two.mkdir()
     env = {"LOSS_OPTIONS": options}
     single = run([sys.executable, str(SCRIPT), str(one), "16"], one, env)
-    double = launch(two, 8, "grpo", 29541 if options == "top_entropy" else 29542, env=env)
+    double = launch(two, 8, "grpo", env=env)
     assert double["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-7)
     assert double["checksum"] == pytest.approx(single["checksum"], rel=1e-6)
     assert double["entropy_control"] == pytest.approx(single["entropy_control"], rel=1e-6)
@@ -99,7 +107,7 @@ def test_ppo_trains_data_parallel_with_the_same_weights_on_every_process(tmp_pat
     """PPO whitens advantages per process (legacy TRL), so it is not compared with one process; the
     averaged gradients must still leave every process with the same policy and critic. Its
     evaluation scores each prompt once (the sampler is a function of the prompt) whatever the split."""
-    summary = launch(tmp_path, 4, "ppo", 29518)
+    summary = launch(tmp_path, 4, "ppo")
     assert len(summary["losses"]) == 4 and all(math.isfinite(v) for v in summary["losses"])
     checksums = [json.loads((tmp_path / f"checksum-{rank}.json").read_text()) for rank in (0, 1)]
     assert checksums[0] == checksums[1]  # bit-identical: same start (broadcast), same averaged steps
@@ -110,6 +118,18 @@ def test_ppo_trains_data_parallel_with_the_same_weights_on_every_process(tmp_pat
     assert evaluation(tmp_path, 0)["eval_objective/scores"] == pytest.approx(
         evaluation(single, 0)["eval_objective/scores"], rel=1e-6
     )
+
+
+def test_launches_rendezvous_on_a_port_nothing_holds():
+    """Each launch takes a port that is free then (two suites on one machine do not collide on a
+    fixed one): never one a listening socket holds, and bindable once returned."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        ports = {free_port() for _ in range(8)}
+        assert held.getsockname()[1] not in ports
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", ports.pop()))
 
 
 def test_deepspeed_launches_are_refused_and_rows_split_evenly():
@@ -141,10 +161,10 @@ def test_two_process_run_resumes_exactly_from_inside_a_rollout(tmp_path):
     uninterrupted one logs."""
     full, split = tmp_path / "full", tmp_path / "split"
     full.mkdir(), split.mkdir()
-    expected = launch(full, 8, "grpo", 29519, "full")
-    launch(split, 8, "grpo", 29520, "first")
+    expected = launch(full, 8, "grpo", "full")
+    launch(split, 8, "grpo", "first")
     assert (split / "checkpoint-1" / "extras-1.pt").is_file()  # the second process's buffer
-    resumed = launch(split, 8, "grpo", 29521, "second")
+    resumed = launch(split, 8, "grpo", "second")
     assert len(expected["losses"]) == len(resumed["losses"]) == 4
     assert resumed["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-7)
     assert resumed["checksum"] == pytest.approx(expected["checksum"], rel=1e-6)
@@ -159,8 +179,8 @@ def test_sharded_training_matches_unsharded_data_parallel(tmp_path):
     plain, sharded = tmp_path / "plain", tmp_path / "sharded"
     plain.mkdir(), sharded.mkdir()
     env = {"SAMPLER": "generate", "REWARD_MODEL": "1"}
-    expected = launch(plain, 8, "grpo", 29522, env=env)
-    got = launch(sharded, 8, "grpo", 29523, env={**env, "SHARDED": "1"})
+    expected = launch(plain, 8, "grpo", env=env)
+    got = launch(sharded, 8, "grpo", env={**env, "SHARDED": "1"})
     assert got["sharded"] == 1 and not expected["sharded"]
     assert got["reward_models_sharded"] == 1 and not expected["reward_models_sharded"]
     assert len(got["losses"]) == 3
@@ -180,10 +200,10 @@ def test_sharded_run_resumes_exactly_from_inside_a_rollout(tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     full.mkdir(), split.mkdir()
     env = {"SAMPLER": "generate"}
-    expected = launch(full, 8, "grpo", 29524, "full", env, use_fsdp=True)
-    launch(split, 8, "grpo", 29525, "first", env, use_fsdp=True)
+    expected = launch(full, 8, "grpo", "full", env, use_fsdp=True)
+    launch(split, 8, "grpo", "first", env, use_fsdp=True)
     assert (split / "checkpoint-1" / "optimizer_sharded").is_dir()
-    resumed = launch(split, 8, "grpo", 29526, "second", env, use_fsdp=True)
+    resumed = launch(split, 8, "grpo", "second", env, use_fsdp=True)
     assert resumed["sharded"] and len(expected["losses"]) == len(resumed["losses"]) == 4
     assert resumed["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-7)
     assert resumed["checksum"] == pytest.approx(expected["checksum"], rel=1e-6)
@@ -203,15 +223,15 @@ def test_sharded_ppo_matches_unsharded_and_resumes_exactly(tmp_path, critic):
     separate = str(int(critic == "value_model"))
     unsharded = {"SAMPLER": "generate", "VALUE_MODEL": separate, "REWARD_MODEL": separate}
     env = {**unsharded, "SHARDED": "1"}
-    expected = launch(plain, 4, "ppo", 29527, env=unsharded)
-    got = launch(full, 4, "ppo", 29528, "full", env)
+    expected = launch(plain, 4, "ppo", env=unsharded)
+    got = launch(full, 4, "ppo", "full", env)
     assert got["sharded"] == (2 if critic == "value_model" else 1) and not expected["sharded"]
     assert got["reward_models_sharded"] == int(separate) and not expected["reward_models_sharded"]
     assert len(got["losses"]) == 4
     assert got["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-7)
     assert got["checksum"] == pytest.approx(expected["checksum"], rel=1e-6)
-    launch(split, 4, "ppo", 29529, "first", env)
-    resumed = launch(split, 4, "ppo", 29530, "second", env)
+    launch(split, 4, "ppo", "first", env)
+    resumed = launch(split, 4, "ppo", "second", env)
     assert resumed["losses"] == pytest.approx(got["losses"], rel=1e-5, abs=1e-7)
     assert resumed["checksum"] == pytest.approx(got["checksum"], rel=1e-6)
 
@@ -220,7 +240,7 @@ def test_sharded_ppo_matches_unsharded_and_resumes_exactly(tmp_path, critic):
 def test_a_nan_loss_on_one_process_skips_the_step_on_every_process(tmp_path):
     """The skip decision is taken on the loss averaged over processes: process 1's NaN first
     minibatch skips step 1 everywhere (no hang in the logging collectives, no drift apart)."""
-    summary = launch(tmp_path, 8, "grpo", 29531, env={"NAN_ON_RANK1": "1"})
+    summary = launch(tmp_path, 8, "grpo", env={"NAN_ON_RANK1": "1"})
     assert summary["skipped"] == 1 and len(summary["losses"]) == 2  # step 1's NaN loss is not logged
     checksums = [json.loads((tmp_path / f"checksum-{rank}.json").read_text()) for rank in (0, 1)]
     assert checksums[0] == checksums[1]

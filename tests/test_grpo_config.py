@@ -275,3 +275,10 @@ def test_fp16_is_refused_for_the_fused_kernels_only(fp16, fused, refused):
             check_fused_precision(config)
     else:
         check_fused_precision(config)
+
+
+def test_kernel_chunk_bytes_defaults_to_the_devices_size():
+    """None (the default) reaches the kernels, which size the chunk for the device they run on
+    (128 MiB on CPU, 1 GiB on a GPU: chunked.default_chunk_bytes); a number is used as given."""
+    assert make().kernel_chunk_bytes is None and make().forward_plan().chunk_bytes is None
+    assert make(kernel_chunk_bytes=2**20).forward_plan().chunk_bytes == 2**20

@@ -38,7 +38,7 @@ from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer_utils import TrainOutput, enable_full_determinism, set_seed, speed_metrics
 
 from .. import checkpoint as ckpt
-from .. import sharding
+from .. import cpu_runtime, sharding
 from ..adapters import has_adapters
 from ..batch import PolicyBatch
 from ..data import Loading, is_streamed, prompt_batches
@@ -163,6 +163,7 @@ class TrainerBase:
             dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
         check_distributed_type(self.accelerator)
+        cpu_runtime.configure_cpu_threads(model, self.accelerator.device)  # threads sized to the model
         # FSDP2 when the run asked for it (fastppo.sharding); None: every process holds whole models
         self.sharding = sharding.sharding_settings(args, self.accelerator)
         self.model = model

@@ -14,7 +14,7 @@ from ..ppo_loss.checks import check_policy_inputs
 from ..ppo_loss.reference import Gather, PolicyLossStats, objective_grads, policy_objective
 from ..ppo_loss.settings import PolicyLossSettings, resolve_settings
 from ..token_logprobs import launchers
-from .chunked import DEFAULT_CHUNK_BYTES, backprop_chunks, fused_token_chunks, rows_per_chunk, scan_logprobs
+from .chunked import backprop_chunks, default_chunk_bytes, fused_token_chunks, rows_per_chunk, scan_logprobs
 
 
 def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -77,7 +77,7 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of ``labels`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
@@ -86,6 +86,8 @@ def linear_token_logprobs(
         hidden: ``[..., H]`` last hidden states (e.g. ``[N, H]``). weight: ``[V, H]`` (lm_head).
         labels: ``[...]`` int64. Differentiable w.r.t. hidden, weight and bias; under
             ``torch.no_grad()`` it is the cheap scorer for old and reference log-probs.
+        chunk_bytes: memory budget of one chunk of logits; None: sized for the device
+            (``chunked.default_chunk_bytes``).
 
     Returns:
         fp32 ``[...]`` log-probs (and entropy when asked).
@@ -101,7 +103,8 @@ def linear_token_logprobs(
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     impl = launchers(backend, hidden)
     on_triton = resolve_backend(backend, hidden) == "triton"
-    rows = rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, chunk_bytes, not on_triton)
+    budget = default_chunk_bytes(hidden.device) if chunk_bytes is None else chunk_bytes
+    rows = rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, budget, not on_triton)
     out = _LinearTokenLogprobs.apply(
         hidden_2d,
         weight,
@@ -245,7 +248,7 @@ def linear_ppo_loss(
     bias: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     compute_entropy: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     gather: Gather | None = None,
     backend: Backend = "auto",
     **loss_settings: object,
@@ -255,7 +258,8 @@ def linear_ppo_loss(
     Gradients flow to hidden, weight and bias (a tied embedding accumulates into the shared
     parameter). ``old_logprobs=None``: on-policy (ratio exactly 1), which saves the caller a
     separate scoring pass. ``settings``, ``gather`` and the ``loss_settings`` keywords as in
-    ``fused_policy_loss``. Peak extra memory is one chunk of ``chunk_bytes``, independent of B * T.
+    ``fused_policy_loss``. Peak extra memory is one chunk of ``chunk_bytes``, independent of B * T
+    (None: ``chunked.default_chunk_bytes``, 1 GiB on a GPU and 128 MiB on CPU).
 
     Example:
         >>> loss, stats = linear_ppo_loss(h, model.lm_head.weight, ids, old, adv, mask, loss_type="dapo")
@@ -279,12 +283,13 @@ def linear_ppo_loss(
     impl = launchers(backend, hidden)
     # Triton + token-local settings: the fused kernel gives log-probs and dlogits in one launch per chunk.
     on_triton = resolve_backend(backend, hidden) == "triton"
+    budget = default_chunk_bytes(hidden.device) if chunk_bytes is None else chunk_bytes
     plan = LossPlan(
         settings,
         compute_entropy,
         impl,
         settings.token_local and on_triton,
-        rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, chunk_bytes, not on_triton),
+        rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, budget, not on_triton),
         gather,
     )
     return _LinearPolicyLoss.apply(

@@ -416,3 +416,26 @@ def test_linear_token_logprobs_bad_input_names_the_value(change, message):
     args = {"hidden": GOOD["hidden"], "weight": GOOD["weight"], "labels": GOOD["labels"], **change}
     with pytest.raises(ValueError, match=message):
         linear_token_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+def test_default_chunk_is_sized_for_the_device(monkeypatch):
+    """chunk_bytes=None: 128 MiB of logits (+ the reference's fp32 temporaries) on CPU, where a larger
+    chunk only adds resident memory; 1 GiB on a GPU. 160 rows of a 152k vocabulary (fp32, reference)
+    are 292 MB, so on CPU they run as three chunks of at most 54 rows where 1 GiB takes them in one."""
+    assert chunked.default_chunk_bytes(torch.device("cpu")) == chunked.CPU_CHUNK_BYTES == 128 * 2**20
+    assert chunked.default_chunk_bytes(torch.device("cuda", 0)) == chunked.DEFAULT_CHUNK_BYTES == 2**30
+    seen = []
+
+    def spy(hidden, weight, bias, rows):
+        seen.append(rows)
+        yield from chunk_logits(hidden, weight, bias, rows)
+
+    chunk_logits = chunked.chunk_logits
+    monkeypatch.setattr(chunked, "chunk_logits", spy)
+    hidden, weight = torch.randn(160, 8), torch.randn(151936, 8) * 0.1
+    labels = torch.randint(0, 151936, (160,))
+    logp = linear_token_logprobs(hidden, weight, labels, backend="torch")
+    assert seen == [54]
+    whole = linear_token_logprobs(hidden, weight, labels, chunk_bytes=2**30, backend="torch")
+    assert seen == [54, 160]  # an explicit budget is the caller's
+    torch.testing.assert_close(logp, whole)  # rows are independent: chunking changes no result
