@@ -101,8 +101,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         row["added_rss_gib"] = (row["peak_rss_bytes"] - row["imports_rss_bytes"]) / 2**30
         if base is not None:
             row["peak_vs_trl"] = row["peak_rss_bytes"] / base["peak_rss_bytes"]
-            row["added_vs_trl"] = (row["peak_rss_bytes"] - row["imports_rss_bytes"]) / (
-                base["peak_rss_bytes"] - base["imports_rss_bytes"]
+            trl_added = base["peak_rss_bytes"] - base["imports_rss_bytes"]
+            # None where TRL's run added nothing above its imports' peak (tiny shapes): no ratio
+            row["added_vs_trl"] = (
+                (row["peak_rss_bytes"] - row["imports_rss_bytes"]) / trl_added if trl_added > 0 else None
             )
     return rows
 
