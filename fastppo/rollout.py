@@ -368,3 +368,32 @@ def sampler_old_logprobs(rollout: Rollout, sampler_name: str) -> torch.Tensor:
             "the old policy's softmax(logits / temperature); set old_logprobs_from_sampler=False"
         )
     return rollout.sampling_logprobs
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout of several generation batches' rows, in order: prompts left-padded and
+    completions right-padded (pad id, mask 0, sampling log-prob 0) to the widest batch's."""
+    if len(rollouts) == 1:
+        return rollouts[0]
+
+    def cat(name: str, value: float, left: bool = False) -> torch.Tensor:
+        tensors = [getattr(r, name) for r in rollouts]
+        width = max(t.shape[1] for t in tensors)
+        pad = [((width - t.shape[1], 0) if left else (0, width - t.shape[1])) for t in tensors]
+        return torch.cat([nn.functional.pad(t, p, value=value) for t, p in zip(tensors, pad, strict=True)])
+
+    first = rollouts[0]
+    return dataclasses.replace(
+        first,
+        prompt_ids=cat("prompt_ids", pad_token_id, left=True),
+        prompt_mask=cat("prompt_mask", 0, left=True),
+        completion_ids=cat("completion_ids", pad_token_id),
+        completion_mask=cat("completion_mask", 0),
+        is_truncated=torch.cat([r.is_truncated for r in rollouts]),
+        prompts=[p for r in rollouts for p in r.prompts],
+        completions=[c for r in rollouts for c in r.completions],
+        completion_id_lists=[ids for r in rollouts for ids in r.completion_id_lists],
+        columns={k: [v for r in rollouts for v in r.columns[k]] for k in first.columns},
+        num_truncated_prompts=sum(r.num_truncated_prompts for r in rollouts),
+        sampling_logprobs=None if first.sampling_logprobs is None else cat("sampling_logprobs", 0.0),
+    )

@@ -28,8 +28,8 @@ A value head on the policy is small and stays whole on every process (its gradie
 in plain data parallelism).
 
 Not supported with sharding (a ValueError says so): FSDP1, CPU offload, ``num_frozen_layers``, PEFT
-adapters, fp16, a prebuilt ``optimizers=`` optimizer, DeepSpeed. 8-bit optimizers fall back to
-``adamw_torch`` (warned).
+adapters, fp16, a prebuilt ``optimizers=`` optimizer, DeepSpeed. bitsandbytes' 8-bit AdamW falls
+back to ``adamw_torch`` (warned); its other optimizers are refused (their state is not sharded).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ from ..ppo_config import PPOConfig
 from ..reference import build_reference
 from ..reward_model import score_with_reward_model
 from ..rewards import check_vocab, combine_rewards, load_rewards, score_rewards
-from ..rollout import GenerateSampler, Rollout, Sampler
+from ..rollout import GenerateSampler, Rollout, Sampler, concat_rollouts
 from ..sharding import load_local_state_dict, local_state_dict
 from .base import RolloutBuffer, TrainerBase, seed_everything
 
@@ -513,35 +513,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
         return math.nan
     var_returns = masked_var(returns, mask)
     return float(1 - masked_var(returns - values, mask) / var_returns) if var_returns > 0 else math.nan
-
-
-def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
-    """One rollout of several generation batches' rows, in order: prompts left-padded and
-    completions right-padded (pad id, mask 0, sampling log-prob 0) to the widest batch's."""
-    if len(rollouts) == 1:
-        return rollouts[0]
-
-    def cat(name: str, value: float, left: bool = False) -> torch.Tensor:
-        tensors = [getattr(r, name) for r in rollouts]
-        width = max(t.shape[1] for t in tensors)
-        pad = [((width - t.shape[1], 0) if left else (0, width - t.shape[1])) for t in tensors]
-        return torch.cat([nn.functional.pad(t, p, value=value) for t, p in zip(tensors, pad, strict=True)])
-
-    first = rollouts[0]
-    return dataclasses.replace(
-        first,
-        prompt_ids=cat("prompt_ids", pad_token_id, left=True),
-        prompt_mask=cat("prompt_mask", 0, left=True),
-        completion_ids=cat("completion_ids", pad_token_id),
-        completion_mask=cat("completion_mask", 0),
-        is_truncated=torch.cat([r.is_truncated for r in rollouts]),
-        prompts=[p for r in rollouts for p in r.prompts],
-        completions=[c for r in rollouts for c in r.completions],
-        completion_id_lists=[ids for r in rollouts for ids in r.completion_id_lists],
-        columns={k: [v for r in rollouts for v in r.columns[k]] for k in first.columns},
-        num_truncated_prompts=sum(r.num_truncated_prompts for r in rollouts),
-        sampling_logprobs=None if first.sampling_logprobs is None else cat("sampling_logprobs", 0.0),
-    )
 
 
 def check_same_vocab(policy: nn.Module, other: nn.Module, name: str = "ref_model") -> None:

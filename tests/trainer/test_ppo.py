@@ -25,7 +25,8 @@ from fastppo.demo import build_dataset, build_policy, build_tokenizer, run_demo,
 from fastppo.policy_forward import PolicyForward
 from fastppo.reference import SharedTrunkReference
 from fastppo.reward_model import completion_scores
-from fastppo.trainer.ppo import EpochPasses, concat_rollouts
+from fastppo.rollout import concat_rollouts
+from fastppo.trainer.ppo import EpochPasses
 
 # The run every test here starts from (ppo_config adds a quiet short run around it).
 SHAPE = dict(
