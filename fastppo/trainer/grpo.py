@@ -476,7 +476,7 @@ class GRPOTrainer(TrainerBase):
                 extra,
             )
             per_func.append(scored)
-            loss_sum += self._eval_batch_loss(rollout, scored, n) * n * sum(counts)
+            loss_sum += self._eval_batch_loss(rollout, scored, n, counts) * n * sum(counts)
             lengths.append(rollout.lengths)
             truncated.append(rollout.is_truncated)
             counted += counts
@@ -502,13 +502,22 @@ class GRPOTrainer(TrainerBase):
         )
         return self.report_evaluation(metrics)
 
-    def _eval_batch_loss(self, rollout: Rollout, per_func: torch.Tensor, n: int) -> float:
+    def _eval_batch_loss(self, rollout: Rollout, per_func: torch.Tensor, n: int, counts: list[bool]) -> float:
         """TRL's eval loss of one eval batch (its ``prediction_step``): the GRPO loss of the batch's
         completions, advantages from its own groups of ``n``, reference log-probs when beta > 0,
         on-policy; no accumulation, so dapo / cispo / vespo divide by the batch's mean token count
-        over processes and the entropy bonus is the plain mean (at the coefficient training applies)."""
+        over processes and the entropy bonus is the plain mean (at the coefficient training applies).
+        The prompts ``counts`` marks False (repeats padding the last process's share) are left out;
+        a batch of repeats only still runs (every process takes part in the same collectives) and
+        its caller weighs it 0."""
         args = self.args
         batch = PolicyBatch.from_rollout(rollout, args.mask_truncated_completions)
+        keep = torch.tensor(counts, dtype=torch.bool).repeat_interleave(n)
+        if keep.any() and not keep.all():
+            batch, per_func = (
+                batch.select(keep.nonzero().squeeze(1).to(batch.rows.device)),
+                per_func[keep.to(per_func.device)],
+            )
         batch = pad_to_multiple(batch, args.pad_to_multiple_of)
         rewards = combine_rewards(per_func.to(self.device), self.rewards.weights)
         batch.advantages, _ = group_relative_advantages(rewards, n, args.scale_rewards)
