@@ -243,6 +243,31 @@ def test_a_streamed_eval_dataset_evaluates_as_the_same_rows_in_a_dataset(grpo_co
     assert measured(rows.to_iterable_dataset()) == measured(rows) == measured(TorchPrompts(PROMPTS[:3]))
 
 
+def recorded_rollouts(trainer: GRPOTrainer) -> list:
+    """The rollouts ``trainer.sample`` returns from now on, in order."""
+    rollouts = []
+    sample = trainer.sample
+
+    def spy(rows, n, settings):
+        rollouts.append(sample(rows, n, settings))
+        return rollouts[-1]
+
+    trainer.sample = spy
+    return rollouts
+
+
+def dapo_eval_loss(rollouts: list, n: int, kept: list[int], reward) -> float:
+    """The oracle: dapo on-policy with beta 0, each eval batch's loss -sum(A_i * |o_i|) / sum(|o_i|)
+    over its first ``kept`` completions, A from their own groups of ``n``; the mean over completions."""
+    losses = []
+    for rollout, rows in zip(rollouts, kept, strict=True):
+        rewards = torch.tensor(reward(rollout.completion_id_lists[:rows]))
+        advantages, _ = group_relative_advantages(rewards, n, "group")
+        tokens = rollout.completion_mask[:rows].sum(1).float()
+        losses.append(float(-(advantages * tokens).sum() / tokens.sum()))
+    return sum(loss * rows for loss, rows in zip(losses, kept, strict=True)) / sum(kept)
+
+
 def test_eval_loss_leaves_out_the_repeats_padding_a_process_share(grpo_config, id_reward, monkeypatch):
     """The last process's share is padded with repeats of its last prompt (they must not count):
     eval_loss is the oracle's over the counted groups only, in the batch the repeat shared."""
@@ -252,23 +277,10 @@ def test_eval_loss_leaves_out_the_repeats_padding_a_process_share(grpo_config, i
         base, "evaluation_share", lambda count, acc: ([0, 1, 2, 2], [True, True, True, False])
     )
     trainer = make_trainer(grpo_config, id_reward, num_generations_eval=4, per_device_eval_batch_size=8)
-    rollouts = []
-    sample = trainer.sample
-
-    def spy(rows, n, settings):
-        rollouts.append(sample(rows, n, settings))
-        return rollouts[-1]
-
-    trainer.sample = spy
+    rollouts = recorded_rollouts(trainer)
     metrics = trainer.evaluate(datasets.Dataset.from_dict({"prompt": PROMPTS[:3]}))
     assert [r.completion_ids.shape[0] for r in rollouts] == [8, 8]  # prompts 0, 1; then 2 and its repeat
-    losses = []
-    for rollout, kept in zip(rollouts, (8, 4), strict=True):
-        rewards = torch.tensor(id_reward(rollout.completion_id_lists[:kept]))
-        advantages, _ = group_relative_advantages(rewards, 4, "group")
-        tokens = rollout.completion_mask[:kept].sum(1).float()
-        losses.append(float(-(advantages * tokens).sum() / tokens.sum()))
-    expected = (losses[0] * 8 + losses[1] * 4) / 12
+    expected = dapo_eval_loss(rollouts, 4, [8, 4], id_reward)
     assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
@@ -276,14 +288,7 @@ def test_eval_loss_is_trls_grpo_loss_on_the_eval_rollouts(grpo_config, id_reward
     """dapo, on-policy (ratio 1), beta 0: each eval batch's loss is -sum(A_i * |o_i|) / sum(|o_i|) with
     A from its own groups; eval_loss is their mean over completions (HF's mean over samples)."""
     trainer = make_trainer(grpo_config, id_reward, num_generations_eval=2, per_device_eval_batch_size=4)
-    rollouts = []
-    sample = trainer.sample
-
-    def spy(rows, n, settings):
-        rollouts.append(sample(rows, n, settings))
-        return rollouts[-1]
-
-    trainer.sample = spy
+    rollouts = recorded_rollouts(trainer)
     events = []
 
     class Spy(TrainerCallback):
@@ -293,14 +298,7 @@ def test_eval_loss_is_trls_grpo_loss_on_the_eval_rollouts(grpo_config, id_reward
     trainer.add_callback(Spy())
     metrics = trainer.evaluate(datasets.Dataset.from_dict({"prompt": PROMPTS[:3]}))
     assert [r.completion_ids.shape[0] for r in rollouts] == [4, 2]  # 2 prompts x 2, then 1 x 2
-    losses, weights = [], []
-    for rollout in rollouts:
-        rewards = torch.tensor(id_reward(rollout.completion_id_lists))
-        advantages, _ = group_relative_advantages(rewards, 2, "group")
-        tokens = rollout.completion_mask.sum(1).float()
-        losses.append(float(-(advantages * tokens).sum() / tokens.sum()))
-        weights.append(rollout.completion_ids.shape[0])
-    expected = sum(loss * w for loss, w in zip(losses, weights, strict=True)) / sum(weights)
+    expected = dapo_eval_loss(rollouts, 2, [4, 2], id_reward)
     assert abs(expected) > 1e-3  # the oracle is not trivially zero
     assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert metrics["eval_runtime"] > 0 and metrics["eval_samples_per_second"] > 0
