@@ -34,21 +34,21 @@ class TrainingLog:
         self.step_losses: list[float] = []  # per-step losses since the last log (means over processes)
         self.loss_sum = 0.0  # over the whole run (TrainOutput.training_loss)
         self.tokens_since_log = 0
-        self.start = self.last_log_time = time.perf_counter()
+        self.last_log_time = time.perf_counter()
         self.latest: dict[str, float] = {}  # the last logged training values, shown by the progress bar
 
     def open(
         self, output_dir: str, history: list[dict], max_steps: int, step: int, disable: bool, description: str
     ) -> None:
         """The metrics file (rewritten from ``history``: a resumed run's file says what its checkpoint
-        says) and the progress bar, on the main process; the clocks start."""
+        says) and the progress bar, on the main process; the throughput clock starts."""
         main = self.accelerator.is_main_process  # one metrics file and one progress bar per run
         self.writer = JsonlWriter(os.path.join(output_dir, METRICS_FILE)) if main else None
         for record in history if main else []:
             self.writer.write(record)
         self.progress = ProgressBar(max_steps, disable=disable or not main, description=description)
         self.progress.update(step, {})
-        self.last_log_time = self.start = time.perf_counter()
+        self.last_log_time = time.perf_counter()
 
     def add_tokens(self, count: int) -> None:
         self.tokens_since_log += count
@@ -104,10 +104,6 @@ class TrainingLog:
             metric=metric,
             kl_metric=kl_metric,
         )
-
-    @property
-    def runtime(self) -> float:
-        return time.perf_counter() - self.start
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to log exactly as an uninterrupted one."""
