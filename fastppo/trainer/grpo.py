@@ -44,7 +44,7 @@ from ..distributed import (
 )
 from ..grpo_config import GRPOConfig
 from ..kernels.ppo_loss import Gather, PolicyLossSettings, PolicyLossStats, high_entropy_mask
-from ..kernels.ppo_loss.settings import CLIPPED_LOSS_TYPES
+from ..kernels.ppo_loss.settings import CLIPPED_LOSS_TYPES, ITEM_NORMALISED_LOSS_TYPES
 from ..metrics import MetricsBuffer, print_completions
 from ..modeling import build_policy, eos_token_ids
 from ..moe import RouterAuxLoss
@@ -361,7 +361,7 @@ class GRPOTrainer(TrainerBase):
         times that mean from the loss before ``scale``, hence ``bonus_per_coef``."""
         args, settings = self.args, self.args.loss_settings()
         accumulation = args.gradient_accumulation_steps
-        if settings.loss_type not in ("dapo", "cispo", "vespo"):
+        if settings.loss_type not in ITEM_NORMALISED_LOSS_TYPES:
             return LossScaling(settings, 1.0 / accumulation, 1.0)
         tokens = float(sum(mb.loss_mask.sum() for mb in minibatches))  # CPU sync
         # every process normalises by the mean window over processes, so the averaged gradient
@@ -522,7 +522,7 @@ class GRPOTrainer(TrainerBase):
         rewards = combine_rewards(per_func.to(self.device), self.rewards.weights)
         batch.advantages, _ = group_relative_advantages(rewards, n, args.scale_rewards)
         settings = dataclasses.replace(args.loss_settings(), entropy_coef=self.entropy_control.applied())
-        if settings.loss_type in ("dapo", "cispo", "vespo"):
+        if settings.loss_type in ITEM_NORMALISED_LOSS_TYPES:
             tokens = sum_over_processes(float(batch.loss_mask.sum()), self.accelerator)  # CPU sync
             settings = dataclasses.replace(
                 settings, num_items_in_batch=max(tokens / self.accelerator.num_processes, 1.0)

@@ -21,6 +21,9 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 # TRL's PPO-clip family: -min(r A, clip(r) A), with delta's cap on r. The others shape r otherwise:
 # cispo (clipped, detached r times A log p), sapo (a sigmoid gate), vespo (a sequence gamma weight).
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# The types whose summed token losses are divided by ``num_items_in_batch`` (the trainer passes the
+# token count it normalises over: the accumulation window in training, the batch in evaluation).
+ITEM_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_LEVELS = ("token", "sequence")
 
