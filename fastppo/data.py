@@ -231,10 +231,3 @@ class _IndexBatches:
 
 def _stream(dataset: torch.utils.data.IterableDataset) -> Iterator[dict[str, Any]]:
     yield from dataset
-
-
-def prompt_batches(
-    dataset: Any, size: int, seed: int, shuffle: bool = True, skip: int = 0, loading: Loading | None = None
-) -> PromptBatches:
-    """``PromptBatches`` of ``dataset``: endless batches of ``size`` rows from batch ``skip`` on."""
-    return PromptBatches(dataset, size, seed, shuffle, skip, loading)

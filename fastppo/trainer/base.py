@@ -41,7 +41,7 @@ from .. import checkpoint as ckpt
 from .. import cpu_runtime, sharding
 from ..adapters import has_adapters
 from ..batch import PolicyBatch
-from ..data import Loading, is_streamed, prompt_batches
+from ..data import Loading, PromptBatches, is_streamed
 from ..distributed import (
     all_reduce_gradients,
     broadcast_parameters,
@@ -317,7 +317,7 @@ class TrainerBase:
         with DataLoader workers; a stream is replayed to there). A stream's ``state.epoch`` counts
         its full passes (the fraction of one needs a length)."""
         loading = Loading.from_args(self.args, self.device)
-        batches = prompt_batches(self.train_dataset, size, seed, shuffle, self.rollouts_drawn, loading)
+        batches = PromptBatches(self.train_dataset, size, seed, shuffle, self.rollouts_drawn, loading)
         streamed = is_streamed(self.train_dataset)
         for rows in batches:
             self.state.epoch = (

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from fastppo import GRPOTrainer
 from fastppo.advantages import group_relative_advantages
-from fastppo.data import Loading, prompt_batches
+from fastppo.data import Loading, PromptBatches
 from fastppo.demo import build_policy, build_tokenizer
 
 PROMPTS = [f"say : {w}" for w in ("cat", "dog", "sun", "red", "sky", "sea", "big", "hot")]
@@ -108,7 +108,7 @@ def test_a_streamed_dataset_without_a_prompt_column_is_refused(grpo_config, id_r
 
 def test_a_datasets_stream_is_shuffled_as_datasets_shuffles_it_and_reshuffled_each_pass():
     data = datasets.Dataset.from_dict({"prompt": PROMPTS}).to_iterable_dataset(num_shards=2)
-    batches = prompt_batches(data, 3, seed=5)  # 8 rows: 2 batches a pass, 2 rows dropped
+    batches = PromptBatches(data, 3, seed=5)  # 8 rows: 2 batches a pass, 2 rows dropped
     drawn = [[r["prompt"] for r in next(batches)] for _ in range(4)]
     expected = []
     shuffled = data.shuffle(seed=5)
@@ -123,19 +123,19 @@ def test_a_datasets_stream_is_shuffled_as_datasets_shuffles_it_and_reshuffled_ea
 
 def test_a_torch_stream_is_shuffled_deterministically_per_seed():
     def draw(seed: int) -> list[list[str]]:
-        batches = prompt_batches(TorchPrompts(PROMPTS), 4, seed=seed)
+        batches = PromptBatches(TorchPrompts(PROMPTS), 4, seed=seed)
         return [[r["prompt"] for r in next(batches)] for _ in range(4)]
 
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
     assert sorted(sum(draw(1)[:2], [])) == sorted(PROMPTS)  # one pass holds every prompt once
-    unshuffled = prompt_batches(TorchPrompts(PROMPTS), 4, seed=1, shuffle=False)
+    unshuffled = PromptBatches(TorchPrompts(PROMPTS), 4, seed=1, shuffle=False)
     assert [r["prompt"] for r in next(unshuffled)] == PROMPTS[:4]
 
 
 def test_a_stream_shorter_than_one_rollout_is_a_clear_error():
     with pytest.raises(ValueError, match=r"fewer prompts than one rollout needs \(2\)"):
-        next(prompt_batches(TorchPrompts(PROMPTS[:1]), 2, seed=0))
+        next(PromptBatches(TorchPrompts(PROMPTS[:1]), 2, seed=0))
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -143,16 +143,16 @@ def test_skipping_batches_continues_the_same_stream(stream):
     """What a resumed run draws: the uninterrupted stream from its checkpoint's position on."""
     data = datasets.Dataset.from_dict({"prompt": PROMPTS})
     data = data.to_iterable_dataset() if stream else data
-    whole = prompt_batches(data, 3, seed=0)
+    whole = PromptBatches(data, 3, seed=0)
     drawn = [next(whole) for _ in range(7)]
-    resumed = prompt_batches(data, 3, seed=0, skip=3)
+    resumed = PromptBatches(data, 3, seed=0, skip=3)
     assert [next(resumed) for _ in range(4)] == drawn[3:]
 
 
 def test_workers_fetch_the_same_batches_in_the_same_order():
     data = datasets.Dataset.from_dict({"prompt": PROMPTS})
-    alone = prompt_batches(data, 2, seed=0, skip=1)
-    workers = prompt_batches(data, 2, seed=0, skip=1, loading=Loading(num_workers=2, prefetch_factor=2))
+    alone = PromptBatches(data, 2, seed=0, skip=1)
+    workers = PromptBatches(data, 2, seed=0, skip=1, loading=Loading(num_workers=2, prefetch_factor=2))
     assert [next(workers) for _ in range(6)] == [next(alone) for _ in range(6)]
 
 
@@ -179,7 +179,7 @@ def test_training_on_a_stream_draws_its_prompts_in_its_order(grpo_config, id_rew
     seen: list[str] = []
     trainer = make_trainer(grpo_config, recording(id_reward, seen), train_dataset=data, max_steps=5)
     trainer.train()
-    expected = prompt_batches(data, 2, seed=trainer.args.seed)
+    expected = PromptBatches(data, 2, seed=trainer.args.seed)
     prompts = [p for _ in range(5) for row in next(expected) for p in [row["prompt"]] * 4]
     assert trainer.state.global_step == 5 and seen == prompts
     assert trainer.state.epoch == 1.0  # one full pass of 4 rollouts behind the fifth
@@ -310,7 +310,7 @@ def test_drawing_prompts_leaves_torchs_random_stream_alone():
     """The loader's worker seeds come from its own generator: a draw from the global RNG would shift
     every later sample, and a resumed run would draw it again (no longer exact)."""
     state = torch.get_rng_state()
-    next(prompt_batches(datasets.Dataset.from_dict({"prompt": PROMPTS}), 2, seed=0))
+    next(PromptBatches(datasets.Dataset.from_dict({"prompt": PROMPTS}), 2, seed=0))
     assert torch.equal(torch.get_rng_state(), state)
 
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification
 from fastppo import PPOTrainer
 from fastppo.batch import PolicyBatch
 from fastppo.critic import OwnLayersCritic, SeparateValueModel, clipped_value_loss
-from fastppo.data import prompt_batches
+from fastppo.data import PromptBatches
 from fastppo.demo import build_dataset, build_policy, build_tokenizer, run_demo, says_word
 from fastppo.policy_forward import PolicyForward
 from fastppo.reference import SharedTrunkReference
@@ -420,7 +420,7 @@ def test_data_seed_zero_orders_the_prompts(trainer):
     drawn, rollout = [], t._rollout
     t._rollout = lambda rows: drawn.append(rows) or rollout(rows)
     t.train()
-    assert drawn == [next(prompt_batches(t.train_dataset, t.args.batch_size, seed=0))]
+    assert drawn == [next(PromptBatches(t.train_dataset, t.args.batch_size, seed=0))]
 
 
 def legacy_trl_schedule(per_device, accum, num_mini_batches, num_ppo_epochs, total_episodes, dataset_len):
