@@ -58,9 +58,6 @@ from ..rollout import Rollout, Sampler, SamplingSettings, sample_rollout
 from .training_log import TrainingLog
 
 logger = logging.getLogger("fastppo")
-# A key only the run's summary row (end_training) holds: it goes to log_history and on_log, as HF's,
-# but not to metrics.jsonl, whose records stay one per logged step or evaluation.
-SUMMARY_METRIC = "train_runtime"
 
 
 def interval(value: float, total: int) -> int:
@@ -183,7 +180,7 @@ class TrainerBase:
         reporters = get_reporting_integration_callbacks(args.report_to)
         self.callbacks = Callbacks([*reporters, *(callbacks or [])], self)
         self.training_log = TrainingLog(self.accelerator)
-        self._logging_step = False  # log() is writing a training step's record (log_training_step)
+        self._log_kind = "other"  # what log() is writing: "step", "summary" or "other" (``logging_as``)
         self.metrics = self.training_log.metrics  # what the trainers record into, weighted per minibatch
         self.reward_plot: str | None = None
         self.guard = NonFiniteGuard(args.max_consecutive_nonfinite_steps)
@@ -451,7 +448,8 @@ class TrainerBase:
         metrics = speed_metrics("train", start_time, num_samples=steps * samples_per_step, num_steps=steps)
         metrics["total_flos"] = self.state.total_flos
         metrics["train_loss"] = train_loss
-        self.log(metrics)
+        with self.logging_as("summary"):
+            self.log(metrics)
         metrics["epoch"] = self.state.log_history[-1]["epoch"]  # HF's log() adds it to this dict too
         self.reward_plot = self.training_log.close(
             self.state.log_history,
@@ -469,11 +467,21 @@ class TrainerBase:
         """Step 6's log: the window's training record, then ``log`` with it, as HF Trainer's
         ``_maybe_log_save_evaluate`` builds its record before calling ``log``; so an override of
         ``log`` written for Trainer (``log(self, logs, start_time=None)``) sees the whole record."""
-        self._logging_step = True
-        try:
+        with self.logging_as("step"):
             self.log(self.training_metrics())
+
+    @contextlib.contextmanager
+    def logging_as(self, kind: str) -> Iterator[None]:
+        """What the records ``log`` writes inside the block are, since an override of ``log`` with
+        Trainer's signature passes on only the dict: ``"step"``, a training step's (metrics.jsonl,
+        and the progress bar shows it); ``"summary"``, train()'s closing row (log_history and
+        on_log, as HF's, but not metrics.jsonl, whose records stay one per step or evaluation).
+        Outside: ``"other"`` (evaluations, a user's own calls), written to metrics.jsonl."""
+        self._log_kind = kind
+        try:
+            yield
         finally:
-            self._logging_step = False
+            self._log_kind = "other"
 
     def training_metrics(self) -> dict[str, float]:
         """The window since the last log: its training metrics (means over all its minibatches),
@@ -492,8 +500,8 @@ class TrainerBase:
         logs = dict(record)  # what callbacks get, as from Trainer: the step is state.global_step
         record["step"] = self.state.global_step
         self.state.log_history.append(record)
-        if SUMMARY_METRIC not in record:  # metrics.jsonl: the per-step and evaluation records only
-            self.training_log.write(record, training=self._logging_step)
+        if self._log_kind != "summary":
+            self.training_log.write(record, training=self._log_kind == "step")
         self.callbacks("on_log", logs=logs)
 
     @property
