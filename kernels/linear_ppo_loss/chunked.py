@@ -32,11 +32,12 @@ if TYPE_CHECKING:
 # sweep (benchmarks/bench_linear_loss.py) times 2 and 4 GiB beside it.
 DEFAULT_CHUNK_BYTES = 2**30
 # On CPU the reference launchers hold ~2 fp32 copies of each chunk and the GEMMs gain nothing from
-# huge chunks, so a 1 GiB budget only adds resident memory (a GRPO job at V=151936 on a tiny body
-# peaked at 0.62x TRL's RSS with it; benchmarks/bench_cpu_rss.py). 128 MiB keeps each chunk's fp32
-# logits (a third of the budget, ~43 MB) above glibc's largest dynamic mmap threshold (32 MiB), so
-# they are mapped and unmapped whole; 64 MiB chunks (~22 MB) land on the heap, which keeps the
-# pages: the same job then peaked higher (0.71x) than at 1 GiB.
+# huge chunks, so a 1 GiB budget only adds resident memory: a GRPO job at V=151936 on a tiny body
+# peaked at 0.60x TRL's RSS with it, 0.42x at 128 MiB (benchmarks/bench_cpu_rss.py, 2026-12-08,
+# 2-core CPU machine). 128 MiB keeps each chunk's fp32 logits (a third of the budget, ~43 MB) above
+# glibc's largest dynamic mmap threshold (32 MiB), so they are mapped and unmapped whole; 64 MiB
+# chunks (~22 MB) land on the heap, which keeps the pages: the same job then peaked higher (0.79x)
+# than at 1 GiB.
 CPU_CHUNK_BYTES = 128 * 2**20
 
 
