@@ -17,6 +17,15 @@ from ..token_logprobs import launchers
 from .chunked import backprop_chunks, default_chunk_bytes, fused_token_chunks, rows_per_chunk, scan_logprobs
 
 
+def _chunk_rows(
+    hidden_2d: torch.Tensor, weight: torch.Tensor, chunk_bytes: int | None, on_triton: bool
+) -> int:
+    """Token rows per chunk of ``chunk_bytes`` (None: the device's budget, ``default_chunk_bytes``);
+    the reference launchers' fp32 temporaries count against it, the in-place Triton ones do not."""
+    budget = default_chunk_bytes(hidden_2d.device) if chunk_bytes is None else chunk_bytes
+    return rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden_2d.dtype, budget, not on_triton)
+
+
 def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     check_float("hidden", hidden)
     check_float("weight", weight)
@@ -103,8 +112,7 @@ def linear_token_logprobs(
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     impl = launchers(backend, hidden)
     on_triton = resolve_backend(backend, hidden) == "triton"
-    budget = default_chunk_bytes(hidden.device) if chunk_bytes is None else chunk_bytes
-    rows = rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, budget, not on_triton)
+    rows = _chunk_rows(hidden_2d, weight, chunk_bytes, on_triton)
     out = _LinearTokenLogprobs.apply(
         hidden_2d,
         weight,
@@ -283,13 +291,12 @@ def linear_ppo_loss(
     impl = launchers(backend, hidden)
     # Triton + token-local settings: the fused kernel gives log-probs and dlogits in one launch per chunk.
     on_triton = resolve_backend(backend, hidden) == "triton"
-    budget = default_chunk_bytes(hidden.device) if chunk_bytes is None else chunk_bytes
     plan = LossPlan(
         settings,
         compute_entropy,
         impl,
         settings.token_local and on_triton,
-        rows_per_chunk(hidden_2d.shape[0], weight.shape[0], hidden.dtype, budget, not on_triton),
+        _chunk_rows(hidden_2d, weight, chunk_bytes, on_triton),
         gather,
     )
     return _LinearPolicyLoss.apply(
